@@ -1,0 +1,328 @@
+"""Typed, frozen experiment configs and their loading from YAML.
+
+One name per hyperparameter everywhere: the YAML key, the dataclass field, the Optuna
+parameter and the MLflow param are the same dotted string (``model.dropout``,
+``train.lr``, ``model.widths[3]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mnistlab.errors import UserError
+
+Head = Literal["conv_gap", "gap_conv", "gap_linear"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network family: 3x3 conv blocks, one 1x1 transition + MaxPool(2), a head."""
+
+    # Output channels of every body conv, in order; the 1x1 transition conv is one of them.
+    widths: tuple[int, ...] = (16, 32, 8, 16, 16, 16)
+    # Zero padding of each body conv (same length as widths); the reference pads conv 6 only.
+    paddings: tuple[int, ...] = (0, 0, 0, 0, 0, 1)
+    # 1-based index of the 1x1 transition conv; MaxPool(2) follows it. 0: no transition, no pool.
+    pool_after: int = 3
+    # Dropout2d probability after every conv block.
+    dropout: float = 0.05
+    # conv_gap: Conv(c->10, 3) then global average pool (the reference);
+    # gap_conv: global average pool then Conv(c->10, 1); gap_linear: pool then Linear(c, 10).
+    head: Head = "conv_gap"
+    # Multiplies every width (rounded, at least 1): one knob for a study to scale the network.
+    width_mult: float = 1.0
+    # Conv biases; off because BatchNorm follows every trained conv.
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser, schedule and loop settings."""
+
+    epochs: int = 19
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01  # peak learning rate for onecycle
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "step", "onecycle"] = "constant"
+    step_epochs: int = 6  # step schedule: epochs between decays
+    gamma: float = 0.1  # step schedule: decay factor
+    pct_start: float = 0.25  # onecycle: fraction of steps spent warming up
+    label_smoothing: float = 0.0
+    seed: int = 1
+    device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda, cuda:N
+    amp: bool = True  # bfloat16 autocast; CUDA only
+    compile: bool = False  # torch.compile the model; CUDA only
+    eval_batch_size: int = 2000  # evaluation has no backward pass, so larger batches are cheap
+    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images train, which select, and how they are augmented."""
+
+    # Train on the first N of the 50,000 training images (tests, smoke studies); null: all.
+    limit_train: int | None = None
+    # Evaluate on the first N validation/test images; null: all 10,000.
+    limit_eval: int | None = None
+    # Train on all 60,000 (train + validation) like the reference; epochs then report the
+    # test set, for comparison only: there is no validation set to select on.
+    full_train: bool = False
+    augment: bool = False  # random rotation/translation of whole batches on the device
+    rotate_deg: float = 7.0  # augmentation: max rotation, degrees
+    translate: float = 0.1  # augmentation: max shift, fraction of the image side
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One training run: everything needed to rebuild the model and repeat the run."""
+
+    name: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), the form written to YAML, JSON and checkpoints."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def from_dict(data: Any, where: str = "config") -> ExperimentConfig:
+    """Build and validate a config; unknown keys and wrong types raise UserError naming them."""
+    cfg = _build(ExperimentConfig, data, "", where)
+    validate(cfg, where)
+    return cfg
+
+
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
+    """Read an experiment YAML file and apply ``key=value`` overrides (dotted keys)."""
+    raw = read_yaml(path)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key=value, e.g. train.lr=0.02")
+        raw = set_path(raw, key.strip(), yaml.safe_load(text), where=str(path))
+    return from_dict(raw, str(path))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or UserError naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{p}: malformed YAML{at}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a mapping at the top level")
+    return data
+
+
+_INDEX = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
+
+
+def split_path(path: str) -> list[tuple[str, int | None]]:
+    """``model.widths[3]`` -> [("model", None), ("widths", 3)]; UserError if malformed."""
+    parts = []
+    for piece in path.split("."):
+        m = _INDEX.match(piece)
+        if not m:
+            raise UserError(f"{path!r}: not a config name (expected e.g. model.widths[3])")
+        parts.append((m.group(1), int(m.group(2)) if m.group(2) is not None else None))
+    return parts
+
+
+def set_path(raw: dict[str, Any], path: str, value: Any, where: str = "config") -> dict[str, Any]:
+    """A copy of ``raw`` with the dotted ``path`` set; the path must name a real config field."""
+    parts = split_path(path)
+    check_path(path, where)
+    out = _plain(raw)
+    node = out
+    for i, (name, index) in enumerate(parts):
+        last = i == len(parts) - 1
+        if index is None:
+            if last:
+                node[name] = value
+            else:
+                node = node.setdefault(name, {})
+                if not isinstance(node, dict):
+                    raise UserError(f"{where}: {path!r}: {name} is not a section")
+            continue
+        seq = node.get(name)
+        if seq is None:
+            seq = list(_default_at(parts[: i + 1]))
+        seq = list(seq)
+        if index >= len(seq):
+            raise UserError(f"{where}: {path!r}: index {index} out of range ({len(seq)} entries)")
+        seq[index] = value
+        node[name] = seq
+    return out
+
+
+def get_path(cfg: ExperimentConfig, path: str) -> Any:
+    """The value at a dotted path of a built config."""
+    node: Any = cfg
+    for name, index in split_path(path):
+        node = getattr(node, name)
+        if index is not None:
+            node = node[index]
+    return node
+
+
+def check_path(path: str, where: str = "config") -> None:
+    """UserError unless ``path`` names a real (leaf) config field."""
+    cls: Any = ExperimentConfig
+    parts = split_path(path)
+    for i, (name, index) in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if name not in fields:
+            raise UserError(f"{where}: unknown config name {path!r}")
+        tp = _hints(cls)[name]
+        if index is not None and typing.get_origin(tp) is not tuple:
+            raise UserError(f"{where}: {path!r}: {name} is not a list")
+        cls = tp
+        if i == len(parts) - 1 and dataclasses.is_dataclass(cls):
+            raise UserError(f"{where}: {path!r} names a section, not a value")
+
+
+def _default_at(parts: list[tuple[str, int | None]]) -> Any:
+    node: Any = ExperimentConfig()
+    for name, _ in parts:
+        node = getattr(node, name)
+    return node
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown key {prefix + str(unknown[0])!r}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, prefix + key, where)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name + ".", where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UserError(f"{where}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: {name} must be a list; got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(item, v, f"{name}[{i}]", where) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: {name} must be true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: {name} must be an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: {name} must be a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: {name} must be a string; got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {name}")  # a bug, not bad input
+
+
+def validate(cfg: ExperimentConfig, where: str = "config") -> None:
+    """Range checks that types alone cannot express; UserError naming the field."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(f"{where}: {msg}")
+
+    need(len(m.widths) >= 1, "model.widths must not be empty")
+    need(all(w >= 1 for w in m.widths), f"model.widths must be positive; got {list(m.widths)}")
+    need(
+        len(m.paddings) == len(m.widths),
+        f"model.paddings has {len(m.paddings)} entries but model.widths has {len(m.widths)}",
+    )
+    need(all(p >= 0 for p in m.paddings), "model.paddings must be >= 0")
+    need(0 <= m.pool_after <= len(m.widths), f"model.pool_after must be 0..{len(m.widths)}")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1); got {m.dropout}")
+    need(m.width_mult > 0, f"model.width_mult must be > 0; got {m.width_mult}")
+    need(t.epochs >= 1, f"train.epochs must be >= 1; got {t.epochs}")
+    need(t.batch_size >= 1, f"train.batch_size must be >= 1; got {t.batch_size}")
+    need(t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+    need(t.lr > 0, f"train.lr must be > 0; got {t.lr}")
+    need(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    need(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
+    need(t.step_epochs >= 1, "train.step_epochs must be >= 1")
+    need(0 < t.pct_start < 1, "train.pct_start must be in (0, 1)")
+    need(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+    need(t.threads >= 0, "train.threads must be >= 0")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
+         f"train.device must be auto, cpu, cuda or cuda:N; got {t.device!r}")
+    need(d.limit_train is None or d.limit_train >= 1, "data.limit_train must be >= 1")
+    need(d.limit_eval is None or d.limit_eval >= 1, "data.limit_eval must be >= 1")
+    need(0 <= d.translate < 0.5, "data.translate must be in [0, 0.5)")
+    # Shapes: raises UserError if the spatial size collapses.
+    from mnistlab.model import plan
+
+    plan(m, where)
+
+
+def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:
+    """A validated copy with some fields of some sections changed, e.g. train={"epochs": 2}."""
+    raw = cfg.to_dict()
+    for section, values in sections.items():
+        raw[section].update(values)
+    return from_dict(raw)
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    """The config as YAML (the resolved config logged with every run)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

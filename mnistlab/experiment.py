@@ -1,0 +1,82 @@
+"""One experiment run end to end (`mnistlab train`): config, data, training, the run's files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mnistlab import config as config_mod
+from mnistlab import data as data_mod
+from mnistlab.config import ExperimentConfig
+from mnistlab.errors import UserError
+from mnistlab.model import summary
+from mnistlab.train import EpochMetrics, OnEpoch, Result, resolve_device, train
+
+METRIC_FIELDS = [f for f in EpochMetrics.__dataclass_fields__]
+
+
+def resolve(path: str | Path, overrides: list[str], **flags: Any) -> ExperimentConfig:
+    """The experiment file with ``key=value`` overrides, then the CLI's flags on top."""
+    names = {
+        "epochs": "train.epochs", "device": "train.device", "seed": "train.seed",
+        "limit_train": "data.limit_train", "limit_eval": "data.limit_eval",
+    }
+    extra = [f"{names[k]}={v}" for k, v in flags.items() if v is not None]
+    return config_mod.load(path, [*overrides, *extra])
+
+
+def write_metrics_csv(path: Path, history: list[EpochMetrics]) -> None:
+    """Per-epoch metrics, one row an epoch."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        for m in history:
+            writer.writerow(asdict(m))
+
+
+def result_summary(cfg: ExperimentConfig, result: Result, wall_seconds: float) -> dict[str, Any]:
+    """The figures a user reads after a run (also written as summary.json)."""
+    return {
+        "name": cfg.name,
+        "params": result.params,
+        "device": result.device,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "best_val_acc": result.best_val_acc,
+        "test_acc": result.test_acc,
+        "test_correct": result.test_correct,
+        "test_total": result.test_total,
+        "seconds_per_epoch": round(result.seconds_per_epoch, 3),
+        "wall_seconds": round(wall_seconds, 1),
+    }
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    output: Path,
+    data_dir: Path | None = None,
+    on_epoch: OnEpoch | None = None,
+    resume: bool = False,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Train one experiment, writing config.yaml, metrics.csv, summary.json and checkpoints."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(config_mod.dump_yaml(cfg))
+    except OSError as exc:
+        raise UserError(f"{output}: cannot write the run folder ({exc.strerror})") from None
+    device = resolve_device(cfg.train.device)
+    data = data_mod.load(cfg.data, device, data_dir)
+    if verbose:
+        print(summary(cfg.model))
+    start = time.perf_counter()
+    result = train(cfg, data, on_epoch, checkpoint_dir=output / "checkpoints", resume=resume, verbose=verbose)
+    wall = time.perf_counter() - start
+    write_metrics_csv(output / "metrics.csv", result.history)
+    figures = result_summary(cfg, result, wall)
+    (output / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
