@@ -21,8 +21,10 @@ app = typer.Typer(help="Search for small, accurate MNIST networks; every experim
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="The MNIST cache: build it, inspect it.", no_args_is_help=True)
 model_app = typer.Typer(help="Inspect networks of the model family.", no_args_is_help=True)
+study_app = typer.Typer(help="Optuna studies: run them, look at them.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
+app.add_typer(study_app, name="study")
 
 DataDir = Annotated[Optional[Path], typer.Option(
     "--data-dir", help="Data cache folder [env: MNISTLAB_DATA_DIR; default: ~/.cache/mnistlab].")]
@@ -105,6 +107,124 @@ def train_cmd(
     print(f"params {figures['params']:,} | best validation {figures['best_val_acc']:.2f}% at epoch "
           f"{figures['best_epoch']} | test {figures['test_acc']:.2f}% | "
           f"{figures['seconds_per_epoch']:.1f} s/epoch | run folder {out}")
+
+
+Storage = Annotated[Optional[str], typer.Option(
+    help="Optuna storage URL [env: MNISTLAB_STORAGE; default: sqlite:///optuna.db here].")]
+TrackingUri = Annotated[Optional[str], typer.Option(
+    help="MLflow tracking URI [env: MLFLOW_TRACKING_URI; default: sqlite:///mlflow.db here].")]
+StudyFile = Annotated[Optional[Path], typer.Argument(help="Study YAML file.", show_default=False)]
+StudyName = Annotated[Optional[str], typer.Option("--name", help="Study name, instead of a study file.")]
+Artifacts = Annotated[Path, typer.Option(help="Folder for trial checkpoints and plots.")]
+
+
+@study_app.command("run")
+def study_run(
+    study_file: Annotated[Path, typer.Argument(help="Study YAML file.")],
+    n_trials: Annotated[Optional[int], typer.Option(min=1, help="Trained trials the study should have in all "
+                                                              "(over-budget configs do not count).")] = None,
+    timeout: Annotated[Optional[float], typer.Option(min=1, help="Stop starting trials after S seconds.")] = None,
+    storage: Storage = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine (one GPU each).")] = 1,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N for every trial.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Override train.epochs.")] = None,
+    limit_train: Annotated[Optional[int], typer.Option(min=1, help="Train on the first N images.")] = None,
+    limit_eval: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on the first N images.")] = None,
+    tracking_uri: TrackingUri = None,
+    data_dir: DataDir = None,
+    artifacts: Artifacts = Path("mnistlab-artifacts"),
+    heartbeat: Annotated[int, typer.Option(min=1, help="Seconds between trial heartbeats.")] = 30,
+    threads: Annotated[int, typer.Option(min=0, help="Torch threads per worker (0: split the cores).")] = 0,
+    verbose: Annotated[bool, typer.Option(help="Per-epoch lines and progress bars.")] = False,
+) -> None:
+    """Run (or continue) a study: sample, check the budget, train, log every trial to MLflow."""
+    from mnistlab import space, study
+
+    cfg = space.load_study(study_file)
+    opts = study.RunOptions(n_trials=n_trials, timeout=timeout, storage=storage, workers=workers, device=device,
+                            epochs=epochs, limit_train=limit_train, limit_eval=limit_eval,
+                            tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),
+                            heartbeat=heartbeat, threads=threads, verbose=verbose)
+    argv = [a for a in sys.argv[1:] if a not in ("study", "run")]
+    argv = _strip_option(_strip_option(argv, "--workers"), "--threads")
+    code = study.run(cfg, opts, argv)
+    if code:
+        raise typer.Exit(code)
+
+
+def _strip_option(argv: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def _study(study_file: Path | None, name: str | None, storage: str | None) -> tuple[object, object, tuple]:
+    from mnistlab import space, study
+
+    if (study_file is None) == (name is None):
+        raise UserError("give a study file or --name NAME (one of them)")
+    objectives: tuple = ()
+    if study_file is not None:
+        cfg = space.load_study(study_file)
+        name, objectives = cfg.name, cfg.objectives
+    store = study.open_storage(storage, heartbeat=None)
+    loaded = study.load(name, store)
+    return loaded, store, objectives or tuple(loaded.user_attrs.get("objectives", ["val_acc"]))
+
+
+@study_app.command("status")
+def study_status(
+    study_file: StudyFile = None, name: StudyName = None, storage: Storage = None,
+    csv: Annotated[Optional[Path], typer.Option(help="Also write the table to this CSV file.")] = None,
+) -> None:
+    """The study's trials as a table; the best (or the Pareto front) marked with *."""
+    import pandas as pd
+
+    from mnistlab import study
+
+    loaded, _, objectives = _study(study_file, name, storage)
+    table = study.status_table(loaded, objectives)
+    with pd.option_context("display.max_rows", 500, "display.width", 200, "display.max_columns", 30):
+        print(table.to_string() if not table.empty else "no trials yet")
+    if csv is not None:
+        table.to_csv(csv)
+        print(f"wrote {csv}")
+
+
+@study_app.command("list")
+def study_list(storage: Storage = None) -> None:
+    """Studies in a storage with their trial counts and best values."""
+    from mnistlab import study
+
+    table = study.list_studies(study.open_storage(storage, heartbeat=None))
+    print(table.to_string(index=False) if not table.empty else "no studies")
+
+
+@study_app.command("report")
+def study_report(
+    study_file: StudyFile = None, name: StudyName = None, storage: Storage = None,
+    tracking_uri: TrackingUri = None, artifacts: Artifacts = Path("mnistlab-artifacts"),
+) -> None:
+    """Draw the study's plots and attach them to its MLflow parent run."""
+    from mnistlab import report, study
+    from mnistlab.tracking import StudyRecorder, Tracker
+
+    loaded, _, objectives = _study(study_file, name, storage)
+    tracker = Tracker(tracking_uri)
+    parent = loaded.user_attrs.get(study.PARENT_ATTR)
+    recorder = StudyRecorder(tracker, loaded.study_name, loaded.user_attrs.get(study.EXPERIMENT_ATTR, ""),
+                             parent, Path(loaded.user_attrs.get("study_file", ""))) if parent else None
+    paths = report.write(loaded, objectives, artifacts.resolve() / loaded.study_name / "plots", recorder)
+    for path in paths:
+        if recorder is not None:
+            tracker.log_artifact(parent, path, "plots")
+        print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -145,18 +145,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-_INDEX = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
+_PIECE = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
 
 
 def split_path(path: str) -> list[tuple[str, int | None]]:
-    """``model.widths[3]`` -> [("model", None), ("widths", 3)]; UserError if malformed."""
-    parts = []
+    """``model.widths.3`` (or ``model.widths[3]``) -> [("model", None), ("widths", 3)]."""
+    parts: list[tuple[str, int | None]] = []
     for piece in path.split("."):
-        m = _INDEX.match(piece)
+        if piece.isdigit() and parts and parts[-1][1] is None:
+            parts[-1] = (parts[-1][0], int(piece))
+            continue
+        m = _PIECE.match(piece)
         if not m:
-            raise UserError(f"{path!r}: not a config name (expected e.g. model.widths[3])")
+            raise UserError(f"{path!r}: not a config name (expected e.g. model.dropout or model.widths.3)")
         parts.append((m.group(1), int(m.group(2)) if m.group(2) is not None else None))
     return parts
+
+
+def canonical(path: str) -> str:
+    """The one spelling of a name used everywhere: ``model.widths[3]`` -> ``model.widths.3``.
+
+    MLflow param names cannot contain brackets, so indexes are written as a dotted number.
+    """
+    return ".".join(name if index is None else f"{name}.{index}" for name, index in split_path(path))
 
 
 def set_path(raw: dict[str, Any], path: str, value: Any, where: str = "config") -> dict[str, Any]:

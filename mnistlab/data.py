@@ -184,8 +184,12 @@ def _split(x: np.ndarray, y: np.ndarray, device: torch.device) -> Split:
 
 
 def load(cfg: DataConfig, device: torch.device | str = "cpu", data_dir: Path | None = None) -> MnistData:
-    """The splits a config asks for, normalised once, on ``device``."""
-    arrays = load_arrays(data_dir or default_data_dir())
+    """The splits a config asks for, normalised once, on ``device`` (the cache is built on first use)."""
+    root = data_dir or default_data_dir()
+    if not (root / CACHE_FILE).exists():
+        print(f"building the MNIST cache in {root} (once)", flush=True)
+        prepare(root)
+    arrays = load_arrays(root)
     device = torch.device(device)
     tx, ty = arrays["train"]
     if cfg.full_train:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from mnistlab import checkpoint
 from mnistlab.config import ExperimentConfig, TrainConfig
 from mnistlab.data import MnistData, Split, batches
+from mnistlab.errors import UserError
 from mnistlab.model import build_model, count_params
 
 
@@ -197,7 +198,10 @@ def train(
     device = data.train.x.device
     run = _Run(cfg, data, device)
     if resume and checkpoint_dir is not None and (good := checkpoint.latest_good(checkpoint_dir)):
-        run.restore(checkpoint.load_state(good, map_location=device))
+        state = checkpoint.load_state(good, map_location=device)
+        if state["config"] != cfg.to_dict():
+            raise UserError(f"{good}: checkpoint of a different config; not resuming from it")
+        run.restore(state)
         if verbose:
             print(f"Resuming from {good} after epoch {run.epoch}")
     result = Result(params=count_params(cfg.model), device=str(device),

@@ -1,0 +1,160 @@
+"""The Optuna objective: sample a config, check the budget, train with a callback, return values.
+
+Data and the tracker come in through the callable class, so data loads once per worker.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from mnistlab import data as data_mod
+from mnistlab.config import ExperimentConfig
+from mnistlab.errors import UserError
+from mnistlab.model import count_params
+from mnistlab.space import StudyConfig
+from mnistlab.train import EpochMetrics, Result, resolve_device, train
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class StudyFull(Exception):
+    """This trial is not needed: the study already has its trained trials or met its target."""
+
+
+class Objective:
+    """Callable for ``study.optimize``; holds the data and the tracker for one worker."""
+
+    def __init__(self, study: StudyConfig, *, extra: dict[str, Any] | None = None, data_dir: Path | None = None,
+                 artifacts: Path = Path("mnistlab-artifacts"), recorder: Any = None, n_trials: int | None = None,
+                 verbose: bool = False) -> None:
+        self.study, self.extra, self.data_dir = study, extra or {}, data_dir
+        self.artifacts, self.recorder, self.n_trials, self.verbose = artifacts, recorder, n_trials, verbose
+        self._data: dict[tuple[Any, ...], data_mod.MnistData] = {}
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        cfg, n_params = self.sample(trial)
+        root = trial.user_attrs.get("root_trial", trial.number)  # a retry keeps its original's folder
+        ckpt = self.artifacts / self.study.name / f"trial-{root}"
+        trial.set_user_attr("root_trial", root)
+        trial.set_user_attr("checkpoint_dir", str(ckpt))
+        device = str(resolve_device(cfg.train.device))
+        run = self.recorder.start(trial, cfg, n_params, ckpt, device) if self.recorder else None
+        on_epoch = _Reporter(trial, run, multi=len(self.study.objectives) > 1)
+        try:
+            result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=root != trial.number,
+                           verbose=self.verbose)
+        except BaseException as exc:
+            if run is not None:
+                run.end(exc, on_epoch.history)
+            raise
+        _record(trial, result)
+        if run is not None:
+            run.complete(result)
+        return self.values(result, n_params)
+
+    def sample(self, trial: optuna.Trial) -> tuple[ExperimentConfig, int]:
+        """The trial's config and exact parameter count; over-budget or invalid ones never train."""
+        start = time.perf_counter()
+        values = {p.name: _suggest(trial, p) for p in self.study.space}
+        try:
+            cfg = self.study.trial_config(values, self.extra)
+        except UserError as exc:
+            trial.set_user_attr("reason", f"invalid config: {exc}")
+            raise optuna.TrialPruned("invalid config") from None
+        n_params = count_params(cfg.model)
+        trial.set_user_attr("param_count", n_params)
+        if n_params > self.study.max_params:
+            trial.set_user_attr("reason", f"over budget: {n_params:,} > {self.study.max_params:,} params "
+                                          f"(rejected in {1000 * (time.perf_counter() - start):.1f} ms)")
+            raise optuna.TrialPruned("over budget")
+        claim(trial, self.n_trials, self.study.target)
+        return cfg, n_params
+
+    def data_for(self, cfg: ExperimentConfig) -> data_mod.MnistData:
+        """Load each distinct data selection once per worker."""
+        d = cfg.data
+        key = (d.limit_train, d.limit_eval, d.full_train, cfg.train.device)
+        if key not in self._data:
+            self._data[key] = data_mod.load(d, resolve_device(cfg.train.device), self.data_dir)
+        return self._data[key]
+
+    def values(self, result: Result, n_params: int) -> float | tuple[float, ...]:
+        best = result.history[result.best_epoch - 1] if result.best_epoch else result.history[-1]
+        table = {"val_acc": result.best_val_acc, "params": float(n_params), "val_loss": best.val_loss}
+        out = tuple(table[o] for o in self.study.objectives)
+        return out[0] if len(out) == 1 else out
+
+
+def _suggest(trial: optuna.Trial, p: Any) -> Any:
+    if p.type == "float":
+        return trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
+    if p.type == "int":
+        return trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+    return trial.suggest_categorical(p.name, list(p.choices))
+
+
+def trained(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial that trained (or is training): not over budget, not skipped, not failed."""
+    return bool(t.user_attrs.get("trained")) and t.state in (*FINISHED, TrialState.RUNNING)
+
+
+def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait: float = 10.0) -> None:
+    """Take one of the study's ``n_trials`` training slots, exactly, even with many workers.
+
+    Trial numbers order the claims: a trial trains only if fewer than ``n_trials`` trials
+    numbered below it trained or are training. Raises StudyFull otherwise.
+    """
+    trial.set_user_attr("trained", True)
+    study = getattr(trial, "study", None)
+    if study is None:
+        return
+    deadline = time.monotonic() + wait
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+        undecided = [t for t in earlier if t.state == TrialState.RUNNING
+                     and "trained" not in t.user_attrs and "reason" not in t.user_attrs]
+        if not undecided or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    reached = target is not None and any(
+        t.state in FINISHED and t.user_attrs.get("best_val_acc", 0) >= target for t in earlier)
+    if reached or (n_trials is not None and sum(map(trained, earlier)) >= n_trials):
+        why = f"target {target}% reached" if reached else f"the study has its {n_trials} trained trials"
+        trial.set_user_attr("trained", False)
+        trial.set_user_attr("reason", f"not run: {why}")
+        raise StudyFull(why)
+
+
+class _Reporter:
+    """The trainer's epoch callback: log to MLflow, report to Optuna, prune."""
+
+    def __init__(self, trial: optuna.Trial, run: Any, multi: bool) -> None:
+        self.trial, self.run, self.multi = trial, run, multi
+        self.history: list[EpochMetrics] = []
+
+    def __call__(self, m: EpochMetrics) -> None:
+        self.history.append(m)
+        if self.run is not None:
+            self.run.epoch(m)
+        if self.multi:
+            return  # Optuna cannot prune multi-objective studies
+        self.trial.report(m.val_acc, m.epoch)
+        if self.trial.should_prune():
+            best = max(self.history, key=lambda h: h.val_acc)
+            self.trial.set_user_attr("best_val_acc", best.val_acc)
+            self.trial.set_user_attr("best_epoch", best.epoch)
+            self.trial.set_user_attr("epochs_run", m.epoch)
+            self.trial.set_user_attr("pruned_at_epoch", m.epoch)
+            raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
+
+
+def _record(trial: optuna.Trial, r: Result) -> None:
+    for key, value in {"best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch, "test_acc": r.test_acc,
+                       "epochs_run": r.epochs_run, "device": r.device,
+                       "seconds_per_epoch": round(r.seconds_per_epoch, 3)}.items():
+        trial.set_user_attr(key, value)

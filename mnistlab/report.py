@@ -1,0 +1,110 @@
+"""A study's plots as PNG files: history, importances, accuracy vs size, learning curves."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write(study: optuna.Study, objectives: tuple[str, ...] | list[str], out: Path, recorder: Any = None
+          ) -> list[Path]:
+    """Draw every plot the finished trials allow into ``out``; returns the files written."""
+    done = [t for t in study.get_trials(deepcopy=False)
+            if t.state == TrialState.COMPLETE and "best_val_acc" in t.user_attrs]
+    if not done:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [history(done, out / "optimization_history.png"),
+             accuracy_vs_params(study, done, len(objectives) > 1, out / "val_acc_vs_params.png")]
+    if len(done) >= 3 and len(objectives) == 1:
+        importance = importances(study, out / "param_importances.png")
+        if importance is not None:
+            paths.append(importance)
+    if recorder is not None:
+        paths.append(learning_curves(done, recorder, out / "learning_curves.png"))
+    return paths
+
+
+def history(done: list[optuna.trial.FrozenTrial], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    numbers = [t.number for t in done]
+    accs = [t.user_attrs["best_val_acc"] for t in done]
+    best, running = [], 0.0
+    for a in accs:
+        running = max(running, a)
+        best.append(running)
+    ax.scatter(numbers, accs, s=18, label="trial")
+    ax.step(numbers, best, where="post", color="C3", label="best so far")
+    ax.set(xlabel="trial", ylabel="best validation accuracy (%)", title="Optimisation history")
+    ax.legend()
+    return _save(fig, path)
+
+
+def accuracy_vs_params(study: optuna.Study, done: list[optuna.trial.FrozenTrial], multi: bool, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter([t.user_attrs["param_count"] for t in done], [t.user_attrs["best_val_acc"] for t in done],
+               s=18, label="completed trial")
+    if multi:
+        front = sorted(study.best_trials, key=lambda t: t.user_attrs.get("param_count", 0))
+        ax.plot([t.user_attrs.get("param_count", 0) for t in front],
+                [t.user_attrs.get("best_val_acc", 0) for t in front], "o-", color="C3", label="Pareto front")
+    budget = study.user_attrs.get("max_params")
+    if budget:
+        ax.axvline(budget, color="grey", linestyle="--", label=f"budget {budget:,}")
+    ax.set(xlabel="parameters", ylabel="best validation accuracy (%)", title="Accuracy against size")
+    ax.legend()
+    return _save(fig, path)
+
+
+def importances(study: optuna.Study, path: Path) -> Path | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            imp = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        return None  # too few distinct trials for the evaluator
+    if not imp:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(imp) + 1.5))
+    names = list(imp)[::-1]
+    ax.barh(names, [imp[n] for n in names])
+    ax.set(xlabel="importance", title="Parameter importances")
+    return _save(fig, path)
+
+
+def learning_curves(done: list[optuna.trial.FrozenTrial], recorder: Any, path: Path, top: int = 5) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    best = sorted(done, key=lambda t: -t.user_attrs["best_val_acc"])[:top]
+    for t in best:
+        run_id = t.user_attrs.get("mlflow_run_id")
+        points = recorder.metric_history(run_id, "val_acc") if run_id else sorted(t.intermediate_values.items())
+        if points:
+            steps, values = zip(*sorted(points))
+            ax.plot(steps, values, marker=".", label=f"trial {t.number}")
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=f"Learning curves of the top {len(best)}")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path

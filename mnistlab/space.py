@@ -1,0 +1,269 @@
+"""Study files: a base experiment, a search space over its dotted config names, a budget.
+
+Every search-space name is checked against the config's real fields when the file is
+read, so a typo fails before a study is created.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from mnistlab import config as config_mod
+from mnistlab.config import ExperimentConfig
+from mnistlab.errors import UserError
+from mnistlab.model import count_params
+
+# The metrics a study may optimise, with their directions. The test set is never one of them.
+OBJECTIVES = {"val_acc": "maximize", "params": "minimize", "val_loss": "minimize"}
+SAMPLERS = ("tpe", "random", "nsga2")
+PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search-space entry: a dotted config name and an Optuna distribution."""
+
+    name: str
+    type: str  # float, int or categorical
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        if self.type == "float":
+            return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log,
+                                                        step=int(self.step or 1))
+        return optuna.distributions.CategoricalDistribution(list(self.choices))
+
+    def smallest_values(self) -> list[Any]:
+        """Values that can give the smallest network: the low end, or every choice."""
+        return list(self.choices) if self.type == "categorical" else [self.low]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str = "tpe"
+    seed: int | None = None
+    n_startup_trials: int = 10  # tpe: random trials before the model kicks in
+
+
+@dataclass(frozen=True)
+class Pruner:
+    name: str = "median"
+    n_startup_trials: int = 5  # median: trials that finish before any is pruned
+    n_warmup_steps: int = 2  # median: epochs a trial always runs
+    min_resource: int = 1  # hyperband: epochs
+    reduction_factor: int = 3  # hyperband
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A parsed study file."""
+
+    name: str
+    path: Path
+    base_path: Path
+    base: ExperimentConfig  # the base experiment with the study's overrides applied
+    base_raw: dict[str, Any]  # the same as a plain dict, for setting sampled values
+    space: tuple[Param, ...]
+    max_params: int
+    objectives: tuple[str, ...] = ("val_acc",)
+    sampler: Sampler = field(default_factory=Sampler)
+    pruner: Pruner = field(default_factory=Pruner)
+    n_trials: int | None = None
+    timeout: float | None = None  # seconds, per worker
+    target: float | None = None  # stop when a trial reaches this validation accuracy (%)
+    enqueue_base: bool = True  # trial 0 is the base experiment itself, as a yardstick
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[o] for o in self.objectives]
+
+    def trial_config(self, values: dict[str, Any], extra: dict[str, Any] | None = None) -> ExperimentConfig:
+        """The base with sampled values (and CLI overrides) set; UserError if invalid."""
+        raw = self.base_raw
+        for name, value in {**values, **(extra or {})}.items():
+            raw = config_mod.set_path(raw, name, value, where=str(self.path))
+        return config_mod.from_dict(raw, f"{self.path} (trial config)")
+
+    def smallest_params(self) -> int:
+        """Fewest parameters any config in the space can have (widths grow the count)."""
+        options = [p.smallest_values() for p in self.space]
+        best = None
+        for combo in itertools.islice(itertools.product(*options), 4096):
+            try:
+                n = count_params(self.trial_config(dict(zip((p.name for p in self.space), combo))).model)
+            except UserError:
+                continue
+            best = n if best is None else min(best, n)
+        if best is None:
+            raise UserError(f"{self.path}: no configuration in the search space is valid")
+        return best
+
+
+_TOP_KEYS = {"name", "base", "overrides", "space", "max_params", "objectives", "sampler", "pruner",
+             "n_trials", "timeout", "target", "enqueue_base"}
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and check a study file; UserError naming the file and the culprit."""
+    p = Path(path)
+    raw = config_mod.read_yaml(p)
+    where = str(p)
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}")
+    for key in ("name", "base", "space", "max_params"):
+        if key not in raw:
+            raise UserError(f"{where}: missing key {key!r}")
+    name = _typed(raw["name"], str, "name", where)
+    base_path = (p.parent / _typed(raw["base"], str, "base", where)).resolve()
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise UserError(f"{where}: overrides must be a mapping of dotted names to values")
+    base_raw = config_mod.read_yaml(base_path)
+    for key, value in overrides.items():
+        base_raw = config_mod.set_path(base_raw, str(key), value, where=f"{where}: overrides")
+    base = config_mod.from_dict(base_raw, f"{where} (base {base_path.name} with overrides)")
+    space = _space(raw["space"], where)
+    objectives = tuple(raw.get("objectives") or ["val_acc"])
+    for o in objectives:
+        if o not in OBJECTIVES:
+            raise UserError(f"{where}: unknown objective {o!r}; choose from {', '.join(OBJECTIVES)}")
+    if len(set(objectives)) != len(objectives):
+        raise UserError(f"{where}: objectives repeat a metric")
+    study = StudyConfig(
+        name=name, path=p, base_path=base_path, base=base, base_raw=config_mod.from_dict(base_raw).to_dict(),
+        space=space, max_params=_positive(raw["max_params"], "max_params", where), objectives=objectives,
+        sampler=_section(Sampler, raw.get("sampler"), "sampler", where),
+        pruner=_section(Pruner, raw.get("pruner"), "pruner", where),
+        n_trials=_optional_positive(raw.get("n_trials"), "n_trials", where),
+        timeout=_optional_positive(raw.get("timeout"), "timeout", where, float),
+        target=_optional_positive(raw.get("target"), "target", where, float),
+        enqueue_base=_typed(raw.get("enqueue_base", True), bool, "enqueue_base", where),
+    )
+    if study.sampler.name not in SAMPLERS:
+        raise UserError(f"{where}: unknown sampler {study.sampler.name!r}; choose from {', '.join(SAMPLERS)}")
+    if study.pruner.name not in PRUNERS:
+        raise UserError(f"{where}: unknown pruner {study.pruner.name!r}; choose from {', '.join(PRUNERS)}")
+    study.trial_config({p.name: p.smallest_values()[0] for p in space})  # every name maps to a field
+    return study
+
+
+def _space(raw: Any, where: str) -> tuple[Param, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{where}: space must be a non-empty mapping of dotted names to distributions")
+    out = []
+    for given, spec in raw.items():
+        name = config_mod.canonical(str(given))
+        here = f"{where}: space.{given}"
+        config_mod.check_path(name, where)
+        if any(p.name == name for p in out):
+            raise UserError(f"{here}: {name} appears twice")
+        if not isinstance(spec, dict):
+            raise UserError(f"{here}: expected a mapping with a type")
+        extra = sorted(set(spec) - {"type", "low", "high", "step", "log", "choices"})
+        if extra:
+            raise UserError(f"{here}: unknown key {extra[0]!r}")
+        kind = spec.get("type")
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise UserError(f"{here}: categorical needs a non-empty choices list")
+            out.append(Param(str(name), kind, choices=tuple(choices)))
+            continue
+        if kind not in ("float", "int"):
+            raise UserError(f"{here}: type must be float, int or categorical; got {kind!r}")
+        out.append(_numeric(str(name), kind, spec, here))
+    return tuple(out)
+
+
+def _numeric(name: str, kind: str, spec: dict[str, Any], here: str) -> Param:
+    number = int if kind == "int" else (int, float)
+    for key in ("low", "high"):
+        if key not in spec:
+            raise UserError(f"{here}: missing {key}")
+        if isinstance(spec[key], bool) or not isinstance(spec[key], number):
+            raise UserError(f"{here}: {key} must be {'an integer' if kind == 'int' else 'a number'}")
+    low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
+    if low > high:
+        raise UserError(f"{here}: low {low} > high {high}")
+    if not isinstance(log, bool):
+        raise UserError(f"{here}: log must be true or false")
+    if log and low <= 0:
+        raise UserError(f"{here}: log scale needs low > 0")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, number) or step <= 0):
+        raise UserError(f"{here}: step must be a positive {'integer' if kind == 'int' else 'number'}")
+    if log and step is not None:
+        raise UserError(f"{here}: step and log cannot be combined")
+    return Param(name, kind, low, high, step, log)
+
+
+def _section(cls: type, raw: Any, key: str, where: str) -> Any:
+    if raw is None:
+        return cls()
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: {key} must be a name or a mapping")
+    fields = cls.__dataclass_fields__
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise UserError(f"{where}: unknown key {key}.{unknown[0]!r}")
+    for k, v in raw.items():
+        want = str if k == "name" else int
+        if k == "seed" and v is None:
+            continue
+        _typed(v, want, f"{key}.{k}", where)
+    return cls(**raw)
+
+
+def _typed(value: Any, tp: type, key: str, where: str) -> Any:
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"{where}: {key} must be {tp.__name__}; got {value!r}")
+    return value
+
+
+def _positive(value: Any, key: str, where: str) -> int:
+    _typed(value, int, key, where)
+    if value <= 0:
+        raise UserError(f"{where}: {key} must be > 0; got {value}")
+    return value
+
+
+def _optional_positive(value: Any, key: str, where: str, tp: type = int) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if tp is float else int) or value <= 0:
+        raise UserError(f"{where}: {key} must be a positive {'number' if tp is float else 'integer'}")
+    return tp(value)
+
+
+def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
+    """The sampler a study file names."""
+    s = study.sampler
+    if s.name == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed)
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+
+
+def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
+    """The pruner a study file names (none for multi-objective studies: Optuna cannot prune them)."""
+    p = study.pruner
+    if p.name == "none" or len(study.objectives) > 1:
+        return optuna.pruners.NopPruner()
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=study.base.train.epochs,
+                                              reduction_factor=p.reduction_factor)
+    return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)

@@ -1,0 +1,348 @@
+"""Studies in a plain Optuna storage: create or load, run workers, look at the trials.
+
+Storage is a local SQLite file by default (WAL journal, 60 s busy timeout: safe for several
+local worker processes) or PostgreSQL for shared studies. Heartbeats mark trials of dead
+workers failed; those are retried with the same parameters and resume from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import optuna
+from optuna.trial import TrialState
+
+from mnistlab.errors import UserError
+from mnistlab.objective import Objective, StudyFull, trained
+from mnistlab.space import StudyConfig, make_pruner, make_sampler
+from mnistlab.tracking import mask
+
+# Heartbeats and the retry callback are marked experimental; they are what makes workers crash-safe.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+PARENT_ATTR = "mlflow_parent_run_id"
+EXPERIMENT_ATTR = "mlflow_experiment_id"
+TRACKING_ATTR = "mlflow_tracking_uri"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `mnistlab study run` was asked beyond the study file."""
+
+    n_trials: int | None = None
+    timeout: float | None = None
+    storage: str | None = None
+    workers: int = 1
+    device: str | None = None
+    epochs: int | None = None
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    tracking_uri: str | None = None
+    data_dir: Path | None = None
+    artifacts: Path = Path("mnistlab-artifacts")
+    heartbeat: int = 30  # seconds between heartbeats; a trial is stale after 3 missed ones
+    threads: int = 0  # torch threads per worker; 0 splits the cores among the workers
+    verbose: bool = False  # per-epoch lines and bars
+
+    def extra(self) -> dict[str, Any]:
+        """CLI overrides applied to every trial's config."""
+        names = {"train.device": self.device, "train.epochs": self.epochs,
+                 "data.limit_train": self.limit_train, "data.limit_eval": self.limit_eval}
+        return {k: v for k, v in names.items() if v is not None}
+
+
+def storage_url(url: str | None) -> str:
+    """``--storage``, else ``$MNISTLAB_STORAGE``, else ``optuna.db`` in the working folder."""
+    url = url or os.environ.get("MNISTLAB_STORAGE") or f"sqlite:///{Path('optuna.db').resolve()}"
+    parts = urlsplit(url)
+    if parts.scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql") or not (parts.path or parts.netloc):
+        raise UserError(f"storage URL {mask(url)!r}: expected sqlite:///FILE or postgresql://USER@HOST/DB")
+    return url
+
+
+def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = None) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats; a dead worker's trial is failed and retried."""
+    url = storage_url(url)
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        path = url.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:":
+            _sqlite_wal(Path(path))
+        kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    hb = {}
+    if heartbeat:
+        hb = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
+              "heartbeat_stale_trial_callback": _StaleTrial(tracker)}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **hb)
+    except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        raise UserError(f"storage {mask(url)}: cannot open ({detail})") from None
+
+
+def _sqlite_wal(path: Path) -> None:
+    """WAL lets readers and one writer work at once; the mode is stored in the file."""
+    if not path.parent.exists():
+        raise UserError(f"storage: folder {path.parent} does not exist")
+    with sqlite3.connect(path, timeout=60) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+
+
+class _StaleTrial:
+    """Heartbeat callback: retry the dead worker's trial and fail its MLflow run."""
+
+    def __init__(self, tracker: Any) -> None:
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+        self.tracker = tracker
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.retry(study, trial)  # the copy is linked to this one by Optuna's "failed_trial" attr
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if self.tracker is not None and run_id:
+            self.tracker.finish(run_id, "FAILED", {"mnistlab.fail_reason": "worker stopped sending heartbeats"})
+
+
+def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """Create the study, or load it if it exists (the same command continues it)."""
+    if cfg.smallest_params() > cfg.max_params:
+        raise UserError(f"{cfg.path}: the smallest network in the space has {cfg.smallest_params():,} "
+                        f"params, over the budget of {cfg.max_params:,}")
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if cfg.name in existing and [d.name.lower() for d in existing[cfg.name].directions] != cfg.directions:
+        raise UserError(f"study {cfg.name!r} exists with other objectives; rename the study")
+    study = optuna.create_study(storage=storage, study_name=cfg.name, directions=cfg.directions,
+                                sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
+    if cfg.name not in existing:
+        study.set_user_attr("study_file", str(cfg.path))
+        study.set_user_attr("max_params", cfg.max_params)
+        study.set_user_attr("objectives", list(cfg.objectives))
+        if cfg.enqueue_base:
+            from mnistlab.config import get_path
+
+            study.enqueue_trial({p.name: get_path(cfg.base, p.name) for p in cfg.space},
+                                user_attrs={"base": True})
+    return study
+
+
+def load(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """An existing study by name; UserError listing the ones there are."""
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        known = ", ".join(names) or "none"
+        raise UserError(f"no study named {name!r} in this storage (studies: {known})")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+class Progress:
+    """After each trial: a line a terminal and a log file both read well, and stop checks."""
+
+    def __init__(self, cfg: StudyConfig, n_trials: int | None, recorder: Any = None) -> None:
+        self.cfg, self.n_trials, self.recorder = cfg, n_trials, recorder
+        self.start = time.monotonic()
+        self.done_here = 0
+
+    def __call__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        n_trained = sum(1 for t in trials if trained(t) and t.state != TrialState.RUNNING)
+        n_busy = sum(1 for t in trials if trained(t) and t.state == TrialState.RUNNING)
+        if trained(frozen):
+            self.done_here += 1
+        print(self.line(frozen, trials, n_trained), flush=True)
+        if self.recorder is not None:
+            self.recorder.summary(study, trials)
+        target = self.cfg.target
+        if (self.n_trials is not None and n_trained + n_busy >= self.n_trials) or (
+                target is not None and any(t.user_attrs.get("best_val_acc", 0) >= target for t in trials
+                                           if t.state in (TrialState.COMPLETE, TrialState.PRUNED))):
+            study.stop()
+
+    def line(self, t: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial], n_trained: int) -> str:
+        state = t.state.name
+        if t.state == TrialState.PRUNED and not t.user_attrs.get("trained"):
+            state = "OVER BUDGET" if "over budget" in t.user_attrs.get("reason", "") else "SKIPPED"
+        acc = t.user_attrs.get("best_val_acc")
+        parts = [f"trial {t.number:>3} {state:<11}", f"params {t.user_attrs.get('param_count', 0):>6,}",
+                 f"val {acc:6.2f}%" if acc is not None else "val    -  "]
+        total = f"/{self.n_trials}" if self.n_trials else ""
+        parts.append(f"trained {n_trained}{total}")
+        best = best_trial(trials, self.cfg.objectives)
+        if best is not None:
+            parts.append(f"best {best.user_attrs.get('best_val_acc', 0):.2f}% (trial {best.number})")
+        if self.n_trials and self.done_here:
+            per = (time.monotonic() - self.start) / self.done_here
+            parts.append(f"ETA {_duration(per * max(0, self.n_trials - n_trained))}")
+        return " | ".join(parts)
+
+
+def best_trial(trials: list[optuna.trial.FrozenTrial], objectives: tuple[str, ...] | list[str]
+               ) -> optuna.trial.FrozenTrial | None:
+    """Highest validation accuracy among completed trials (fewest params breaks ties)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and "best_val_acc" in t.user_attrs]
+    if not done:
+        return None
+    return max(done, key=lambda t: (t.user_attrs["best_val_acc"], -t.user_attrs.get("param_count", 0)))
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any = None) -> None:
+    """One worker's loop: Optuna's own optimize, stopped by the study's trial count or target."""
+    import torch
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg),
+                              pruner=make_pruner(cfg))
+    n_trials = opts.n_trials or cfg.n_trials
+    objective = Objective(cfg, extra=opts.extra(), data_dir=opts.data_dir, artifacts=opts.artifacts,
+                          recorder=recorder, n_trials=n_trials, verbose=opts.verbose)
+    objective.data_for(cfg.trial_config({}, opts.extra()))  # data problems surface before any trial
+    progress = Progress(cfg, n_trials, recorder)
+    if n_trials is not None and sum(map(trained, study.get_trials(deepcopy=False))) >= n_trials:
+        print(f"study {cfg.name!r} already has {n_trials} trained trials; raise --n-trials to run more")
+        return
+    study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=(StudyFull,), callbacks=[progress])
+
+
+def spawn_workers(cfg: StudyConfig, opts: RunOptions, argv: list[str]) -> int:
+    """Run ``opts.workers`` worker processes on this machine against one storage."""
+    import torch
+
+    n_gpu = torch.cuda.device_count() if (opts.device or "auto") in ("auto", "cuda") else 0
+    threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
+    procs = []
+    for i in range(opts.workers):
+        env = dict(os.environ, MNISTLAB_WORKER=str(i))
+        if n_gpu:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpu)  # one GPU per worker, round robin
+        cmd = [sys.executable, "-m", "mnistlab", "study", "run", *argv, "--workers", "1", "--threads", str(threads)]
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    return max(codes, key=abs)
+
+
+def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Any, storage_url_: str) -> Any:
+    """The study's MLflow experiment and its one parent run, kept as study attributes."""
+    from mnistlab.tracking import StudyRecorder
+
+    attrs = study.user_attrs
+    known = attrs.get(TRACKING_ATTR)
+    if known is not None and known != mask(tracker.uri):
+        raise UserError(f"study {cfg.name!r} logs to MLflow at {known}; pass --tracking-uri for it")
+    exp_id = attrs.get(EXPERIMENT_ATTR) or tracker.experiment(cfg.name)
+    parent = attrs.get(PARENT_ATTR)
+    if parent is None:
+        params = {"study.name": cfg.name, "study.file": str(cfg.path), "study.max_params": cfg.max_params,
+                  "study.objectives": ",".join(cfg.objectives), "study.sampler": cfg.sampler.name,
+                  "study.pruner": cfg.pruner.name, "study.storage": mask(storage_url_)}
+        parent = tracker.parent_run(exp_id, cfg.name, params)
+        study.set_user_attr(EXPERIMENT_ATTR, exp_id)
+        study.set_user_attr(PARENT_ATTR, parent)
+        study.set_user_attr(TRACKING_ATTR, mask(tracker.uri))
+    return StudyRecorder(tracker, cfg.name, exp_id, parent, cfg.path)
+
+
+def run(cfg: StudyConfig, opts: RunOptions, argv: list[str]) -> int:
+    """`mnistlab study run`: check inputs, create or load the study, run the workers, report."""
+    from mnistlab import report
+    from mnistlab.tracking import Tracker, check_reachable
+
+    if opts.n_trials is None and cfg.n_trials is None and opts.timeout is None and cfg.timeout is None \
+            and cfg.target is None:
+        raise UserError(f"{cfg.path}: give n_trials, timeout or target (or --n-trials / --timeout)")
+    cfg.trial_config({}, opts.extra())  # the CLI overrides must make a valid config
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it once
+    tracker = Tracker(opts.tracking_uri)
+    check_reachable(tracker.uri)
+    url = storage_url(opts.storage)
+    storage = open_storage(url, opts.heartbeat, tracker)
+    study = create(cfg, storage)
+    recorder = recorder_for(study, cfg, tracker, url)
+    worker = "MNISTLAB_WORKER" in os.environ
+    if not worker:
+        tracker.client.update_run(recorder.parent_id, status="RUNNING")
+        print(f"study {cfg.name!r} in {mask(url)}; MLflow {mask(tracker.uri)} parent run {recorder.parent_id}",
+              flush=True)
+    status, code = "FINISHED", 0
+    try:
+        if opts.workers > 1:
+            code = spawn_workers(cfg, opts, argv)
+        else:
+            run_worker(cfg, opts, storage, recorder)
+    except KeyboardInterrupt:
+        status, code = "KILLED", 130
+    if not worker:
+        trials = study.get_trials(deepcopy=False)
+        recorder.summary(study, trials)
+        paths = report.write(study, cfg.objectives, opts.artifacts / cfg.name / "plots", recorder)
+        for path in paths:
+            tracker.log_artifact(recorder.parent_id, path, "plots")
+        tracker.finish(recorder.parent_id, status)
+        print(status_table(study, cfg.objectives).to_string(max_rows=30))
+    return code
+
+
+def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -> Any:
+    """One row a trial: number, state, params, accuracies, sampled values, epochs, duration."""
+    import pandas as pd
+
+    trials = study.get_trials(deepcopy=False)
+    best = best_trial(trials, objectives)
+    front = {t.number for t in study.best_trials} if len(objectives) > 1 else set()
+    rows = []
+    for t in trials:
+        a = t.user_attrs
+        state = t.state.name
+        if t.state == TrialState.PRUNED and not a.get("trained"):
+            state = "OVER_BUDGET" if "over budget" in a.get("reason", "") else "SKIPPED"
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
+            t.datetime_start else None
+        row = {"number": t.number, "state": state, "param_count": a.get("param_count"),
+               "val_acc": a.get("best_val_acc"), "test_acc": a.get("test_acc"),
+               "epochs": a.get("epochs_run"), "duration_s": round(duration, 1) if duration else None,
+               "best": "*" if (best is not None and t.number == best.number) or t.number in front else ""}
+        row.update({k: v for k, v in t.params.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def status_table(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -> Any:
+    """The trials table as `mnistlab study status` prints it."""
+    df = trials_frame(study, objectives)
+    if df.empty:
+        return df
+    return df.set_index("number")
+
+
+def list_studies(storage: optuna.storages.BaseStorage) -> Any:
+    """One row a study: trials by state and the best validation accuracy."""
+    import pandas as pd
+
+    rows = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        best = best_trial(trials, [d.name for d in summary.directions])
+        states = [t.state.name for t in trials]
+        rows.append({"study": summary.study_name, "objectives": ",".join(study.user_attrs.get("objectives", [])),
+                     "trials": len(trials), "complete": states.count("COMPLETE"),
+                     "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
+                     "running": states.count("RUNNING"),
+                     "best_val_acc": best.user_attrs["best_val_acc"] if best else None,
+                     "best_trial": best.number if best else None})
+    return pd.DataFrame(rows)

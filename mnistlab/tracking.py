@@ -1,0 +1,344 @@
+"""Everything mnistlab logs to MLflow; the only module that imports mlflow.
+
+Runs are addressed by explicit run ids through ``MlflowClient``, never through MLflow's
+global active run, so threads, processes and machines can log at once. A study is an MLflow
+experiment with one parent run; each trained trial is a child run of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from mnistlab.errors import UserError
+
+PARENT_TAG = "mnistlab.parent"  # "true" on a study's parent run
+STUDY_TAG = "mnistlab.study"
+TRIAL_TAG = "mnistlab.trial"
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s")
+SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working folder."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    scheme = urlsplit(uri).scheme
+    if scheme == "" and not uri.startswith("databricks"):
+        uri = Path(uri).resolve().as_uri()  # a bare folder is MLflow's legacy file store
+    elif scheme not in SCHEMES:
+        raise UserError(f"tracking URI {mask(uri)!r}: unsupported scheme {scheme!r}")
+    return uri
+
+
+def mask(url: str) -> str:
+    """A URL with any password replaced by ***, safe to print and log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """UserError in one line when a tracking server does not answer its health check."""
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+            if resp.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"MLflow server {mask(uri)} is unreachable ({reason}); nothing was trained") from None
+    raise UserError(f"MLflow server {mask(uri)} answered its health check with an error")
+
+
+def environment() -> dict[str, Any]:
+    """Git commit and library versions, logged with every run."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    versions = {}
+    for pkg in ("mnistlab", "torch", "torchvision", "optuna", "mlflow", "numpy", "safetensors"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"git_commit": commit, "python": sys.version.split()[0], "platform": platform.platform(),
+            "packages": versions}
+
+
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"dropout": 0.05}}`` -> ``{"model.dropout": 0.05}``."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class Tracker:
+    """An MLflow client bound to one tracking URI, with a local queue for what fails to send."""
+
+    def __init__(self, uri: str | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = resolve_uri(uri)
+        self.client = MlflowClient(self.uri)
+        self.pending: list[tuple[str, list[Any]]] = []  # (run_id, metrics) not yet accepted
+        self._warned = False
+
+    # -- experiments and runs ------------------------------------------------------------
+    def experiment(self, name: str) -> str:
+        """The id of the experiment called ``name``, created if missing (race-safe)."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # another worker created it first
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def find_parent(self, experiment_id: str, study: str) -> str | None:
+        """The oldest parent run of a study: every worker agrees on it."""
+        runs = self.client.search_runs(
+            [experiment_id], f"tags.`{PARENT_TAG}` = 'true' AND tags.`{STUDY_TAG}` = '{study}'",
+            order_by=["attributes.start_time ASC"], max_results=5)
+        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
+
+    def parent_run(self, experiment_id: str, study: str, params: dict[str, Any]) -> str:
+        """Get or create the study's one parent run."""
+        existing = self.find_parent(experiment_id, study)
+        if existing is not None:
+            return existing
+        run = self.client.create_run(experiment_id, run_name=study,
+                                     tags={PARENT_TAG: "true", STUDY_TAG: study})
+        self.log_params(run.info.run_id, params)
+        winner = self.find_parent(experiment_id, study)
+        if winner != run.info.run_id:  # lost a race with another worker: keep one parent
+            self.client.delete_run(run.info.run_id)
+        return winner or run.info.run_id
+
+    def start_run(self, experiment_id: str, name: str, tags: dict[str, str], parent: str | None = None) -> str:
+        """A new RUNNING run, nested under ``parent`` when given."""
+        if parent is not None:
+            tags = {**tags, "mlflow.parentRunId": parent}
+        return self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    # -- metrics that must not be lost -----------------------------------------------------
+    def log_metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
+        """Log metrics at ``step``; on failure keep them and retry with the next call."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending.append((run_id, [Metric(k, float(v), now, step) for k, v in values.items()]))
+        self.flush()
+
+    def log_epoch(self, run_id: str, metrics: Any) -> None:
+        """One epoch's metrics with ``step=epoch``."""
+        values = asdict(metrics)
+        self.log_metrics(run_id, {k: values[k] for k in EPOCH_METRICS}, step=metrics.epoch)
+
+    def flush(self) -> bool:
+        """Send what is queued; True when nothing is left."""
+        from mlflow.exceptions import MlflowException
+
+        while self.pending:
+            run_id, metrics = self.pending[0]
+            try:
+                self.client.log_batch(run_id, metrics=metrics)
+            except (MlflowException, OSError) as exc:
+                if not self._warned:
+                    warnings.warn(f"MLflow did not accept metrics ({type(exc).__name__}); keeping them "
+                                  "locally and retrying", stacklevel=2)
+                    self._warned = True
+                return False
+            self.pending.pop(0)
+        return True
+
+    def save_pending(self, path: Path) -> Path | None:
+        """Write unsent metrics to a JSON file (sent later by ``send_pending``)."""
+        if self.flush():
+            return None
+        rows = [{"run_id": r, "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                for r, ms in self.pending for m in ms]
+        path.write_text(json.dumps(rows) + "\n")
+        return path
+
+    def send_pending(self, path: Path) -> int:
+        """Send a file written by ``save_pending``; returns how many metrics went out."""
+        from mlflow.entities import Metric
+
+        rows = json.loads(path.read_text())
+        for row in rows:
+            self.pending.append((row["run_id"], [Metric(row["key"], row["value"], row["timestamp"], row["step"])]))
+        if not self.flush():
+            raise UserError(f"MLflow at {mask(self.uri)} still refuses the metrics in {path}")
+        path.unlink()
+        return len(rows)
+
+    # -- artifacts and the end of a run ----------------------------------------------------
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def finish(self, run_id: str, status: str, tags: dict[str, Any] | None = None) -> None:
+        """End a run as FINISHED, KILLED or FAILED."""
+        if tags:
+            self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, status=status)
+
+
+class RunLog:
+    """One MLflow run of a training: per-epoch metrics, final figures, artifacts, status."""
+
+    def __init__(self, tracker: Tracker, run_id: str, checkpoint_dir: Path, files: dict[str, Path]) -> None:
+        self.tracker, self.run_id, self.checkpoint_dir, self.files = tracker, run_id, checkpoint_dir, files
+        self.logged: set[int] = set()
+
+    @classmethod
+    def start(cls, tracker: Tracker, experiment_id: str, name: str, cfg: Any, n_params: int, device: str,
+              checkpoint_dir: Path, tags: dict[str, str], params: dict[str, Any] | None = None,
+              parent: str | None = None, files: dict[str, Path] | None = None) -> RunLog:
+        """Create the run and log its params: every config field by its dotted name."""
+        from mnistlab.model import summary
+
+        run_id = tracker.start_run(experiment_id, name, tags, parent)
+        tracker.log_params(run_id, {**flatten(cfg.to_dict()), **(params or {}),
+                                    "param_count": n_params, "device": device})
+        tracker.log_text(run_id, yaml_text(cfg.to_dict()), "config.yaml")
+        tracker.log_text(run_id, summary(cfg.model) + "\n", "model_summary.txt")
+        tracker.log_text(run_id, json.dumps(environment(), indent=2) + "\n", "environment.json")
+        return cls(tracker, run_id, checkpoint_dir, files or {})
+
+    def epoch(self, m: Any) -> None:
+        self.tracker.log_epoch(self.run_id, m)
+        self.logged.add(m.epoch)
+
+    def _backfill(self, history: list[Any]) -> None:
+        """Epochs restored from a checkpoint were run before this run existed: log them once."""
+        for m in history:
+            if m.epoch not in self.logged:
+                self.epoch(m)
+
+    def _artifacts(self) -> None:
+        for name, path in self.files.items():
+            if path.is_file():
+                self.tracker.log_artifact(self.run_id, path, name)
+        for name in ("best.safetensors", "best.json", "last.pt", "last.pt.sha256"):
+            path = self.checkpoint_dir / name
+            if path.is_file():
+                self.tracker.log_artifact(self.run_id, path, "checkpoints")
+
+    def complete(self, result: Any) -> None:
+        """FINISHED, with the test figures and the checkpoints."""
+        self._backfill(result.history)
+        self.tracker.log_metrics(self.run_id, {"test_acc": result.test_acc, "test_loss": result.test_loss,
+                                               "best_val_acc": result.best_val_acc,
+                                               "best_epoch": result.best_epoch}, step=result.epochs_run)
+        self._artifacts()
+        self._close("FINISHED", {"mnistlab.epochs_run": result.epochs_run})
+
+    def end(self, exc: BaseException, history: list[Any]) -> None:
+        """KILLED for a pruned trial (with its epoch), FAILED with the reason otherwise."""
+        self._backfill(history)
+        if type(exc).__name__ == "TrialPruned":
+            self._artifacts()
+            self._close("KILLED", {"mnistlab.pruned_at_epoch": history[-1].epoch if history else 0})
+        else:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._close("FAILED", {"mnistlab.fail_reason": reason[:5000]})
+
+    def _close(self, status: str, tags: dict[str, Any]) -> None:
+        pending = self.tracker.save_pending(self.checkpoint_dir / "mlflow-pending.json")
+        if pending is not None:
+            warnings.warn(f"MLflow is unreachable; unsent metrics kept in {pending}", stacklevel=2)
+        self.tracker.finish(self.run_id, status, tags)
+
+
+def yaml_text(raw: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+class StudyRecorder:
+    """Nests each trained trial's run under the study's parent run and keeps its summary live."""
+
+    def __init__(self, tracker: Tracker, study: str, experiment_id: str, parent_id: str, study_file: Path) -> None:
+        self.tracker, self.study, self.experiment_id = tracker, study, experiment_id
+        self.parent_id, self.study_file = parent_id, study_file
+
+    def start(self, trial: Any, cfg: Any, n_params: int, checkpoint_dir: Path, device: str) -> RunLog:
+        tags = {STUDY_TAG: self.study, TRIAL_TAG: str(trial.number)}
+        if trial.user_attrs.get("mlflow_run_id"):  # a retry: link the run of the attempt that died
+            tags["mnistlab.retry_of_run"] = trial.user_attrs["mlflow_run_id"]
+        run = RunLog.start(self.tracker, self.experiment_id, f"trial-{trial.number}", cfg, n_params, device,
+                           checkpoint_dir, tags, params=dict(trial.params), parent=self.parent_id,
+                           files={"study": self.study_file})
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        return run
+
+    def summary(self, study: Any, trials: list[Any]) -> None:
+        """Counts by state and the best trial so far, on the parent run (step = trials finished)."""
+        counts = {"n_complete": 0, "n_pruned": 0, "n_over_budget": 0, "n_failed": 0, "n_running": 0}
+        for t in trials:
+            name = t.state.name.lower()
+            if name == "pruned" and not t.user_attrs.get("trained"):
+                name = "over_budget" if "over budget" in t.user_attrs.get("reason", "") else "failed"
+            key = f"n_{name}" if f"n_{name}" in counts else "n_failed"
+            counts[key] += 1
+        finished = sum(1 for t in trials if t.state.is_finished())
+        done = [t for t in trials if t.state.name == "COMPLETE" and "best_val_acc" in t.user_attrs]
+        values = dict(counts)
+        tags = {}
+        if done:
+            best = max(done, key=lambda t: (t.user_attrs["best_val_acc"], -t.user_attrs.get("param_count", 0)))
+            values["best_val_acc"] = best.user_attrs["best_val_acc"]
+            tags = {"mnistlab.best_trial": best.number, "mnistlab.best_run": best.user_attrs.get("mlflow_run_id")}
+        try:
+            self.tracker.log_metrics(self.parent_id, values, step=finished)
+            if tags:
+                self.tracker.set_tags(self.parent_id, tags)
+        except Exception as exc:  # the summary is a convenience; a trial's own data is never at stake
+            warnings.warn(f"could not update the study summary in MLflow ({type(exc).__name__})", stacklevel=2)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.tracker.client.get_metric_history(run_id, key)]
