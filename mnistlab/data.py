@@ -74,7 +74,7 @@ def read_hub(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
         raise UserError(f"{path}: not a readable MNIST pickle ({exc})") from None
     out = {}
-    for split, (x, y) in zip(SPLITS, parts):
+    for split, (x, y) in zip(SPLITS, parts, strict=True):
         scaled = np.asarray(x, dtype=np.float64) * 256.0
         images = np.rint(scaled).astype(np.uint8).reshape(-1, 28, 28)
         if not np.array_equal(images.astype(np.float64), scaled.reshape(-1, 28, 28)):

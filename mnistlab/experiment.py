@@ -13,8 +13,9 @@ from mnistlab import config as config_mod
 from mnistlab import data as data_mod
 from mnistlab.config import ExperimentConfig
 from mnistlab.errors import UserError
-from mnistlab.model import summary
-from mnistlab.train import EpochMetrics, OnEpoch, Result, resolve_device, train
+from mnistlab.model import count_params, summary
+from mnistlab.tracking import RunLog, Tracker, check_reachable, mask
+from mnistlab.train import EpochMetrics, Result, resolve_device, train
 
 METRIC_FIELDS = [f for f in EpochMetrics.__dataclass_fields__]
 
@@ -59,11 +60,17 @@ def run_experiment(
     cfg: ExperimentConfig,
     output: Path,
     data_dir: Path | None = None,
-    on_epoch: OnEpoch | None = None,
+    tracker: Tracker | None = None,
+    source: Path | None = None,
     resume: bool = False,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Train one experiment, writing config.yaml, metrics.csv, summary.json and checkpoints."""
+    """Train one experiment, writing config.yaml, metrics.csv, summary.json and checkpoints.
+
+    With a tracker, the run is also one MLflow run in the experiment named after the config.
+    """
+    if tracker is not None:
+        check_reachable(tracker.uri)
     try:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(config_mod.dump_yaml(cfg))
@@ -73,9 +80,31 @@ def run_experiment(
     data = data_mod.load(cfg.data, device, data_dir)
     if verbose:
         print(summary(cfg.model))
+    ckpt = output / "checkpoints"
+    history: list[EpochMetrics] = []
+    run = None
+    if tracker is not None:
+        run = RunLog.start(tracker, tracker.experiment(cfg.name), output.name, cfg, count_params(cfg.model),
+                           str(device), ckpt, {"mnistlab.kind": "train", "mnistlab.output": str(output)},
+                           files={"experiment": source} if source else None)
+        if verbose:
+            print(f"MLflow run {run.run_id} in experiment {cfg.name!r} at {mask(tracker.uri)}")
+
+    def on_epoch(m: EpochMetrics) -> None:
+        history.append(m)
+        if run is not None:
+            run.epoch(m)
+
     start = time.perf_counter()
-    result = train(cfg, data, on_epoch, checkpoint_dir=output / "checkpoints", resume=resume, verbose=verbose)
+    try:
+        result = train(cfg, data, on_epoch, checkpoint_dir=ckpt, resume=resume, verbose=verbose)
+    except BaseException as exc:
+        if run is not None:
+            run.end(exc, history)
+        raise
     wall = time.perf_counter() - start
+    if run is not None:
+        run.complete(result)
     write_metrics_csv(output / "metrics.csv", result.history)
     figures = result_summary(cfg, result, wall)
     (output / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")

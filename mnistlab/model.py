@@ -49,7 +49,7 @@ def plan(cfg: ModelConfig, where: str = "config") -> list[Layer]:
         layers.append(Layer("Conv2d", (cout, side, side), c * cout * k * k + bias * cout, (c, cout, k, pad)))
         c = cout
 
-    for i, (w, pad) in enumerate(zip(widths(cfg), cfg.paddings), start=1):
+    for i, (w, pad) in enumerate(zip(widths(cfg), cfg.paddings, strict=True), start=1):
         if i == cfg.pool_after:
             conv(w, 1, pad)
             if side < 2:

@@ -96,7 +96,7 @@ def learning_curves(done: list[optuna.trial.FrozenTrial], recorder: Any, path: P
         run_id = t.user_attrs.get("mlflow_run_id")
         points = recorder.metric_history(run_id, "val_acc") if run_id else sorted(t.intermediate_values.items())
         if points:
-            steps, values = zip(*sorted(points))
+            steps, values = zip(*sorted(points), strict=True)
             ax.plot(steps, values, marker=".", label=f"trial {t.number}")
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=f"Learning curves of the top {len(best)}")
     ax.legend()

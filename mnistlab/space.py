@@ -101,7 +101,7 @@ class StudyConfig:
         best = None
         for combo in itertools.islice(itertools.product(*options), 4096):
             try:
-                n = count_params(self.trial_config(dict(zip((p.name for p in self.space), combo))).model)
+                n = count_params(self.trial_config(dict(zip((p.name for p in self.space), combo, strict=True))).model)
             except UserError:
                 continue
             best = n if best is None else min(best, n)

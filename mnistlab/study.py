@@ -115,9 +115,6 @@ class _StaleTrial:
 
 def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """Create the study, or load it if it exists (the same command continues it)."""
-    if cfg.smallest_params() > cfg.max_params:
-        raise UserError(f"{cfg.path}: the smallest network in the space has {cfg.smallest_params():,} "
-                        f"params, over the budget of {cfg.max_params:,}")
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if cfg.name in existing and [d.name.lower() for d in existing[cfg.name].directions] != cfg.directions:
         raise UserError(f"study {cfg.name!r} exists with other objectives; rename the study")
@@ -266,10 +263,13 @@ def run(cfg: StudyConfig, opts: RunOptions, argv: list[str]) -> int:
             and cfg.target is None:
         raise UserError(f"{cfg.path}: give n_trials, timeout or target (or --n-trials / --timeout)")
     cfg.trial_config({}, opts.extra())  # the CLI overrides must make a valid config
+    if cfg.smallest_params() > cfg.max_params:
+        raise UserError(f"{cfg.path}: the smallest network in the space has {cfg.smallest_params():,} "
+                        f"params, over the budget of {cfg.max_params:,}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it once
+    url = storage_url(opts.storage)
     tracker = Tracker(opts.tracking_uri)
     check_reachable(tracker.uri)
-    url = storage_url(opts.storage)
     storage = open_storage(url, opts.heartbeat, tracker)
     study = create(cfg, storage)
     recorder = recorder_for(study, cfg, tracker, url)

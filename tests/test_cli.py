@@ -1,0 +1,71 @@
+"""The `mnistlab` command as a user meets it: real subprocesses and the in-process entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+from mnistlab.cli import main
+from test_model import REFERENCE
+
+EXP = str(ROOT / "experiments" / "eva4-s4.yaml")
+
+
+def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_model_summary_prints_the_reference_table(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = cli(capsys, "model", "summary", EXP)
+    assert code == 0 and out.strip() == REFERENCE
+
+
+def test_data_prepare_and_info(capsys: pytest.CaptureFixture, data_dir: Path) -> None:
+    code, out, _ = cli(capsys, "data", "prepare")
+    assert code == 0
+    assert "train: 50,000 images" in out and "val: 10,000 images" in out and "test: 10,000 images" in out
+    code, out, _ = cli(capsys, "data", "info", "--data-dir", str(data_dir))
+    assert code == 0 and "sha256: " in out and str(data_dir) in out
+
+
+def test_train_prints_a_summary_and_writes_the_run_folder(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, out, _ = cli(capsys, "train", EXP, "--epochs", "1", "--limit-train", "2000", "--limit-eval", "500",
+                       "--output", "run", "train.batch_size=64", "train.lr=0.05")
+    assert code == 0, out
+    assert "params 12,400 | best validation" in out and "s/epoch" in out
+    figures = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert figures["epochs_run"] == 1 and figures["best_val_acc"] > 50
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc") and len(rows) == 2
+    assert "batch_size: 64" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["train", EXP, "--epochs", "-1"], "train.epochs must be >= 1"),
+    (["train", EXP, "--epochs", "x"], "Invalid value for '--epochs'"),
+    (["train", EXP, "model.widht=3"], "unknown config name 'model.widht'"),
+    (["train", "missing.yaml"], "missing.yaml: no such file"),
+    (["train", EXP, "model.widths=[8,8,8]"], "model.paddings has 6 entries but model.widths has 3"),
+    (["data", "info", "--data-dir", "nowhere"], "no data cache"),
+])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not Path("runs").exists()
+
+
+def test_debug_shows_the_traceback() -> None:
+    proc = run_cli("--debug", "train", "missing.yaml")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -1,0 +1,154 @@
+"""Studies: the budget before any work, a real SQLite study that resumes, PostgreSQL workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import ROOT, run_cli
+from mnistlab import objective as objective_mod
+from mnistlab import space, study
+from mnistlab.errors import UserError
+
+SMOKE = ROOT / "studies" / "smoke.yaml"
+FAST = ["--epochs", "1", "--limit-train", "1000", "--limit-eval", "500"]
+
+
+def study_file(tmp_path: Path, body: str, name: str = "s") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nbase: {ROOT / 'experiments' / 'eva4-s4.yaml'}\n" + body)
+    return path
+
+
+def test_objective_through_a_fixed_trial(data_dir: Path, tmp_path: Path) -> None:
+    cfg = space.load_study(SMOKE)
+    params = {"model.dropout": 0.0, "train.lr": 0.1, "model.widths.1": 16, "model.widths.3": 12}
+    obj = objective_mod.Objective(cfg, extra={"train.epochs": 1, "data.limit_train": 2000},
+                                  data_dir=data_dir, artifacts=tmp_path)
+    trial = optuna.trial.FixedTrial(params)
+    value = obj(trial)
+    assert 20.0 < value <= 100.0  # learning (chance is 10%)
+    assert trial.user_attrs["param_count"] == 9_064  # 12,400 less what narrower convs 2 and 4 drop
+    assert trial.user_attrs["best_val_acc"] == value and trial.user_attrs["epochs_run"] == 1
+    assert (tmp_path / "smoke" / "trial-0" / "best.safetensors").is_file()
+
+
+def test_over_budget_configs_never_reach_the_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(objective_mod, "train", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(objective_mod.Objective, "data_for", lambda self, cfg: calls.append(cfg))
+    cfg = space.load_study(study_file(tmp_path, """
+max_params: 9000
+enqueue_base: false
+space:
+  model.widths.1: {type: int, low: 40, high: 64}
+  model.widths.4: {type: int, low: 4, high: 8}
+"""))
+    # widths.1 >= 40 puts every config over 9,000; the smallest possible (40, 4) is 8,900+.
+    storage = study.open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat=None)
+    with pytest.raises(UserError, match="over the budget"):
+        study.run(cfg, study.RunOptions(n_trials=1, storage=f"sqlite:///{tmp_path / 'o.db'}"), [])
+    cfg = space.load_study(study_file(tmp_path, """
+max_params: 12000
+enqueue_base: false
+space:
+  model.widths.1: {type: int, low: 8, high: 64}
+"""))
+    s = study.create(cfg, storage)
+    for width in (60, 64, 48):
+        s.enqueue_trial({"model.widths.1": width})
+    s.optimize(objective_mod.Objective(cfg, n_trials=1), n_trials=3)
+    trials = s.get_trials()
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 3
+    assert all(t.user_attrs["reason"].startswith("over budget:") for t in trials)
+    assert [t.user_attrs["param_count"] for t in trials] == [19_936, 21_088, 16_480]
+    assert not any(t.user_attrs.get("trained") for t in trials)
+    assert calls == []  # no data, no model, no optimiser
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("max_params: 1000\nspace: {model.widht: {type: int, low: 1, high: 2}}", "unknown config name 'model.widht'"),
+    ("max_params: 1000\nspace: {model.dropout: {type: float, low: 0.5, high: 0.1}}", "low 0.5 > high 0.1"),
+    ("max_params: 1000\nspace: {model.head: {type: categorical, choices: []}}", "non-empty choices"),
+    ("max_params: 1000\nsampler: cmaes\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
+     "unknown sampler 'cmaes'"),
+    ("max_params: 1000\npruner: {name: asha}\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
+     "unknown pruner 'asha'"),
+    ("max_params: 1000\nspace: {train.lr: {type: gauss, low: 0.1, high: 0.2}}", "type must be float, int"),
+    ("space: {train.lr: {type: float, low: 0.1, high: 0.2}}", "missing key 'max_params'"),
+    ("max_params: 1000\nn_trails: 3\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
+     "unknown key 'n_trails'"),
+])
+def test_bad_study_files_exit_2_and_create_nothing(tmp_path: Path, body: str, message: str) -> None:
+    proc = run_cli("study", "run", str(study_file(tmp_path, body)))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["study", "run", str(SMOKE), "--storage", "redis://x"], "storage URL 'redis://x'"),
+    (["study", "run", str(SMOKE), "--storage", "postgresql://nobody:secret@127.0.0.1:1/x"], "cannot open"),
+    (["study", "run", str(SMOKE), "--n-trials", "-1"], "Invalid value for '--n-trials'"),
+    (["study", "run", str(SMOKE), "--tracking-uri", "http://127.0.0.1:1"], "unreachable"),
+    (["study", "status", "--name", "nope"], "no study named 'nope'"),
+])
+def test_bad_cli_input_exit_2_and_create_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "secret" not in proc.stderr  # passwords are masked
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "optuna.db").exists() or args[1] == "status"
+
+
+def trained_numbers(s: optuna.Study) -> list[int]:
+    return [t.number for t in s.get_trials() if objective_mod.trained(t)]
+
+
+def test_a_real_study_completes_and_resumes(tmp_path: Path) -> None:
+    proc = run_cli("study", "run", str(SMOKE), *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "trained 3/3" in proc.stdout
+    storage = study.open_storage(None, heartbeat=None)
+    s = study.load("smoke", storage)
+    assert len(trained_numbers(s)) == 3
+    assert s.trials[0].params["model.widths.1"] == 32 and s.trials[0].user_attrs["base"]  # the yardstick
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in s.trials)
+    # The same command again continues the same study: it is already complete.
+    again = run_cli("study", "run", str(SMOKE), *FAST)
+    assert again.returncode == 0 and "already has 3 trained trials" in again.stdout
+    assert len(study.load("smoke", storage).trials) == len(s.trials)
+    more = run_cli("study", "run", str(SMOKE), *FAST, "--n-trials", "5")
+    assert more.returncode == 0, more.stderr
+    assert len(trained_numbers(study.load("smoke", storage))) == 5
+    status = run_cli("study", "status", str(SMOKE), "--csv", "trials.csv")
+    assert status.returncode == 0 and "param_count" in status.stdout
+    rows = (tmp_path / "trials.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(study.load("smoke", storage).trials)
+    listing = run_cli("study", "list")
+    assert "smoke" in listing.stdout
+    # The storage stays a plain Optuna storage: Optuna's own CLI reads it.
+    optuna_cli = run_cli_optuna("studies", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert "smoke" in optuna_cli
+
+
+def run_cli_optuna(*args: str) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "optuna", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_two_workers_on_postgresql_train_exactly_n_trials(pg_url: str) -> None:
+    proc = run_cli("study", "run", str(SMOKE), *FAST, "--storage", pg_url, "--workers", "2", "--n-trials", "4")
+    assert proc.returncode == 0, proc.stderr
+    s = study.load("smoke", study.open_storage(pg_url, heartbeat=None))
+    numbers = [t.number for t in s.trials]
+    assert numbers == list(range(len(numbers)))  # no gaps, no duplicates
+    assert len(trained_numbers(s)) == 4
+    assert not [t for t in s.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]

@@ -1,0 +1,153 @@
+"""Every trial in MLflow: a parent run per study, a child per trained trial, curves, artifacts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, start_mlflow_server, stop
+from mnistlab import config, data, space, study
+from mnistlab.model import build_model
+from mnistlab.train import evaluate
+
+EXP = ROOT / "experiments" / "eva4-s4.yaml"
+
+
+def pruning_study(tmp_path: Path, storage: str) -> Path:
+    """A study whose trial 1 is hopeless (tiny lr) and so is pruned at epoch 1, deterministically."""
+    path = tmp_path / "track.yaml"
+    path.write_text(f"""
+name: track
+base: {EXP}
+overrides: {{train.epochs: 2, train.batch_size: 64, data.limit_train: 1500, data.limit_eval: 500}}
+max_params: 20000
+pruner: {{name: median, n_startup_trials: 1, n_warmup_steps: 0}}
+sampler: {{name: random, seed: 3}}
+n_trials: 2
+enqueue_base: false
+space:
+  train.lr: {{type: float, low: 0.00001, high: 0.2, log: true}}
+""")
+    s = study.create(space.load_study(path), study.open_storage(storage, heartbeat=None))
+    s.enqueue_trial({"train.lr": 0.1})
+    s.enqueue_trial({"train.lr": 0.00001})
+    return path
+
+
+def check_study_runs(client: MlflowClient, data_dir: Path, tmp_path: Path) -> None:
+    """One parent, a child per trained trial with full curves, right statuses, usable artifacts."""
+    exp = client.get_experiment_by_name("track")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mnistlab.parent") == "true"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: int(r.data.tags["mnistlab.trial"]))
+    assert len(children) == len(runs) - 1 == 2
+    done, pruned = children
+    assert done.info.status == "FINISHED" and done.info.run_name == "trial-0"
+    assert pruned.info.status == "KILLED" and pruned.data.tags["mnistlab.pruned_at_epoch"] == "1"
+    for child, epochs in ((done, [1, 2]), (pruned, [1])):
+        for key in ("train_loss", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s"):
+            assert [m.step for m in client.get_metric_history(child.info.run_id, key)] == epochs, key
+        assert child.data.params["train.lr"] in ("0.1", "1e-05")
+        assert child.data.params["param_count"] == "12400" and child.data.params["device"] == "cpu"
+        assert child.data.tags["mnistlab.study"] == "track"
+    assert "test_acc" in done.data.metrics and "test_acc" not in pruned.data.metrics
+    # The best-epoch weights come back from the artifact store and reproduce the logged accuracy.
+    local = Path(client.download_artifacts(done.info.run_id, "checkpoints", str(tmp_path / "dl")))
+    meta = json.loads((local / "best.json").read_text())
+    cfg = config.from_dict(meta["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict(load_file(str(local / "best.safetensors")))
+    split = data.load(cfg.data, "cpu", data_dir).val
+    _, correct = evaluate(model, split)
+    assert 100.0 * correct / len(split) == pytest.approx(done.data.metrics["best_val_acc"])
+    names = {a.path for a in client.list_artifacts(done.info.run_id)}
+    assert {"config.yaml", "model_summary.txt", "environment.json", "study", "checkpoints"} <= names
+    # The parent's live summary and plots.
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["n_complete"] == 1 and parent.data.metrics["n_pruned"] == 1
+    assert parent.data.tags["mnistlab.best_trial"] == "0"
+    plots = Path(client.download_artifacts(parent.info.run_id, "plots", str(tmp_path / "plots")))
+    for name in ("optimization_history.png", "val_acc_vs_params.png", "learning_curves.png"):
+        with Image.open(plots / name) as img:
+            assert img.size[0] > 300 and len(img.convert("L").getcolors(1 << 16)) > 10  # a drawing
+
+
+def test_a_study_against_a_real_mlflow_server(mlflow_server: str, data_dir: Path, tmp_path: Path) -> None:
+    path = pruning_study(tmp_path, f"sqlite:///{tmp_path / 'optuna.db'}")
+    proc = run_cli("study", "run", str(path), "--tracking-uri", mlflow_server)
+    assert proc.returncode == 0, proc.stderr
+    check_study_runs(MlflowClient(mlflow_server), data_dir, tmp_path)
+
+
+def test_a_study_against_a_server_on_postgresql(pg_url: str, data_dir: Path, tmp_path: Path) -> None:
+    server, url = start_mlflow_server(pg_url, tmp_path / "pg-artifacts")
+    try:
+        path = pruning_study(tmp_path, f"sqlite:///{tmp_path / 'optuna.db'}")
+        proc = run_cli("study", "run", str(path), "--tracking-uri", url)
+        assert proc.returncode == 0, proc.stderr
+        check_study_runs(MlflowClient(url), data_dir, tmp_path)
+    finally:
+        stop(server)
+
+
+def test_the_embedded_default_store(mlflow_db: str, data_dir: Path, tmp_path: Path) -> None:
+    path = pruning_study(tmp_path, f"sqlite:///{tmp_path / 'optuna.db'}")
+    proc = run_cli("study", "run", str(path))  # no --tracking-uri: mlflow.db here
+    assert proc.returncode == 0, proc.stderr
+    check_study_runs(MlflowClient(mlflow_db), data_dir, tmp_path)
+
+
+def test_train_logs_one_run(mlflow_db: str, tmp_path: Path) -> None:
+    proc = run_cli("train", str(EXP), "--epochs", "2", "--limit-train", "600", "--limit-eval", "300",
+                   "--output", "run1")
+    assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(mlflow_db)
+    (run,) = client.search_runs([client.get_experiment_by_name("eva4-s4").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run1"
+    assert "mlflow.parentRunId" not in run.data.tags
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
+    summary = json.loads((tmp_path / "run1" / "summary.json").read_text())
+    assert run.data.metrics["test_acc"] == pytest.approx(summary["test_acc"])
+
+
+def test_a_short_server_outage_loses_no_metric(tmp_path: Path, _mlflow_template: Path) -> None:
+    """The server stops for a few seconds mid-trial; MLflow's retries carry every metric over."""
+    import shutil
+
+    from conftest import free_port
+
+    shutil.copy(_mlflow_template, tmp_path / "server.db")
+    backend, port = f"sqlite:///{tmp_path / 'server.db'}", free_port()
+    server, url = start_mlflow_server(backend, tmp_path / "artifacts", port)
+    cmd = [sys.executable, "-m", "mnistlab", "train", str(EXP), "--epochs", "4", "--limit-train", "3000",
+           "--limit-eval", "300", "--output", "out", "--tracking-uri", url]
+    trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in trainer.stdout:  # wait for the first epoch, then take the server away
+            if line.startswith("Validation:"):
+                break
+        stop(server)
+        time.sleep(6)
+        server, _ = start_mlflow_server(backend, tmp_path / "artifacts", port)
+        out = trainer.communicate(timeout=600)[0]
+        assert trainer.returncode == 0, out
+        client = MlflowClient(url)
+        (run,) = client.search_runs([client.get_experiment_by_name("eva4-s4").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3, 4]
+    finally:
+        trainer.kill()
+        stop(server)
+

@@ -1,0 +1,97 @@
+"""The trainer: learns, checkpoints atomically, resumes to the same weights on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from mnistlab import checkpoint, config, data
+from mnistlab.errors import UserError
+from mnistlab.train import EpochMetrics, train
+
+EXP = ROOT / "experiments" / "eva4-s4.yaml"
+
+
+def small(*overrides: str) -> config.ExperimentConfig:
+    return config.load(EXP, ["data.limit_train=3000", "data.limit_eval=1000", "train.batch_size=64",
+                             "train.lr=0.05", *overrides])
+
+
+def test_one_epoch_on_a_subset_learns(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = small("train.epochs=1")
+    seen: list[EpochMetrics] = []
+    result = train(cfg, data.load(cfg.data, "cpu", data_dir), seen.append, checkpoint_dir=tmp_path / "ck")
+    assert [m.epoch for m in seen] == [1]
+    assert result.best_val_acc > 50.0  # chance is 10%
+    assert result.test_acc > 50.0 and result.test_total == 1000
+    assert result.params == 12_400 and result.device == "cpu"
+    out = capsys.readouterr().out
+    assert f"Validation: Average loss: {seen[0].val_loss:.4f}, Accuracy: {seen[0].val_correct}/1000" in out
+    assert "Test (best epoch 1): Average loss:" in out
+    for name in ("last.pt", "last.pt.sha256", "best.safetensors", "best.json"):
+        assert (tmp_path / "ck" / name).is_file()
+
+
+def final_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load_state(directory / "last.pt")["model"]
+
+
+@pytest.mark.parametrize("recipe", [["train.schedule=onecycle", "data.augment=true"],
+                                    ["train.optimizer=adamw", "train.lr=0.003", "train.schedule=step",
+                                     "train.step_epochs=1", "train.label_smoothing=0.1"]],
+                         ids=["sgd-onecycle-augment", "adamw-step-smoothing"])
+def test_resume_gives_the_same_final_weights(data_dir: Path, tmp_path: Path, recipe: list[str]) -> None:
+    cfg = small("train.epochs=3", "data.limit_train=1200", *recipe)
+    d = data.load(cfg.data, "cpu", data_dir)
+    whole = train(cfg, d, checkpoint_dir=tmp_path / "whole", verbose=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(m: EpochMetrics) -> None:
+        if m.epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, d, stop_after_two, checkpoint_dir=tmp_path / "cut", verbose=False)
+    resumed_epochs: list[int] = []
+    again = train(cfg, d, lambda m: resumed_epochs.append(m.epoch), checkpoint_dir=tmp_path / "cut",
+                  resume=True, verbose=False)
+    assert resumed_epochs == [3]  # only the missing epoch ran
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m.val_acc for m in again.history] == [m.val_acc for m in whole.history]
+    assert again.test_acc == whole.test_acc
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(data_dir: Path, tmp_path: Path) -> None:
+    cfg = small("train.epochs=1", "data.limit_train=300")
+    d = data.load(cfg.data, "cpu", data_dir)
+    train(cfg, d, checkpoint_dir=tmp_path, verbose=False)
+    other = config.replace(cfg, model={"dropout": 0.1}, train={"epochs": 2})
+    with pytest.raises(UserError, match="checkpoint of a different config"):
+        train(other, d, checkpoint_dir=tmp_path, resume=True, verbose=False)
+
+
+def test_corrupt_checkpoints_are_detected_and_the_previous_one_used(data_dir: Path, tmp_path: Path) -> None:
+    cfg = small("train.epochs=2", "data.limit_train=300")
+    train(cfg, data.load(cfg.data, "cpu", data_dir), checkpoint_dir=tmp_path, verbose=False)
+    last = tmp_path / "last.pt"
+    raw = bytearray(last.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit
+    last.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="checksum does not match"):
+        checkpoint.load_state(last)
+    assert checkpoint.latest_good(tmp_path) == tmp_path / "prev.pt"
+    assert checkpoint.load_state(tmp_path / "prev.pt")["epoch"] == 1
+
+
+def test_full_train_reports_the_test_set_and_selects_nothing(data_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = small("train.epochs=1", "data.full_train=true", "data.limit_train=500")
+    result = train(cfg, data.load(cfg.data, "cpu", data_dir))
+    assert result.history[0].eval_split == "test"
+    assert result.best_epoch == 0  # no validation set, nothing chosen on test
+    assert "Test: Average loss:" in capsys.readouterr().out
