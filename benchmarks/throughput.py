@@ -5,14 +5,13 @@
     and the plain ``zero_grad / model / nll_loss / backward / step`` loop. MNIST cannot be downloaded here, so
     the 60,000 training images of mnistlab's cache (train + val) are written as torchvision's raw IDX files
     into a temporary folder.
-(b) ``mnistlab``: the trainer's own path, ``mnistlab.train._Run(...).train_epoch()`` on a split of
-    ``--batches`` x 128 images held normalised on the device (``data.limit_train``), batches from
-    ``mnistlab.data.batches`` (bf16 autocast on CUDA, as the trainer does).
+(b) ``mnistlab``: the trainer's own ``_Run(...).train_epoch()`` on ``--batches`` x 128 images held normalised
+    on the device (``data.limit_train``), batches from ``mnistlab.data.batches``, bf16 autocast on CUDA.
 
 Each path trains ``--batches`` batches after ``--warmup`` untimed ones; the paths alternate a, b, a, b, ...
 ``--repeats`` times in one process, so background load hits both alike. Reported: median images/s per path and
-``ratio = b / a``. Optional variants of (b) join the alternation: ``--channels-last``, ``--compile``
-(torch.compile) and ``--no-mkldnn`` (oneDNN off); each is compared with plain (b).
+``ratio = b / a`` (on CUDA also seconds per 50,000-image epoch). Variants of (b) join the alternation and are
+compared with plain (b): ``--channels-last``, ``--compile`` (torch.compile; both: also combined), ``--no-mkldnn``.
 
     MNISTLAB_DATA_DIR=/tmp/mnl-data python benchmarks/throughput.py [--device cpu] [--threads 2] [--json out.json]
 """
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=10, help="untimed batches before each measurement")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--channels-last", action="store_true", help="also time (b) with channels_last model+inputs")
-    p.add_argument("--compile", action="store_true", help="also time (b) with torch.compile")
+    p.add_argument("--compile", action="store_true", help="also time (b) with torch.compile (+channels_last too)")
     p.add_argument("--no-mkldnn", action="store_true", help="also time (b) with torch.backends.mkldnn disabled")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     args = p.parse_args(argv)
@@ -173,18 +172,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mnist-tv-") as tmp:
         paths: dict[str, Any] = {"reference": Reference(cfg, torchvision_dataset(Path(tmp), data_dir), device),
                                  "mnistlab": Mnistlab(data_dir, device, args.warmup, args.batches)}
-        if args.channels_last:
-            paths["mnistlab+channels_last"] = Mnistlab(data_dir, device, args.warmup, args.batches, channels_last=True)
-        if args.compile:
-            paths["mnistlab+compile"] = Mnistlab(data_dir, device, args.warmup, args.batches, compile_=True)
-        if args.no_mkldnn:
-            paths["mnistlab+no_mkldnn"] = Mnistlab(data_dir, device, args.warmup, args.batches, mkldnn=False)
+        cl, comp = {"channels_last": True}, {"compile_": True}
+        for name, wanted, kwargs in [("channels_last", args.channels_last, cl), ("compile", args.compile, comp),
+                                     ("channels_last+compile", args.channels_last and args.compile, cl | comp),
+                                     ("no_mkldnn", args.no_mkldnn, {"mkldnn": False})]:
+            if wanted:
+                paths[f"mnistlab+{name}"] = Mnistlab(data_dir, device, args.warmup, args.batches, **kwargs)
         runs: dict[str, list[float]] = {name: [] for name in paths}
         for r in range(args.repeats):
             for name, path in paths.items():
                 start = time.perf_counter()
                 runs[name].append(path.measure(args.warmup, args.batches))
-                print(f"  repeat {r + 1}  {name:24s} {runs[name][-1]:9.0f} images/s"
+                print(f"  repeat {r + 1}  {name:30s} {runs[name][-1]:9.0f} images/s"
                       f"  ({time.perf_counter() - start:.1f} s with warm-up)", flush=True)
 
     median = {name: statistics.median(v) for name, v in runs.items()}
@@ -192,12 +191,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("median images/s:")
     for name, v in median.items():
         extra = f"  = {EPOCH_IMAGES / v:.2f} s per 50,000-image epoch" if device.type == "cuda" else ""
-        print(f"  {name:24s} {v:9.0f}{extra}")
+        print(f"  {name:30s} {v:9.0f}{extra}")
     print(f"ratio = mnistlab / reference = {ratio:.2f}")
     for name in [n for n in median if n.startswith("mnistlab+")]:
         gain = median[name] / median["mnistlab"]
         verdict = "helped" if gain > 1.02 else "hurt" if gain < 0.98 else "no clear difference"
-        print(f"{name.split('+')[1]}: {gain:.2f} x plain mnistlab ({verdict})")
+        print(f"{name.removeprefix('mnistlab+')}: {gain:.2f} x plain mnistlab ({verdict})")
     figures = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
                "batch_size": BATCH, "batches": args.batches, "warmup": args.warmup, "repeats": args.repeats,
                "images_per_s": runs, "median_images_per_s": median, "ratio": ratio}

@@ -280,14 +280,22 @@ class RunLog:
             if m.epoch not in self.logged:
                 self.epoch(m)
 
-    def _artifacts(self) -> None:
-        for name, path in self.files.items():
-            if path.is_file():
-                self.tracker.log_artifact(self.run_id, path, name)
-        for name in ("best.safetensors", "best.json", "last.pt", "last.pt.sha256"):
-            path = self.checkpoint_dir / name
-            if path.is_file():
-                self.tracker.log_artifact(self.run_id, path, "checkpoints")
+    def _artifacts(self) -> dict[str, str]:
+        """Upload the run's files; a failure is reported (and tagged), the files stay on local disk."""
+        uploads = [(path, name) for name, path in self.files.items()]
+        uploads += [(self.checkpoint_dir / n, "checkpoints")
+                    for n in ("best.safetensors", "best.json", "last.pt", "last.pt.sha256")]
+        missing = []
+        for path, where in uploads:
+            if not path.is_file():
+                continue
+            try:
+                self.tracker.log_artifact(self.run_id, path, where)
+            except Exception as exc:  # an unwritable or unreachable artifact store
+                warnings.warn(f"could not upload {path} to MLflow run {self.run_id} "
+                              f"({type(exc).__name__}: {str(exc)[:200]}); it stays at {path}", stacklevel=2)
+                missing.append(str(path))
+        return {"mnistlab.missing_artifacts": ",".join(missing)[:5000]} if missing else {}
 
     def complete(self, result: Any) -> None:
         """FINISHED, with the test figures and the checkpoints."""
@@ -295,24 +303,30 @@ class RunLog:
         self.tracker.log_metrics(self.run_id, {"test_acc": result.test_acc, "test_loss": result.test_loss,
                                                "best_val_acc": result.best_val_acc,
                                                "best_epoch": result.best_epoch}, step=result.epochs_run)
-        self._artifacts()
-        self._close("FINISHED", {"mnistlab.epochs_run": result.epochs_run})
+        self._close("FINISHED", {"mnistlab.epochs_run": result.epochs_run, **self._artifacts()})
 
     def end(self, exc: BaseException, history: list[Any]) -> None:
         """KILLED for a pruned trial (with its epoch), FAILED with the reason otherwise."""
         self._backfill(history)
         if type(exc).__name__ == "TrialPruned":
-            self._artifacts()
-            self._close("KILLED", {"mnistlab.pruned_at_epoch": history[-1].epoch if history else 0})
+            self._close("KILLED", {"mnistlab.pruned_at_epoch": history[-1].epoch if history else 0,
+                                   **self._artifacts()})
         else:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._close("FAILED", {"mnistlab.fail_reason": reason[:5000]})
 
     def _close(self, status: str, tags: dict[str, Any]) -> None:
+        """End the run; if MLflow is gone, keep what it missed beside the checkpoints and say so."""
         pending = self.tracker.save_pending(self.checkpoint_dir / "mlflow-pending.json")
         if pending is not None:
             warnings.warn(f"MLflow is unreachable; unsent metrics kept in {pending}", stacklevel=2)
-        self.tracker.finish(self.run_id, status, tags)
+        try:
+            self.tracker.finish(self.run_id, status, tags)
+        except Exception as exc:  # the training result must survive a tracking outage
+            note = self.checkpoint_dir / "mlflow-unfinished.json"
+            note.write_text(json.dumps({"run_id": self.run_id, "status": status, "tags": tags}) + "\n")
+            warnings.warn(f"could not end MLflow run {self.run_id} ({type(exc).__name__}); noted in {note}",
+                          stacklevel=2)
 
 
 def yaml_text(raw: dict[str, Any]) -> str:

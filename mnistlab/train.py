@@ -120,8 +120,9 @@ class _Run:
         t = cfg.train
         self.cfg, self.data, self.device = cfg, data, device
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg.model).to(device)
-        self.net = torch.compile(self.model) if (t.compile and device.type == "cuda") else self.model
+        fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.model = build_model(cfg.model).to(device, memory_format=fmt)
+        self.net = torch.compile(self.model) if t.compile else self.model
         self.steps = -(-len(data.train) // t.batch_size)
         self.opt, self.sched = make_optimizer(self.model, t, self.steps)
         self.gen = torch.Generator(device=device)
