@@ -149,23 +149,9 @@ def study_run(
                             epochs=epochs, limit_train=limit_train, limit_eval=limit_eval,
                             tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),
                             heartbeat=heartbeat, threads=threads, verbose=verbose)
-    argv = [a for a in sys.argv[1:] if a not in ("study", "run")]
-    argv = _strip_option(_strip_option(argv, "--workers"), "--threads")
-    code = study.run(cfg, opts, argv)
+    code = study.run(cfg, opts)
     if code:
         raise typer.Exit(code)
-
-
-def _strip_option(argv: list[str], name: str) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
 
 
 def _study(study_file: Path | None, name: str | None, storage: str | None) -> tuple[object, object, tuple]:

@@ -103,7 +103,7 @@ class _StaleTrial:
     """Heartbeat callback: retry the dead worker's trial and fail its MLflow run."""
 
     def __init__(self, tracker: Any) -> None:
-        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
         self.tracker = tracker
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -210,13 +210,28 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
                           recorder=recorder, n_trials=n_trials, verbose=opts.verbose)
     objective.data_for(cfg.trial_config({}, opts.extra()))  # data problems surface before any trial
     progress = Progress(cfg, n_trials, recorder)
+    if opts.heartbeat:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial is retried, not counted
     if n_trials is not None and sum(map(trained, study.get_trials(deepcopy=False))) >= n_trials:
         print(f"study {cfg.name!r} already has {n_trials} trained trials; raise --n-trials to run more")
         return
     study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=(StudyFull,), callbacks=[progress])
 
 
-def spawn_workers(cfg: StudyConfig, opts: RunOptions, argv: list[str]) -> int:
+def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int) -> list[str]:
+    """The `mnistlab study run` arguments of one worker process of ``opts``."""
+    args = [str(cfg.path), "--workers", "1", "--threads", str(threads), "--heartbeat", str(opts.heartbeat),
+            "--artifacts", str(opts.artifacts)]
+    flags = {"--n-trials": opts.n_trials, "--timeout": opts.timeout, "--storage": opts.storage,
+             "--device": opts.device, "--epochs": opts.epochs, "--limit-train": opts.limit_train,
+             "--limit-eval": opts.limit_eval, "--tracking-uri": opts.tracking_uri, "--data-dir": opts.data_dir}
+    for flag, value in flags.items():
+        if value is not None:
+            args += [flag, str(value)]
+    return args + (["--verbose"] if opts.verbose else [])
+
+
+def spawn_workers(cfg: StudyConfig, opts: RunOptions) -> int:
     """Run ``opts.workers`` worker processes on this machine against one storage."""
     import torch
 
@@ -227,7 +242,7 @@ def spawn_workers(cfg: StudyConfig, opts: RunOptions, argv: list[str]) -> int:
         env = dict(os.environ, MNISTLAB_WORKER=str(i))
         if n_gpu:
             env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpu)  # one GPU per worker, round robin
-        cmd = [sys.executable, "-m", "mnistlab", "study", "run", *argv, "--workers", "1", "--threads", str(threads)]
+        cmd = [sys.executable, "-m", "mnistlab", "study", "run", *worker_args(cfg, opts, threads)]
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     return max(codes, key=abs)
@@ -254,7 +269,7 @@ def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Any, storage_ur
     return StudyRecorder(tracker, cfg.name, exp_id, parent, cfg.path)
 
 
-def run(cfg: StudyConfig, opts: RunOptions, argv: list[str]) -> int:
+def run(cfg: StudyConfig, opts: RunOptions) -> int:
     """`mnistlab study run`: check inputs, create or load the study, run the workers, report."""
     from mnistlab import report
     from mnistlab.tracking import Tracker, check_reachable
@@ -281,7 +296,7 @@ def run(cfg: StudyConfig, opts: RunOptions, argv: list[str]) -> int:
     status, code = "FINISHED", 0
     try:
         if opts.workers > 1:
-            code = spawn_workers(cfg, opts, argv)
+            code = spawn_workers(cfg, opts)
         else:
             run_worker(cfg, opts, storage, recorder)
     except KeyboardInterrupt:

@@ -50,7 +50,7 @@ space:
     # widths.1 >= 40 puts every config over 9,000; the smallest possible (40, 4) is 8,900+.
     storage = study.open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat=None)
     with pytest.raises(UserError, match="over the budget"):
-        study.run(cfg, study.RunOptions(n_trials=1, storage=f"sqlite:///{tmp_path / 'o.db'}"), [])
+        study.run(cfg, study.RunOptions(n_trials=1, storage=f"sqlite:///{tmp_path / 'o.db'}"))
     cfg = space.load_study(study_file(tmp_path, """
 max_params: 12000
 enqueue_base: false
@@ -152,3 +152,41 @@ def test_two_workers_on_postgresql_train_exactly_n_trials(pg_url: str) -> None:
     assert numbers == list(range(len(numbers)))  # no gaps, no duplicates
     assert len(trained_numbers(s)) == 4
     assert not [t for t in s.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, mlflow_db: str) -> None:
+    """SIGKILL mid-trial: heartbeats mark it failed, a retry with its params resumes from its epoch."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "mnistlab", "study", "run", str(SMOKE), "--epochs", "3", "--limit-train", "3000",
+            "--limit-eval", "300", "--heartbeat", "1", "--n-trials", "1", "--verbose"]
+    worker = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and time.monotonic() < deadline and worker.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), worker.communicate()[0]
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    time.sleep(4)  # past the grace period of 3 heartbeats
+    proc = run_cli("study", "run", str(SMOKE), "--epochs", "3", "--limit-train", "3000", "--limit-eval", "300",
+                   "--heartbeat", "1", "--n-trials", "1", "--verbose")
+    assert proc.returncode == 0, proc.stderr
+    assert "Resuming from" in proc.stdout and "after epoch" in proc.stdout
+    s = study.load("smoke", study.open_storage(None, heartbeat=None))
+    dead, retry = s.trials
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.params == dead.params and retry.user_attrs["root_trial"] == 0
+    assert retry.user_attrs["epochs_run"] == 3
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_db)
+    dead_run = client.get_run(dead.user_attrs["mlflow_run_id"])
+    retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert dead_run.info.status == "FAILED" and "heartbeats" in dead_run.data.tags["mnistlab.fail_reason"]
+    assert retry_run.data.tags["mnistlab.retry_of_run"] == dead_run.info.run_id
+    steps = [m.step for m in client.get_metric_history(retry_run.info.run_id, "val_acc")]
+    assert sorted(steps) == [1, 2, 3]  # epoch 1 came from the checkpoint, logged once
