@@ -103,9 +103,9 @@ def mlflow_server(tmp_path: Path, _mlflow_template: Path) -> Iterator[str]:
 
 def _pg_available() -> bool:
     try:
-        import psycopg2
+        import psycopg
 
-        psycopg2.connect(PG_ADMIN, connect_timeout=3).close()
+        psycopg.connect(PG_ADMIN, connect_timeout=3).close()
         return True
     except Exception:
         return False
@@ -114,19 +114,18 @@ def _pg_available() -> bool:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A new, empty PostgreSQL database on the local server; dropped afterwards."""
-    import psycopg2
+    import psycopg
 
     if not _pg_available():
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN}")
         pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN}")
     name = f"mnistlab_test_{uuid.uuid4().hex[:10]}"
-    con = psycopg2.connect(PG_ADMIN)
-    con.autocommit = True
-    con.cursor().execute(f"CREATE DATABASE {name}")
+    with psycopg.connect(PG_ADMIN, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
     yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    con.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    con.close()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as con:
+        con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
