@@ -74,10 +74,8 @@ def serve_ui(uri: str | None, host: str, port: int) -> int:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
            "--port", str(port), "--workers", "1"]
     print(f"MLflow UI: http://{host}:{port}  (store {mask(uri)}; Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+    os.execv(sys.executable, cmd)  # the server takes this process over: signals reach it directly
+    return 1  # not reached
 
 
 def environment() -> dict[str, Any]:
@@ -265,9 +263,14 @@ class RunLog:
         run_id = tracker.start_run(experiment_id, name, tags, parent)
         tracker.log_params(run_id, {**flatten(cfg.to_dict()), **(params or {}),
                                     "param_count": n_params, "device": device})
-        tracker.log_text(run_id, yaml_text(cfg.to_dict()), "config.yaml")
-        tracker.log_text(run_id, summary(cfg.model) + "\n", "model_summary.txt")
-        tracker.log_text(run_id, json.dumps(environment(), indent=2) + "\n", "environment.json")
+        texts = {"config.yaml": yaml_text(cfg.to_dict()), "model_summary.txt": summary(cfg.model) + "\n",
+                 "environment.json": json.dumps(environment(), indent=2) + "\n"}
+        try:
+            for name, text in texts.items():
+                tracker.log_text(run_id, text, name)
+        except Exception as exc:  # an unwritable artifact store must not stop the training
+            warnings.warn(f"MLflow cannot store artifacts of run {run_id} ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); checkpoints stay in {checkpoint_dir}", stacklevel=2)
         return cls(tracker, run_id, checkpoint_dir, files or {})
 
     def epoch(self, m: Any) -> None:

@@ -151,3 +151,39 @@ def test_a_short_server_outage_loses_no_metric(tmp_path: Path, _mlflow_template:
         trainer.kill()
         stop(server)
 
+
+
+def test_an_unwritable_artifact_store_warns_and_keeps_the_results(mlflow_db: str, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the artifact folder should be")
+    client = MlflowClient(mlflow_db)
+    client.create_experiment("eva4-s4", artifact_location=str(blocker / "artifacts"))
+    proc = run_cli("train", str(EXP), "--epochs", "1", "--limit-train", "300", "--limit-eval", "100",
+                   "--output", "run1")
+    assert proc.returncode == 0, proc.stderr
+    assert "could not upload" in proc.stderr and "it stays at" in proc.stderr
+    (run,) = client.search_runs([client.get_experiment_by_name("eva4-s4").experiment_id])
+    assert run.info.status == "FINISHED" and "best.safetensors" in run.data.tags["mnistlab.missing_artifacts"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
+    assert (tmp_path / "run1" / "checkpoints" / "best.safetensors").is_file()
+
+
+def test_ui_serves_the_store_on_loopback(mlflow_db: str) -> None:
+    from conftest import free_port
+
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "mnistlab", "ui", "--port", str(port)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    try:
+        first = ui.stdout.readline()
+        assert first.startswith(f"MLflow UI: http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                names = [e.name for e in MlflowClient(f"http://127.0.0.1:{port}").search_experiments()]
+                break
+            except Exception:
+                time.sleep(1)
+        assert "Default" in names  # the same store, served over HTTP
+    finally:
+        stop(ui)
