@@ -110,7 +110,10 @@ class _StaleTrial:
         self.retry(study, trial)  # the copy is linked to this one by Optuna's "failed_trial" attr
         run_id = trial.user_attrs.get("mlflow_run_id")
         if self.tracker is not None and run_id:
-            self.tracker.finish(run_id, "FAILED", {"mnistlab.fail_reason": "worker stopped sending heartbeats"})
+            try:
+                self.tracker.finish(run_id, "FAILED", {"mnistlab.fail_reason": "worker stopped sending heartbeats"})
+            except Exception as exc:  # the retry matters more than the dead run's status
+                warnings.warn(f"could not mark MLflow run {run_id} FAILED ({type(exc).__name__})", stacklevel=2)
 
 
 def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
