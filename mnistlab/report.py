@@ -50,6 +50,7 @@ def history(done: list[optuna.trial.FrozenTrial], path: Path) -> Path:
     ax.scatter(numbers, accs, s=18, label="trial")
     ax.step(numbers, best, where="post", color="C3", label="best so far")
     ax.set(xlabel="trial", ylabel="best validation accuracy (%)", title="Optimisation history")
+    _integer_x(ax)
     ax.legend()
     return _save(fig, path)
 
@@ -99,8 +100,15 @@ def learning_curves(done: list[optuna.trial.FrozenTrial], recorder: Any, path: P
             steps, values = zip(*sorted(points), strict=True)
             ax.plot(steps, values, marker=".", label=f"trial {t.number}")
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=f"Learning curves of the top {len(best)}")
+    _integer_x(ax)
     ax.legend()
     return _save(fig, path)
+
+
+def _integer_x(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and trial numbers are whole
 
 
 def _save(fig: Any, path: Path) -> Path:
