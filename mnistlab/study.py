@@ -281,8 +281,9 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
             and cfg.target is None:
         raise UserError(f"{cfg.path}: give n_trials, timeout or target (or --n-trials / --timeout)")
     cfg.trial_config({}, opts.extra())  # the CLI overrides must make a valid config
-    if cfg.smallest_params() > cfg.max_params:
-        raise UserError(f"{cfg.path}: the smallest network in the space has {cfg.smallest_params():,} "
+    smallest = cfg.smallest_params()
+    if smallest > cfg.max_params:
+        raise UserError(f"{cfg.path}: the smallest network in the space has {smallest:,} "
                         f"params, over the budget of {cfg.max_params:,}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it once
     url = storage_url(opts.storage)
