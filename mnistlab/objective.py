@@ -103,6 +103,21 @@ def trained(t: optuna.trial.FrozenTrial) -> bool:
     return bool(t.user_attrs.get("trained")) and t.state in (*FINISHED, TrialState.RUNNING)
 
 
+def state_label(t: optuna.trial.FrozenTrial) -> str:
+    """The trial's state, with OVER_BUDGET and SKIPPED for pruned trials that never trained."""
+    if t.state == TrialState.PRUNED and not t.user_attrs.get("trained"):
+        return "OVER_BUDGET" if "over budget" in t.user_attrs.get("reason", "") else "SKIPPED"
+    return t.state.name
+
+
+def best_trial(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
+    """Highest validation accuracy among completed trials (fewest params breaks ties)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and "best_val_acc" in t.user_attrs]
+    if not done:
+        return None
+    return max(done, key=lambda t: (t.user_attrs["best_val_acc"], -t.user_attrs.get("param_count", 0)))
+
+
 def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait: float = 10.0) -> None:
     """Take one of the study's ``n_trials`` training slots, exactly, even with many workers.
 

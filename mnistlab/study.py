@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnistlab.errors import UserError
-from mnistlab.objective import Objective, StudyFull, trained
+from mnistlab.objective import Objective, StudyFull, best_trial, state_label, trained
 from mnistlab.space import StudyConfig, make_pruner, make_sampler
 from mnistlab.tracking import mask
 
@@ -168,30 +168,19 @@ class Progress:
             study.stop()
 
     def line(self, t: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial], n_trained: int) -> str:
-        state = t.state.name
-        if t.state == TrialState.PRUNED and not t.user_attrs.get("trained"):
-            state = "OVER BUDGET" if "over budget" in t.user_attrs.get("reason", "") else "SKIPPED"
+        state = state_label(t)
         acc = t.user_attrs.get("best_val_acc")
         parts = [f"trial {t.number:>3} {state:<11}", f"params {t.user_attrs.get('param_count', 0):>6,}",
                  f"val {acc:6.2f}%" if acc is not None else "val    -  "]
         total = f"/{self.n_trials}" if self.n_trials else ""
         parts.append(f"trained {n_trained}{total}")
-        best = best_trial(trials, self.cfg.objectives)
+        best = best_trial(trials)
         if best is not None:
             parts.append(f"best {best.user_attrs.get('best_val_acc', 0):.2f}% (trial {best.number})")
         if self.n_trials and self.done_here:
             per = (time.monotonic() - self.start) / self.done_here
             parts.append(f"ETA {_duration(per * max(0, self.n_trials - n_trained))}")
         return " | ".join(parts)
-
-
-def best_trial(trials: list[optuna.trial.FrozenTrial], objectives: tuple[str, ...] | list[str]
-               ) -> optuna.trial.FrozenTrial | None:
-    """Highest validation accuracy among completed trials (fewest params breaks ties)."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and "best_val_acc" in t.user_attrs]
-    if not done:
-        return None
-    return max(done, key=lambda t: (t.user_attrs["best_val_acc"], -t.user_attrs.get("param_count", 0)))
 
 
 def _duration(seconds: float) -> str:
@@ -321,14 +310,12 @@ def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -
     import pandas as pd
 
     trials = study.get_trials(deepcopy=False)
-    best = best_trial(trials, objectives)
+    best = best_trial(trials)
     front = {t.number for t in study.best_trials} if len(objectives) > 1 else set()
     rows = []
     for t in trials:
         a = t.user_attrs
-        state = t.state.name
-        if t.state == TrialState.PRUNED and not a.get("trained"):
-            state = "OVER_BUDGET" if "over budget" in a.get("reason", "") else "SKIPPED"
+        state = state_label(t)
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
             t.datetime_start else None
         row = {"number": t.number, "state": state, "param_count": a.get("param_count"),
@@ -356,7 +343,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> Any:
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         trials = study.get_trials(deepcopy=False)
-        best = best_trial(trials, [d.name for d in summary.directions])
+        best = best_trial(trials)
         states = [t.state.name for t in trials]
         rows.append({"study": summary.study_name, "objectives": ",".join(study.user_attrs.get("objectives", [])),
                      "trials": len(trials), "complete": states.count("COMPLETE"),

@@ -357,19 +357,17 @@ class StudyRecorder:
 
     def summary(self, study: Any, trials: list[Any]) -> None:
         """Counts by state and the best trial so far, on the parent run (step = trials finished)."""
+        from mnistlab.objective import best_trial, state_label
+
         counts = {"n_complete": 0, "n_pruned": 0, "n_over_budget": 0, "n_failed": 0, "n_running": 0}
         for t in trials:
-            name = t.state.name.lower()
-            if name == "pruned" and not t.user_attrs.get("trained"):
-                name = "over_budget" if "over budget" in t.user_attrs.get("reason", "") else "failed"
-            key = f"n_{name}" if f"n_{name}" in counts else "n_failed"
-            counts[key] += 1
+            key = f"n_{state_label(t).lower()}"
+            counts[key if key in counts else "n_failed"] += 1  # skipped, failed, waiting
         finished = sum(1 for t in trials if t.state.is_finished())
-        done = [t for t in trials if t.state.name == "COMPLETE" and "best_val_acc" in t.user_attrs]
         values = dict(counts)
         tags = {}
-        if done:
-            best = max(done, key=lambda t: (t.user_attrs["best_val_acc"], -t.user_attrs.get("param_count", 0)))
+        best = best_trial(trials)
+        if best is not None:
             values["best_val_acc"] = best.user_attrs["best_val_acc"]
             tags = {"mnistlab.best_trial": best.number, "mnistlab.best_run": best.user_attrs.get("mlflow_run_id")}
         try:
