@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -215,6 +215,84 @@ def study_report(
         if recorder is not None:
             tracker.log_artifact(parent, path, "plots")
         print(f"wrote {path}")
+
+
+@app.command("best")
+def best(
+    study_file: StudyFile = None, name: StudyName = None, storage: Storage = None,
+    min_accuracy: Annotated[float | None, typer.Option(
+        min=0, max=100, help="Fewest params among trials with at least this validation accuracy (%).")] = None,
+    max_params: Annotated[int | None, typer.Option(
+        min=1, help="Highest validation accuracy among trials with at most N params.")] = None,
+    export: Annotated[Path | None, typer.Option(
+        help="Write the model here: safetensors, TorchScript, ONNX, config.json, MODEL_CARD.md.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty --export folder.")] = False,
+    register: Annotated[bool, typer.Option(
+        help="With --export, also register the model in MLflow as models:/STUDY@best.")] = True,
+    tracking_uri: TrackingUri = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Print a study's best trial; with --export, deliver its model, verified in every format."""
+    from mnistlab import export as ex
+    from mnistlab import study as st
+    from mnistlab.tracking import Tracker, check_reachable
+
+    loaded, _, objectives = _study(study_file, name, storage)
+    choice = ex.pick(loaded, objectives, min_accuracy, max_params)
+    print(ex.describe(choice))
+    if export is None:
+        return
+    recorded = loaded.user_attrs.get(st.TRACKING_ATTR)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (
+        recorded if recorded and "***" not in recorded else None)
+    tracker = Tracker(uri)
+    check_reachable(tracker.uri)
+    done = ex.export(choice, loaded, export, force=force, tracker=tracker if tracker.known() else None,
+                     data_dir=data_dir)
+    formats = ", ".join(f"{k} {v:.2f}%" for k, v in done.accuracies.items())
+    print(f"exported to {done.folder}: test accuracy {done.test_acc:.2f}% on {done.info['test_images']:,} "
+          f"images, the same from every format ({formats})")
+    if register:
+        _register(tracker, loaded, done, data_dir)
+
+
+def _register(tracker: Any, loaded: Any, done: Any, data_dir: Path | None) -> None:
+    from mnistlab import export as ex
+    from mnistlab import study as st
+    from mnistlab.tracking import register_model
+
+    run_id = done.info["mlflow_run_id"]
+    if not run_id or not tracker.has_run(run_id):
+        raise UserError(f"exported to {done.folder}, but MLflow at {tracker.uri} has no run "
+                        f"{run_id}: pass the study's --tracking-uri, or --no-register")
+    example = ex.test_pixels(data_dir)[0][:2]  # two real test digits
+    try:
+        version = register_model(tracker, loaded.study_name, run_id, loaded.user_attrs.get(st.EXPERIMENT_ATTR),
+                                 done.folder / ex.ONNX, example,
+                                 {"mnistlab.trial": done.info["trial"], "test_acc": done.test_acc,
+                                  "params": done.info["params"]})
+    except Exception as exc:
+        raise UserError(f"exported to {done.folder}, but registering in MLflow failed "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    print(f"registered models:/{loaded.study_name}@best (version {version}) in MLflow at {tracker.uri}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `mnistlab best --export`.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Re-measure an exported model's test accuracy from its files alone, in every format."""
+    from mnistlab import export as ex
+
+    result = ex.evaluate_folder(folder, data_dir)
+    recorded = result["info"]["test_acc"]
+    for name, acc in result["accuracies"].items():
+        print(f"{name:>12}: {acc:.2f}% on {result['test_images']:,} test images")
+    measured = result["accuracies"]["safetensors"]
+    if abs(measured - recorded) > 1e-9:
+        raise UserError(f"{folder}: re-measured {measured:.2f}% but config.json records {recorded:.2f}%")
+    print(f"matches the recorded {recorded:.2f}%")
 
 
 @app.command("ui")

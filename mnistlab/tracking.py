@@ -119,10 +119,32 @@ class Tracker:
     def client(self) -> Any:
         """The MlflowClient, made on first use (making it creates a local store's database)."""
         if self._client is None:
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # mnistlab says what it did
             from mlflow import MlflowClient
 
             self._client = MlflowClient(self.uri)
         return self._client
+
+    def known(self) -> bool:
+        """False for a local store that does not exist yet (using it would create it)."""
+        parts = urlsplit(self.uri)
+        if parts.scheme == "sqlite":
+            path = self.uri.split("sqlite:///", 1)[-1]
+            return path in ("", ":memory:") or Path(path).is_file()
+        if parts.scheme == "file":
+            return Path(parts.path).is_dir()
+        return True
+
+    def has_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        if not self.known():
+            return False
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
 
     # -- experiments and runs ------------------------------------------------------------
     def experiment(self, name: str) -> str:
@@ -238,6 +260,18 @@ class Tracker:
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) pairs of one metric of a run."""
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+    def download_checkpoints(self, run_id: str, into: Path) -> Path | None:
+        """The ``checkpoints/`` artifacts of a run, downloaded into ``into``; None if it has none."""
+        try:
+            into.mkdir(parents=True, exist_ok=True)
+            return Path(self.client.download_artifacts(run_id, "checkpoints", str(into)))
+        except Exception:  # no such artifacts, or the store is unreachable: the caller says what is missing
+            return None
 
     def finish(self, run_id: str, status: str, tags: dict[str, Any] | None = None) -> None:
         """End a run as FINISHED, KILLED or FAILED."""
@@ -378,4 +412,49 @@ class StudyRecorder:
             warnings.warn(f"could not update the study summary in MLflow ({type(exc).__name__})", stacklevel=2)
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        return [(m.step, m.value) for m in self.tracker.client.get_metric_history(run_id, key)]
+        return self.tracker.metric_history(run_id, key)
+
+
+REGISTRY_ALIAS = "best"
+
+
+def register_model(tracker: Tracker, name: str, run_id: str | None, experiment_id: str | None, onnx_file: Path,
+                   example: Any, tags: dict[str, Any]) -> int:
+    """Register an exported model as ``models:/NAME@best``: a pyfunc that maps pixels to digits.
+
+    The pyfunc is MLflow's "model from code" (``mnistlab/serving.py``) over the ONNX file, so
+    loading it needs MLflow, numpy and onnxruntime only. Returns the new version number.
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]))
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # mnistlab prints the outcome itself
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracker.uri)
+    mlflow.set_registry_uri(tracker.uri)
+    try:
+        if experiment_id:
+            mlflow.set_experiment(experiment_id=experiment_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MLflow's advice on pinning requirements: they are pinned here
+            info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
+                             python_model=str(Path(__file__).with_name("serving.py")),
+                             artifacts={"onnx": str(onnx_file)}, signature=signature, input_example=example,
+                             pip_requirements=[f"mlflow=={metadata.version('mlflow')}",
+                                               f"onnxruntime=={metadata.version('onnxruntime')}",
+                                               f"numpy=={metadata.version('numpy')}"],
+                             registered_model_name=name, await_registration_for=60)
+        version = int(info.registered_model_version)
+        tracker.client.set_registered_model_alias(name, REGISTRY_ALIAS, str(version))
+        for key, value in tags.items():
+            tracker.client.set_model_version_tag(name, str(version), key, str(value))
+        return version
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])

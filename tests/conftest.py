@@ -128,7 +128,8 @@ def pg_url() -> Iterator[str]:
         con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`mnistlab ARGS` in a real subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "mnistlab", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=cwd)

@@ -1,0 +1,479 @@
+"""The winning model out of a study: pick it, export it in every format, verify before it lands.
+
+``pick`` chooses a trial by the study's objectives. ``export`` rebuilds that trial's
+best-validation-epoch weights, writes safetensors, TorchScript, ONNX, ``config.json`` and
+``MODEL_CARD.md`` into a temporary folder, re-measures the test set from each format, and
+moves the folder into place only when all three agree on every prediction.
+
+Exported TorchScript and ONNX models take pixels in [0, 1] (``uint8 / 255``) shaped
+(N, 1, 28, 28) and normalise inside; they return log-probabilities (N, 10).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from mnistlab import checkpoint, data
+from mnistlab.config import ExperimentConfig, from_dict
+from mnistlab.errors import UserError
+from mnistlab.model import build_model, count_params, summary
+
+FORMAT = "mnistlab-export/1"
+WEIGHTS, CONFIG, TORCHSCRIPT, ONNX, CARD, CURVES = (
+    "model.safetensors", "config.json", "model.torchscript.pt", "model.onnx", "MODEL_CARD.md", "learning_curves.png")
+INPUT = {"name": "images", "shape": [None, 1, 28, 28], "dtype": "float32",
+         "range": "pixels in [0, 1] (uint8 / 255); the TorchScript and ONNX models normalise inside",
+         "mean": data.MEAN, "std": data.STD}
+OUTPUT = {"name": "log_probs", "shape": [None, 10], "dtype": "float32", "meaning": "log-softmax over digits 0-9"}
+
+
+# -- picking -----------------------------------------------------------------------------------
+
+@dataclass
+class Choice:
+    """The picked trial, the rule that picked it, and (for two objectives) the Pareto front."""
+
+    trial: optuna.trial.FrozenTrial
+    rule: str
+    front: list[optuna.trial.FrozenTrial] = field(default_factory=list)
+
+
+def candidates(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed, trained trials within the study's budget, with their figures recorded."""
+    budget = study.user_attrs.get("max_params")
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state == TrialState.COMPLETE and t.user_attrs.get("trained")
+            and "best_val_acc" in t.user_attrs and "param_count" in t.user_attrs
+            and (budget is None or t.user_attrs["param_count"] <= budget)]
+
+
+def pareto(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Trials no other trial beats on both validation accuracy and size, smallest first."""
+    front = [t for t in trials if not any(
+        _acc(o) >= _acc(t) and _size(o) <= _size(t) and (_acc(o), _size(o)) != (_acc(t), _size(t))
+        for o in trials)]
+    return sorted(front, key=lambda t: (_size(t), -_acc(t), t.number))
+
+
+def pick(study: optuna.Study, objectives: tuple[str, ...] | list[str], min_accuracy: float | None = None,
+         max_params: int | None = None) -> Choice:
+    """The trial to export.
+
+    With ``min_accuracy``: the fewest parameters among trials at or above it. Otherwise the
+    highest validation accuracy (among trials with at most ``max_params`` when given). Ties go
+    to the smaller network, then to the earlier trial.
+    """
+    pool = candidates(study)
+    name = study.study_name
+    if not pool:
+        raise UserError(f"study {name!r} has no completed trials to pick from")
+    front = pareto(pool) if len(objectives) > 1 else []
+    if max_params is not None:
+        best_size = min(map(_size, pool))
+        pool = [t for t in pool if _size(t) <= max_params]
+        if not pool:
+            raise UserError(f"study {name!r}: no completed trial has at most {max_params:,} params "
+                            f"(the smallest has {best_size:,})")
+    if min_accuracy is not None:
+        best_acc = max(map(_acc, pool))
+        pool = [t for t in pool if _acc(t) >= min_accuracy]
+        if not pool:
+            raise UserError(f"study {name!r}: no completed trial reaches {min_accuracy}% validation accuracy"
+                            + (f" with at most {max_params:,} params" if max_params is not None else "")
+                            + f" (the best is {best_acc:.2f}%)")
+        chosen = min(pool, key=lambda t: (_size(t), -_acc(t), t.number))
+        rule = f"fewest params at >= {min_accuracy}% validation accuracy"
+    else:
+        chosen = min(pool, key=lambda t: (-_acc(t), _size(t), t.number))
+        rule = "highest validation accuracy" + (f" with <= {max_params:,} params" if max_params is not None else "")
+    return Choice(chosen, rule, front)
+
+
+def _acc(t: optuna.trial.FrozenTrial) -> float:
+    return float(t.user_attrs["best_val_acc"])
+
+
+def _size(t: optuna.trial.FrozenTrial) -> int:
+    return int(t.user_attrs["param_count"])
+
+
+def describe(choice: Choice) -> str:
+    """What `mnistlab best` prints: the front (two objectives), then the chosen trial."""
+    lines = []
+    if choice.front:
+        lines.append("Pareto front (validation accuracy against params):")
+        for t in choice.front:
+            mark = "*" if t.number == choice.trial.number else " "
+            lines.append(f" {mark} trial {t.number:>4}  {_size(t):>7,} params  val {_acc(t):.2f}%  "
+                         f"test {t.user_attrs.get('test_acc', float('nan')):.2f}%")
+        lines.append("")
+    t = choice.trial
+    a = t.user_attrs
+    lines.append(f"best trial: {t.number} ({choice.rule})")
+    lines.append(f"  params:          {_size(t):,}")
+    lines.append(f"  validation acc:  {_acc(t):.2f}% (epoch {a.get('best_epoch')} of {a.get('epochs_run')})")
+    lines.append(f"  test acc:        {a.get('test_acc', float('nan')):.2f}%")
+    for key in sorted(t.params):
+        lines.append(f"  {key + ':':<17}{t.params[key]}")
+    lines.append(f"  MLflow run:      {a.get('mlflow_run_id', '-')}")
+    lines.append(f"  checkpoint:      {a.get('checkpoint_dir', '-')}")
+    return "\n".join(lines)
+
+
+# -- the weights of a trial -------------------------------------------------------------------
+
+def trial_weights(trial: optuna.trial.FrozenTrial, tracker: Any, scratch: Path
+                  ) -> tuple[ExperimentConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """The trial's best-epoch weights and config, checksum- and shape-verified.
+
+    Read from the trial's checkpoint folder; where that is gone (another machine), from the
+    checkpoints its MLflow run stored.
+    """
+    folder = Path(trial.user_attrs.get("checkpoint_dir", ""))
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not (folder / checkpoint.BEST).is_file() and run_id and tracker is not None:
+        folder = tracker.download_checkpoints(run_id, scratch) or folder
+    if not (folder / checkpoint.BEST).is_file():
+        raise UserError(f"trial {trial.number}: checkpoint missing ({folder / checkpoint.BEST} does not exist"
+                        + (f" and MLflow run {run_id} has no checkpoints/{checkpoint.BEST}" if run_id else "") + ")")
+    weights, meta = checkpoint.load_best(folder)
+    cfg = from_dict(meta.get("config"), f"{folder / checkpoint.BEST_META}")
+    n_params = count_params(cfg.model)
+    if n_params != trial.user_attrs.get("param_count", n_params):
+        raise UserError(f"{folder / checkpoint.BEST_META}: its config has {n_params:,} params, "
+                        f"trial {trial.number} recorded {trial.user_attrs['param_count']:,}")
+    net = build_model(cfg.model)
+    try:
+        net.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(f"{folder / checkpoint.BEST}: weights do not match their config "
+                        f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    return cfg, weights, meta
+
+
+# -- the export --------------------------------------------------------------------------------
+
+class Classifier(torch.nn.Module):
+    """The exported graph: normalise pixels in [0, 1], then the network."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(data.MEAN))
+        self.register_buffer("std", torch.tensor(data.STD))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images - self.mean) / self.std)
+
+
+def test_pixels(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The 10,000 test images as float32 pixels in [0, 1], (N, 1, 28, 28), and their labels."""
+    root = data_dir or data.default_data_dir()
+    if not (root / data.CACHE_FILE).exists():
+        print(f"building the MNIST cache in {root} (once)", flush=True)
+        data.prepare(root)
+    x, y = data.load_arrays(root)["test"]
+    return (x.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0), y.astype(np.int64)
+
+
+def _batched(fn: Any, x: np.ndarray, batch: int = 1000) -> np.ndarray:
+    return np.concatenate([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def outputs(folder: Path, cfg: ExperimentConfig, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Log-probabilities of every image from each exported file, loaded the way a user loads it."""
+    import onnxruntime as ort
+    from safetensors.torch import load_file
+
+    net = build_model(cfg.model)
+    net.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
+    eager = Classifier(net).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated in favour of torch.export
+        script = torch.jit.load(str(folder / TORCHSCRIPT), map_location="cpu").eval()
+    session = ort.InferenceSession(str(folder / ONNX), providers=["CPUExecutionProvider"])
+
+    def torch_fn(model: Any) -> Any:
+        def run(chunk: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(chunk)).numpy()
+        return run
+
+    return {"safetensors": _batched(torch_fn(eager), x), "torchscript": _batched(torch_fn(script), x),
+            "onnx": _batched(lambda chunk: session.run(None, {INPUT["name"]: chunk})[0], x)}
+
+
+def agreement(out: dict[str, np.ndarray], y: np.ndarray) -> dict[str, float]:
+    """Each format's test accuracy; UserError if the formats disagree on any prediction."""
+    preds = {name: o.argmax(1) for name, o in out.items()}
+    ref_name, ref = next(iter(preds.items()))
+    for name, p in preds.items():
+        differ = int((p != ref).sum())
+        if differ:
+            raise UserError(f"export check failed: {name} and {ref_name} disagree on {differ} of {len(y):,} "
+                            "test images")
+    gap = max(float(np.abs(o - out[ref_name]).max()) for o in out.values())
+    if gap > 1e-3:
+        raise UserError(f"export check failed: outputs of the formats differ by up to {gap:.2g}")
+    return {name: round(100.0 * float((p == y).mean()), 4) for name, p in preds.items()}
+
+
+def _write_model_files(folder: Path, cfg: ExperimentConfig, weights: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / WEIGHTS))
+    net = build_model(cfg.model)
+    net.load_state_dict(weights, strict=True)
+    model = Classifier(net).eval()
+    example = torch.rand(2, 1, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript and the exporter announce their own futures
+        with torch.inference_mode():
+            torch.jit.save(torch.jit.trace(model, example), str(folder / TORCHSCRIPT))
+        torch.onnx.export(model, (example,), str(folder / ONNX), dynamo=True, external_data=False, verbose=False,
+                          input_names=[INPUT["name"]], output_names=[OUTPUT["name"]],
+                          dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for pkg in ("mnistlab", "torch", "onnx", "onnxruntime", "safetensors", "numpy", "optuna", "mlflow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+@dataclass
+class Exported:
+    """What `mnistlab best --export` reports."""
+
+    folder: Path
+    test_acc: float
+    accuracies: dict[str, float]
+    info: dict[str, Any]
+
+
+def _prepare_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export folder {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"export folder {out}: exists and is not empty (use --force to replace it)")
+    parent = out.parent
+    if not parent.is_dir():
+        raise UserError(f"export folder {out}: its parent {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"export folder {out}: {parent} is not writable")
+
+
+def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = False, tracker: Any = None,
+           data_dir: Path | None = None) -> Exported:
+    """Write the picked trial's model into ``out``: all of it, checked, or nothing."""
+    from mnistlab.tracking import environment
+
+    out = out.resolve()
+    _prepare_target(out, force)
+    trial = choice.trial
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"export folder {out}: cannot write in {out.parent} ({exc.strerror})") from None
+    try:
+        cfg, weights, meta = trial_weights(trial, tracker, tmp / ".download")
+        shutil.rmtree(tmp / ".download", ignore_errors=True)
+        _write_model_files(tmp, cfg, weights)
+        x, y = test_pixels(data_dir)
+        accuracies = agreement(outputs(tmp, cfg, x), y)
+        test_acc = accuracies["safetensors"]
+        a = trial.user_attrs
+        curves = _learning_curves(trial, tracker, tmp / CURVES)
+        files = [WEIGHTS, TORCHSCRIPT, ONNX] + ([CURVES] if curves else [])
+        info = {
+            "format": FORMAT,
+            "study": study.study_name,
+            "trial": trial.number,
+            "mlflow_run_id": a.get("mlflow_run_id"),
+            "params": count_params(cfg.model),
+            "val_acc": meta.get("val_acc", a.get("best_val_acc")),
+            "best_epoch": meta.get("epoch", a.get("best_epoch")),
+            "epochs_run": a.get("epochs_run"),
+            "test_acc": test_acc,
+            "test_images": int(len(y)),
+            "trial_test_acc": a.get("test_acc"),
+            "trial_test_images": cfg.data.limit_eval or data.SIZES["test"],
+            "picked_by": choice.rule,
+            "input": INPUT,
+            "output": OUTPUT,
+            "files": {name: data.sha256(tmp / name) for name in files},
+            "config": cfg.to_dict(),
+            "git_commit": environment()["git_commit"],
+            "versions": _versions(),
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / CARD).write_text(model_card(info, cfg, accuracies, curves))
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Exported(out, test_acc, accuracies, info)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder over ``out``; an old ``out`` is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _learning_curves(trial: optuna.trial.FrozenTrial, tracker: Any, path: Path) -> bool:
+    """The trial's per-epoch accuracy from MLflow (or its checkpoint); False when neither has it."""
+    from mnistlab.report import _pyplot, _save
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if tracker is not None and run_id:
+        try:
+            series = {k: tracker.metric_history(run_id, k) for k in ("train_acc", "val_acc")}
+        except Exception:  # an unreachable server: fall back to the checkpoint
+            series = {}
+    if not any(series.values()):
+        last = Path(trial.user_attrs.get("checkpoint_dir", "")) / checkpoint.LAST
+        if checkpoint.verified(last):
+            history = checkpoint.load_state(last)["history"]
+            series = {k: [(m["epoch"], m[k]) for m in history] for k in ("train_acc", "val_acc")}
+    if not any(series.values()):
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_acc", "train"), ("val_acc", "validation")):
+        if series.get(key):
+            steps, values = zip(*sorted(series[key]), strict=True)
+            ax.plot(steps, values, marker=".", label=label)
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Trial {trial.number}")
+    ax.legend()
+    _save(fig, path)
+    return True
+
+
+def model_card(info: dict[str, Any], cfg: ExperimentConfig, accuracies: dict[str, float], curves: bool) -> str:
+    """MODEL_CARD.md: what the model is, how good, how to load each file."""
+    m = cfg.model
+    acc = " / ".join(f"{k} {v:.2f}%" for k, v in accuracies.items())
+    lines = [
+        f"# {info['study']}: trial {info['trial']}",
+        "",
+        f"A {info['params']:,}-parameter MNIST classifier found by the mnistlab study `{info['study']}` "
+        f"(picked by {info['picked_by']}).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {info['params']:,} |",
+        f"| validation accuracy | {info['val_acc']:.2f}% (epoch {info['best_epoch']} of {info['epochs_run']}) |",
+        f"| test accuracy (re-measured at export) | {info['test_acc']:.2f}% on {info['test_images']:,} images |",
+        f"| test accuracy per format | {acc} |",
+        f"| test accuracy recorded by the trial | {info['trial_test_acc']}% on {info['trial_test_images']:,} images |",
+        f"| widths | {list(m.widths)} |",
+        f"| dropout | {m.dropout} |",
+        f"| learning rate | {cfg.train.lr} ({cfg.train.schedule}, {cfg.train.optimizer}) |",
+        f"| MLflow run | {info['mlflow_run_id']} |",
+        f"| git commit | {info['git_commit']} |",
+        "",
+        "The weights are those of the trial's best validation epoch. Validation picked them; the",
+        "test set was never used for a choice.",
+        "",
+    ]
+    if curves:
+        lines += [f"![learning curves]({CURVES})", ""]
+    lines += [
+        "## Network", "", "```", summary(m), "```", "",
+        "## Input and output", "",
+        "Images are float32 tensors shaped (N, 1, 28, 28) holding pixels in [0, 1] (`uint8 / 255`).",
+        f"`{TORCHSCRIPT}` and `{ONNX}` normalise inside (mean {data.MEAN}, std {data.STD}) and return",
+        "log-probabilities (N, 10); the digit is their argmax. The network in `model.safetensors` takes",
+        "normalised images: `(pixels - 0.1307) / 0.3081`.",
+        "",
+        "## Loading", "",
+        "ONNX Runtime (no PyTorch needed):", "",
+        "```python",
+        "import numpy as np, onnxruntime as ort",
+        f"session = ort.InferenceSession(\"{ONNX}\")",
+        "pixels = np.zeros((1, 1, 28, 28), np.float32)  # your images, values in [0, 1]",
+        "digits = session.run(None, {\"images\": pixels})[0].argmax(1)",
+        "```", "",
+        "TorchScript (PyTorch only):", "",
+        "```python",
+        "import torch",
+        f"model = torch.jit.load(\"{TORCHSCRIPT}\").eval()",
+        "digits = model(torch.zeros(1, 1, 28, 28)).argmax(1)",
+        "```", "",
+        "safetensors (the architecture from mnistlab, no pickle):", "",
+        "```python",
+        "import json, torch",
+        "from safetensors.torch import load_file",
+        "from mnistlab.config import from_dict",
+        "from mnistlab.model import build_model",
+        f"cfg = from_dict(json.load(open(\"{CONFIG}\"))[\"config\"])",
+        "net = build_model(cfg.model)",
+        f"net.load_state_dict(load_file(\"{WEIGHTS}\"))",
+        "digits = net.eval()((torch.zeros(1, 1, 28, 28) - 0.1307) / 0.3081).argmax(1)",
+        "```", "",
+        "`mnistlab evaluate .` re-measures the test accuracy from these files.", "",
+    ]
+    return "\n".join(lines)
+
+
+# -- evaluate an export -----------------------------------------------------------------------
+
+def evaluate_folder(folder: Path, data_dir: Path | None = None) -> dict[str, Any]:
+    """Re-measure an exported model from its files alone; UserError on a bad or altered export."""
+    folder = folder.resolve()
+    try:
+        info = json.loads((folder / CONFIG).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{folder}: no {CONFIG}; not an mnistlab export") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder / CONFIG}: unreadable ({exc})") from None
+    if info.get("format") != FORMAT:
+        raise UserError(f"{folder / CONFIG}: format {info.get('format')!r}, expected {FORMAT!r}")
+    for name, digest in info.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"{path}: missing")
+        if data.sha256(path) != digest:
+            raise UserError(f"{path}: checksum does not match {CONFIG} (altered or corrupt)")
+    cfg = from_dict(info.get("config"), f"{folder / CONFIG}")
+    x, y = test_pixels(data_dir)
+    try:
+        out = outputs(folder, cfg, x)
+    except UserError:
+        raise
+    except Exception as exc:  # a file that passed its checksum but does not load
+        raise UserError(f"{folder}: cannot load the model ({type(exc).__name__}: {str(exc)[:200]})") from None
+    accuracies = agreement(out, y)
+    return {"info": info, "accuracies": accuracies, "test_images": int(len(y))}

@@ -1,0 +1,276 @@
+"""`mnistlab best` and `--export`: the pick rules, every format re-measured, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import ROOT, run_cli
+from mnistlab import export, study
+from mnistlab.errors import UserError
+
+SMOKE = ROOT / "studies" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Path | str]:
+    """A short real study (2 trained trials of 1 epoch) with its stores, exported once."""
+    root = tmp_path_factory.mktemp("finished")
+    env = {"MNISTLAB_DATA_DIR": str(data_dir), "MNISTLAB_STORAGE": f"sqlite:///{root / 'optuna.db'}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    common = ["--artifacts", str(root / "artifacts")]
+    proc = run_cli("study", "run", str(SMOKE), "--n-trials", "2", "--epochs", "1", "--limit-train", "1000",
+                   "--limit-eval", "500", *common, env=env, cwd=root)  # MLflow's artifacts go to root/mlruns
+    assert proc.returncode == 0, proc.stderr
+    out = root / "export"
+    proc = run_cli("best", str(SMOKE), "--export", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr
+    return {"root": root, "export": out, "stdout": proc.stdout, **env}
+
+
+def env_of(finished: dict) -> dict[str, str]:
+    return {k: str(v) for k, v in finished.items() if k.isupper()}
+
+
+def test_export_writes_every_format_verified(finished: dict) -> None:
+    out = finished["export"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.safetensors", "model.torchscript.pt", "model.onnx", "config.json", "MODEL_CARD.md",
+         "learning_curves.png"])
+    info = json.loads((out / "config.json").read_text())
+    s = study.load("smoke", study.open_storage(finished["MNISTLAB_STORAGE"], heartbeat=None))
+    best = max((t for t in s.trials if t.state == TrialState.COMPLETE), key=lambda t: t.user_attrs["best_val_acc"])
+    assert info["trial"] == best.number and info["study"] == "smoke"
+    assert info["mlflow_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert info["params"] == best.user_attrs["param_count"] and info["val_acc"] == best.user_attrs["best_val_acc"]
+    assert info["test_images"] == 10_000 and 20.0 < info["test_acc"] <= 100.0
+    assert info["versions"]["onnxruntime"] and info["config"]["model"]["widths"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"{info['test_acc']:.2f}%" in card and "learning_curves.png" in card and "Conv2d-1" in card
+    assert f"test accuracy {info['test_acc']:.2f}%" in finished["stdout"]
+    assert "registered models:/smoke@best" in finished["stdout"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".export.")]  # no temporary left
+
+
+LOADER = r"""
+import json, sys
+import numpy as np
+folder, cache = sys.argv[1], sys.argv[2]
+with np.load(cache) as z:
+    x = z["test_x"].reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+    y = z["test_y"]
+acc = {}
+import onnxruntime as ort
+session = ort.InferenceSession(f"{folder}/model.onnx")
+acc["onnx"] = float((session.run(None, {"images": x})[0].argmax(1) == y).mean())
+import torch
+script = torch.jit.load(f"{folder}/model.torchscript.pt").eval()
+with torch.inference_mode():
+    acc["torchscript"] = float((script(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+from safetensors.torch import load_file
+from mnistlab.config import from_dict
+from mnistlab.model import build_model
+net = build_model(from_dict(json.load(open(f"{folder}/config.json"))["config"]).model)
+net.load_state_dict(load_file(f"{folder}/model.safetensors"))
+with torch.inference_mode():
+    acc["safetensors"] = float((net.eval()((torch.from_numpy(x) - 0.1307) / 0.3081).argmax(1).numpy() == y).mean())
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("mnistlab", "optuna", "mlflow"))
+print(json.dumps({"acc": acc, "loaded": loaded}))
+"""
+
+
+def test_each_file_loads_in_a_fresh_process_without_the_training_code(finished: dict, data_dir: Path) -> None:
+    out = finished["export"]
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(out), str(data_dir / "mnist-uint8.npz")],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    recorded = json.loads((out / "config.json").read_text())["test_acc"]
+    assert {k: round(100 * v, 4) for k, v in result["acc"].items()} == {
+        "onnx": recorded, "torchscript": recorded, "safetensors": recorded}
+    assert not [m for m in result["loaded"] if m in ("mnistlab.train", "mnistlab.study", "mnistlab.objective")]
+    assert not [m for m in result["loaded"] if m.startswith(("optuna", "mlflow"))]
+
+
+def test_the_registry_alias_resolves_and_predicts_digits(finished: dict, data_dir: Path) -> None:
+    script = r"""
+import json, sys
+import mlflow, numpy as np
+model = mlflow.pyfunc.load_model("models:/smoke@best")
+with np.load(sys.argv[1]) as z:
+    x = z["test_x"][:300].reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+digits = model.predict(x)
+print(json.dumps({"digits": digits.tolist(), "mnistlab": [m for m in sys.modules if m.startswith("mnistlab")]}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(data_dir / "mnist-uint8.npz")], capture_output=True,
+                          text=True, env={**os.environ, **env_of(finished)})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    import numpy as np
+    import onnxruntime as ort
+
+    with np.load(data_dir / "mnist-uint8.npz") as z:
+        x = z["test_x"][:300].reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+    session = ort.InferenceSession(str(finished["export"] / "model.onnx"))
+    assert result["digits"] == session.run(None, {"images": x})[0].argmax(1).tolist()
+    assert set(result["digits"]) <= set(range(10)) and result["mnistlab"] == []  # serving needs no mnistlab
+
+
+def test_evaluate_re_measures_and_refuses_an_altered_export(finished: dict, tmp_path: Path) -> None:
+    proc = run_cli("evaluate", str(finished["export"]), env=env_of(finished))
+    recorded = json.loads((finished["export"] / "config.json").read_text())["test_acc"]
+    assert proc.returncode == 0, proc.stderr
+    assert f"onnx: {recorded:.2f}%" in proc.stdout and f"matches the recorded {recorded:.2f}%" in proc.stdout
+    copy = tmp_path / "copy"
+    shutil.copytree(finished["export"], copy)
+    weights = copy / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-10] ^= 0x01  # one flipped bit in the last tensor
+    weights.write_bytes(bytes(raw))
+    proc = run_cli("evaluate", str(copy), env=env_of(finished))
+    assert proc.returncode == 2 and "checksum does not match config.json" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_export_refuses_a_non_empty_folder_and_an_unwritable_one(finished: dict, tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    proc = run_cli("best", str(SMOKE), "--export", str(taken), "--no-register", env=env_of(finished))
+    assert proc.returncode == 2 and "not empty (use --force" in proc.stderr
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    proc = run_cli("best", str(SMOKE), "--export", "/proc/mnistlab-export", "--no-register", env=env_of(finished))
+    assert proc.returncode == 2 and "/proc/mnistlab-export" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def copy_study(finished: dict, tmp_path: Path) -> dict[str, str]:
+    """The finished study's stores and checkpoints, copied so a test may damage them."""
+    root = tmp_path / "stores"
+    shutil.copytree(finished["root"], root, ignore=shutil.ignore_patterns("export"))
+    import sqlite3
+
+    # Point each trial's checkpoint_dir at the copy (Optuna does not edit finished trials).
+    with sqlite3.connect(root / "optuna.db") as con:
+        rows = con.execute("SELECT trial_id, value_json FROM trial_user_attributes WHERE key = 'checkpoint_dir'")
+        for trial_id, value in rows.fetchall():
+            moved = json.loads(value).replace(str(finished["root"]), str(root))
+            con.execute("UPDATE trial_user_attributes SET value_json = ? WHERE trial_id = ? AND key = "
+                        "'checkpoint_dir'", (json.dumps(moved), trial_id))
+    with sqlite3.connect(root / "mlflow.db") as con:  # and MLflow's artifact locations
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+            con.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (str(finished["root"]), str(root)))
+    return {"MNISTLAB_STORAGE": f"sqlite:///{root / 'optuna.db'}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+            "MNISTLAB_DATA_DIR": str(finished["MNISTLAB_DATA_DIR"]), "root": str(root)}
+
+
+def best_checkpoint(env: dict[str, str]) -> tuple[Path, str]:
+    s = study.load("smoke", study.open_storage(env["MNISTLAB_STORAGE"], heartbeat=None))
+    best = max((t for t in s.trials if t.state == TrialState.COMPLETE), key=lambda t: t.user_attrs["best_val_acc"])
+    return Path(best.user_attrs["checkpoint_dir"]), best.user_attrs["mlflow_run_id"]
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate", "zero"])
+def test_a_corrupt_checkpoint_is_refused_and_nothing_is_written(finished: dict, tmp_path: Path, damage: str) -> None:
+    env = copy_study(finished, tmp_path)
+    folder, _ = best_checkpoint(env)
+    weights = folder / "best.safetensors"
+    raw = bytearray(weights.read_bytes())
+    if damage == "bitflip":
+        raw[len(raw) // 2] ^= 0x10
+    elif damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw = bytearray(len(raw))
+    weights.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    proc = run_cli("best", str(SMOKE), "--export", str(out), "--no-register", env=env)
+    assert proc.returncode == 2 and "best.safetensors" in proc.stderr and "checksum" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_weights_that_do_not_fit_their_config_are_refused(finished: dict, tmp_path: Path) -> None:
+    env = copy_study(finished, tmp_path)
+    folder, _ = best_checkpoint(env)
+    meta = json.loads((folder / "best.json").read_text())
+    meta["config"]["model"]["widths"][5] += 2  # the recorded checksum still matches the weights
+    (folder / "best.json").write_text(json.dumps(meta))
+    proc = run_cli("best", str(SMOKE), "--export", str(tmp_path / "out"), "--no-register", env=env)
+    assert proc.returncode == 2 and "best.json: its config has" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_local_checkpoint_comes_from_mlflow_and_a_missing_one_everywhere_is_refused(
+        finished: dict, tmp_path: Path) -> None:
+    env = copy_study(finished, tmp_path)
+    folder, run_id = best_checkpoint(env)
+    shutil.rmtree(folder)  # as on another machine
+    proc = run_cli("best", str(SMOKE), "--export", str(tmp_path / "out"), "--no-register", env=env)
+    assert proc.returncode == 0, proc.stderr
+    recorded = json.loads((finished["export"] / "config.json").read_text())["test_acc"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["test_acc"] == recorded
+    stored = list(Path(env["root"]).rglob(f"{run_id}/artifacts/checkpoints"))
+    assert stored
+    for artifact in stored:
+        shutil.rmtree(artifact)
+    proc = run_cli("best", str(SMOKE), "--export", str(tmp_path / "out2"), "--no-register", env=env)
+    assert proc.returncode == 2 and "checkpoint missing" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_failing_export_leaves_no_folder(finished: dict, tmp_path: Path) -> None:
+    """The test set cannot be read half-way through the export: no folder, no temporary."""
+    bad_cache = tmp_path / "bad-cache"
+    bad_cache.mkdir()
+    shutil.copy(Path(finished["MNISTLAB_DATA_DIR"]) / "manifest.json", bad_cache / "manifest.json")
+    (bad_cache / "mnist-uint8.npz").write_bytes(b"not an archive")
+    proc = run_cli("best", str(SMOKE), "--export", str(tmp_path / "out"), "--no-register",
+                   env={**env_of(finished), "MNISTLAB_DATA_DIR": str(bad_cache)})
+    assert proc.returncode == 2 and "checksum mismatch" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-cache"]
+
+
+def recorded_study(tmp_path: Path, records: list[tuple[float, int]], objectives: int = 2) -> optuna.Study:
+    """A study holding finished trials with given (validation accuracy, params): a unit-test fixture."""
+    s = optuna.create_study(storage=f"sqlite:///{tmp_path / 'r.db'}", study_name="r",
+                            directions=["maximize", "minimize"][:objectives])
+    s.set_user_attr("max_params", 20_000)
+    for acc, size in records:
+        s.add_trial(optuna.trial.create_trial(
+            values=[acc, size][:objectives], user_attrs={"best_val_acc": acc, "param_count": size, "trained": True}))
+    return s
+
+
+def test_pick_rules_for_two_objectives(tmp_path: Path) -> None:
+    s = recorded_study(tmp_path, [(99.45, 12_400), (99.41, 7_800), (99.30, 5_000), (99.20, 6_000), (99.50, 19_000)])
+    both = ("val_acc", "params")
+    assert export.pick(s, both, min_accuracy=99.4).trial.number == 1  # fewest params at >= 99.4
+    assert export.pick(s, both, max_params=13_000).trial.number == 0  # most accurate under 13k
+    plain = export.pick(s, both)
+    assert plain.trial.number == 4 and [t.number for t in plain.front] == [2, 1, 0, 4]  # trial 3 is dominated
+    assert "Pareto front" in export.describe(plain)
+    with pytest.raises(UserError, match=r"no completed trial reaches 99.6% .* \(the best is 99.50%\)"):
+        export.pick(s, both, min_accuracy=99.6)
+    with pytest.raises(UserError, match="at most 4,000 params"):
+        export.pick(s, both, max_params=4_000)
+
+
+def test_pick_one_objective_and_no_completed_trials(tmp_path: Path) -> None:
+    s = recorded_study(tmp_path, [(99.1, 9_000), (99.3, 15_000), (99.3, 11_000)], objectives=1)
+    assert export.pick(s, ("val_acc",)).trial.number == 2  # a tie goes to the smaller network
+    empty = optuna.create_study(storage=f"sqlite:///{tmp_path / 'e.db'}", study_name="e")
+    with pytest.raises(UserError, match="no completed trials"):
+        export.pick(empty, ("val_acc",))
+    proc = run_cli("best", "--name", "e", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
+    assert proc.returncode == 2 and "study 'e' has no completed trials" in proc.stderr
+    proc = run_cli("best", "--name", "missing", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
+    assert proc.returncode == 2 and "no study named 'missing'" in proc.stderr
