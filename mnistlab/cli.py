@@ -34,6 +34,9 @@ Storage = Annotated[str | None, typer.Option(
     help="Optuna storage URL [env: MNISTLAB_STORAGE; default: sqlite:///optuna.db here].")]
 TrackingUri = Annotated[str | None, typer.Option(
     help="MLflow tracking URI [env: MLFLOW_TRACKING_URI; default: sqlite:///mlflow.db here].")]
+Wait = Annotated[float, typer.Option(
+    min=0, envvar="MNISTLAB_WAIT",
+    help="Seconds to wait for the storage and MLflow server to come up [env: MNISTLAB_WAIT].")]
 StudyFile = Annotated[Path | None, typer.Argument(help="Study YAML file.", show_default=False)]
 StudyName = Annotated[str | None, typer.Option("--name", help="Study name, instead of a study file.")]
 Artifacts = Annotated[Path, typer.Option(help="Folder for trial checkpoints and plots.")]
@@ -140,6 +143,7 @@ def study_run(
     heartbeat: Annotated[int, typer.Option(min=1, help="Seconds between trial heartbeats.")] = 30,
     threads: Annotated[int, typer.Option(min=0, help="Torch threads per worker (0: split the cores).")] = 0,
     verbose: Annotated[bool, typer.Option(help="Per-epoch lines and progress bars.")] = False,
+    wait: Wait = 0,
 ) -> None:
     """Run (or continue) a study: sample, check the budget, train, log every trial to MLflow."""
     from mnistlab import space, study
@@ -148,10 +152,27 @@ def study_run(
     opts = study.RunOptions(n_trials=n_trials, timeout=timeout, storage=storage, workers=workers, device=device,
                             epochs=epochs, limit_train=limit_train, limit_eval=limit_eval,
                             tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),
-                            heartbeat=heartbeat, threads=threads, verbose=verbose)
+                            heartbeat=heartbeat, threads=threads, verbose=verbose, wait=wait)
     code = study.run(cfg, opts)
     if code:
         raise typer.Exit(code)
+
+
+@study_app.command("create")
+def study_create(
+    study_file: Annotated[Path, typer.Argument(help="Study YAML file.")],
+    storage: Storage = None,
+    tracking_uri: TrackingUri = None,
+    wait: Wait = 0,
+) -> None:
+    """Create the study, its MLflow experiment and parent run, then exit (before starting workers)."""
+    from mnistlab import space, study
+
+    cfg = space.load_study(study_file)
+    made = study.prepare(cfg, study.RunOptions(storage=storage, tracking_uri=tracking_uri, wait=wait))
+    print(f"study {cfg.name!r} ready in {study.mask(made.url)}: {len(made.study.trials)} trials so far; "
+          f"MLflow {study.mask(made.tracker.uri)} experiment {made.recorder.experiment_id} "
+          f"parent run {made.recorder.parent_id}")
 
 
 def _study(study_file: Path | None, name: str | None, storage: str | None) -> tuple[object, object, tuple]:
@@ -247,6 +268,7 @@ def best(
         recorded if recorded and "***" not in recorded else None)
     tracker = Tracker(uri)
     check_reachable(tracker.uri)
+    tracker.check_access()
     done = ex.export(choice, loaded, export, force=force, tracker=tracker if tracker.known() else None,
                      data_dir=data_dir)
     formats = ", ".join(f"{k} {v:.2f}%" for k, v in done.accuracies.items())
@@ -331,3 +353,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:  # an MLflow server's refusal: one line too
+        if debug or type(exc).__name__ != "MlflowException":
+            raise
+        from mnistlab.tracking import describe_error
+
+        print(f"error: MLflow: {describe_error(exc)}", file=sys.stderr)
+        sys.exit(2)

@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import optuna
@@ -52,6 +52,7 @@ class RunOptions:
     heartbeat: int = 30  # seconds between heartbeats; a trial is stale after 3 missed ones
     threads: int = 0  # torch threads per worker; 0 splits the cores among the workers
     verbose: bool = False  # per-epoch lines and bars
+    wait: float = 0.0  # seconds to wait for the storage and the MLflow server to come up
 
     def extra(self) -> dict[str, Any]:
         """CLI overrides applied to every trial's config."""
@@ -69,8 +70,19 @@ def storage_url(url: str | None) -> str:
     return url
 
 
-def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = None) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats; a dead worker's trial is failed and retried."""
+# Signs that a database server is not up yet (rather than refusing us): worth waiting for.
+TRANSIENT = ("connection refused", "could not connect", "starting up", "shutting down", "timeout expired",
+             "could not translate host name", "name or service not known", "temporary failure in name resolution",
+             "no route to host", "connection timed out", "server closed the connection")
+
+
+def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = None,
+                 wait: float = 0.0) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats; a dead worker's trial is failed and retried.
+
+    With ``wait``, a database server that is not up yet is retried every 2 s for that many
+    seconds (one line on stderr says so); a wrong password or database name fails at once.
+    """
     url = storage_url(url)
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
@@ -84,11 +96,26 @@ def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = Non
     if heartbeat:
         hb = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
               "heartbeat_stale_trial_callback": _StaleTrial(tracker)}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **hb)
-    except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
-        raise UserError(f"storage {mask(url)}: cannot open ({detail})") from None
+    deadline, told = time.monotonic() + wait, False
+    while True:
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **hb)
+        except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
+            detail = _first_line(exc)
+            if time.monotonic() >= deadline or not any(sign in detail.lower() for sign in TRANSIENT):
+                waited = f" after waiting {wait:.0f} s" if told else ""
+                raise UserError(f"storage {mask(url)}: cannot open ({detail}){waited}") from None
+            if not told:
+                print(f"waiting for the storage {mask(url)} ({detail}); retrying for up to {wait:.0f} s",
+                      file=sys.stderr, flush=True)
+                told = True
+            time.sleep(2)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's own message, first line (psycopg's is the useful one)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _sqlite_wal(path: Path) -> None:
@@ -213,7 +240,7 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
 def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int) -> list[str]:
     """The `mnistlab study run` arguments of one worker process of ``opts``."""
     args = [str(cfg.path), "--workers", "1", "--threads", str(threads), "--heartbeat", str(opts.heartbeat),
-            "--artifacts", str(opts.artifacts)]
+            "--artifacts", str(opts.artifacts), "--wait", str(opts.wait)]
     flags = {"--n-trials": opts.n_trials, "--timeout": opts.timeout, "--storage": opts.storage,
              "--device": opts.device, "--epochs": opts.epochs, "--limit-train": opts.limit_train,
              "--limit-eval": opts.limit_eval, "--tracking-uri": opts.tracking_uri, "--data-dir": opts.data_dir}
@@ -261,14 +288,21 @@ def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Any, storage_ur
     return StudyRecorder(tracker, cfg.name, exp_id, parent, cfg.path)
 
 
-def run(cfg: StudyConfig, opts: RunOptions) -> int:
-    """`mnistlab study run`: check inputs, create or load the study, run the workers, report."""
-    from mnistlab import report
+class Prepared(NamedTuple):
+    study: optuna.Study
+    storage: optuna.storages.RDBStorage
+    recorder: Any  # tracking.StudyRecorder
+    tracker: Any  # tracking.Tracker
+    url: str
+
+
+def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
+    """Check every input, then create or load the study and its MLflow experiment and parent run.
+
+    Nothing is created when an input is bad.
+    """
     from mnistlab.tracking import Tracker, check_reachable
 
-    if opts.n_trials is None and cfg.n_trials is None and opts.timeout is None and cfg.timeout is None \
-            and cfg.target is None:
-        raise UserError(f"{cfg.path}: give n_trials, timeout or target (or --n-trials / --timeout)")
     cfg.trial_config({}, opts.extra())  # the CLI overrides must make a valid config
     smallest = cfg.smallest_params()
     if smallest > cfg.max_params:
@@ -277,10 +311,21 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it once
     url = storage_url(opts.storage)
     tracker = Tracker(opts.tracking_uri)
-    check_reachable(tracker.uri)
-    storage = open_storage(url, opts.heartbeat, tracker)
+    check_reachable(tracker.uri, wait=opts.wait)
+    tracker.check_access()
+    storage = open_storage(url, opts.heartbeat, tracker, wait=opts.wait)
     study = create(cfg, storage)
-    recorder = recorder_for(study, cfg, tracker, url)
+    return Prepared(study, storage, recorder_for(study, cfg, tracker, url), tracker, url)
+
+
+def run(cfg: StudyConfig, opts: RunOptions) -> int:
+    """`mnistlab study run`: check inputs, create or load the study, run the workers, report."""
+    from mnistlab import report
+
+    if opts.n_trials is None and cfg.n_trials is None and opts.timeout is None and cfg.timeout is None \
+            and cfg.target is None:
+        raise UserError(f"{cfg.path}: give n_trials, timeout or target (or --n-trials / --timeout)")
+    study, storage, recorder, tracker, url = prepare(cfg, opts)
     worker = "MNISTLAB_WORKER" in os.environ
     if not worker:
         tracker.client.update_run(recorder.parent_id, status="RUNNING")
@@ -300,7 +345,8 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
         paths = report.write(study, cfg.objectives, opts.artifacts / cfg.name / "plots", recorder)
         for path in paths:
             tracker.log_artifact(recorder.parent_id, path, "plots")
-        tracker.finish(recorder.parent_id, status)
+        if status == "KILLED" or not any(t.state == TrialState.RUNNING for t in trials):
+            tracker.finish(recorder.parent_id, status)  # other machines' workers keep it RUNNING
         print(status_table(study, cfg.objectives).to_string(max_rows=30))
     return code
 

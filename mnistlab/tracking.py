@@ -51,18 +51,45 @@ def mask(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """UserError in one line when a tracking server does not answer its health check."""
+def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
+    """UserError in one line when a tracking server does not answer its health check.
+
+    With ``wait``, a server that is not up yet (connection refused, unknown host) is retried
+    every 2 s for that many seconds, with one line on stderr saying so.
+    """
     if urlsplit(uri).scheme not in ("http", "https"):
         return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
-            if resp.status == 200:
-                return
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UserError(f"MLflow server {mask(uri)} is unreachable ({reason}); nothing was trained") from None
-    raise UserError(f"MLflow server {mask(uri)} answered its health check with an error")
+    deadline, told = time.monotonic() + wait, False
+    while True:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            raise UserError(f"MLflow server {mask(uri)} answered its health check with HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if time.monotonic() >= deadline:
+                waited = f" after waiting {wait:.0f} s" if wait else ""
+                raise UserError(f"MLflow server {mask(uri)} is unreachable ({reason}){waited}; "
+                                "nothing was trained") from None
+            if not told:
+                print(f"waiting for the MLflow server {mask(uri)} ({reason}); retrying for up to {wait:.0f} s",
+                      file=sys.stderr, flush=True)
+                told = True
+            time.sleep(2)
+            continue
+        raise UserError(f"MLflow server {mask(uri)} answered its health check with an error")
+
+
+def describe_error(exc: BaseException) -> str:
+    """An MLflow error in one short line (the server's answer, without the request dump)."""
+    text = str(exc).strip()
+    if "Response body:" in text:
+        text = text.split("Response body:", 1)[1].strip(" '\"")
+    code = getattr(exc, "get_http_status_code", lambda: None)()
+    first = (text.splitlines() or [type(exc).__name__])[0][:200]
+    return f"HTTP {code}: {first}" if code and code != 500 else first
 
 
 def serve_ui(uri: str | None, host: str, port: int) -> int:
@@ -134,6 +161,21 @@ class Tracker:
         if parts.scheme == "file":
             return Path(parts.path).is_dir()
         return True
+
+    def check_access(self) -> None:
+        """UserError in one line when a tracking server refuses us (no or wrong credentials)."""
+        from mlflow.exceptions import MlflowException
+
+        if urlsplit(self.uri).scheme not in ("http", "https"):
+            return
+        try:
+            self.client.search_experiments(max_results=1)
+        except MlflowException as exc:
+            code = getattr(exc, "get_http_status_code", lambda: None)()
+            hint = (": set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" if code in (401, 403)
+                    else "")
+            raise UserError(f"MLflow server {mask(self.uri)} refused the request "
+                            f"({describe_error(exc)}){hint}") from None
 
     def has_run(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException

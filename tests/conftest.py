@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,14 +61,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(backend: str, artifacts: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_mlflow_server(backend: str, artifacts: Path, port: int | None = None, extra: list[str] | None = None,
+                        env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """A real `mlflow server` on a free loopback port with proxied artifacts; waits for /health."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           *(extra or [])]
     log = open(artifacts.parent / f"mlflow-server-{port}.log", "ab")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -112,20 +114,33 @@ def _pg_available() -> bool:
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A new, empty PostgreSQL database on the local server; dropped afterwards."""
+def pg_database() -> Iterator[Callable[[], str]]:
+    """Makes new, empty PostgreSQL databases on the local server; all dropped afterwards."""
     import psycopg
 
     if not _pg_available():
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN}")
         pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN}")
-    name = f"mnistlab_test_{uuid.uuid4().hex[:10]}"
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"mnistlab_test_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as con:
+            con.execute(f"CREATE DATABASE {name}")
+        names.append(name)
+        return PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+
+    yield make
     with psycopg.connect(PG_ADMIN, autocommit=True) as con:
-        con.execute(f"CREATE DATABASE {name}")
-    yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as con:
-        con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        for name in names:
+            con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url(pg_database: Callable[[], str]) -> str:
+    """A new, empty PostgreSQL database on the local server; dropped afterwards."""
+    return pg_database()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,

