@@ -8,13 +8,15 @@ never loaded. The best-validation-epoch weights go to ``best.safetensors`` + ``b
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from mnistlab.data import sha256
 from mnistlab.errors import UserError
@@ -22,25 +24,40 @@ from mnistlab.errors import UserError
 LAST, PREV, BEST, BEST_META = "last.pt", "prev.pt", "best.safetensors", "best.json"
 
 
-def _atomic(path: Path, write: Any) -> str:
-    """Write through ``write(tmp_path)``, fsync, then rename over ``path``; returns sha256."""
+def _write_new(path: Path, data: bytes) -> tuple[Path, str]:
+    """Write ``data`` to a temporary file beside ``path`` and fsync it; returns (temp, sha256).
+
+    Files are serialised in memory first and written through Python's own file object, so a
+    full disk or a file-size limit is an ``OSError`` naming the cause (torch's and
+    safetensors' own writers report it less clearly), and the temporary file is removed.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
             os.fsync(fh.fileno())
-        digest = sha256(tmp)
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp, hashlib.sha256(data).hexdigest()
+
+
+def _atomic(path: Path, data: bytes) -> str:
+    """Replace ``path`` by ``data`` all at once (temporary file, fsync, rename); returns sha256."""
+    tmp, digest = _write_new(path, data)
+    os.replace(tmp, path)
     _write_text(path.with_name(path.name + ".sha256"), digest + "\n")
     return digest
 
 
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -48,15 +65,9 @@ def save_state(directory: Path, state: dict[str, Any]) -> Path:
     """Save an epoch checkpoint as ``last.pt``, keeping the previous one as ``prev.pt``."""
     directory.mkdir(parents=True, exist_ok=True)
     last = directory / LAST
-    tmp = directory / f".{LAST}.{os.getpid()}.new"
-    try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        digest = sha256(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    tmp, digest = _write_new(last, buffer.getvalue())
     if last.exists():
         os.replace(last, directory / PREV)
         sidecar = directory / (LAST + ".sha256")
@@ -98,7 +109,7 @@ def save_best(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> 
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = directory / BEST
-    digest = _atomic(path, lambda tmp: save_file(weights, str(tmp)))
+    digest = _atomic(path, save(weights))
     _write_text(directory / BEST_META, json.dumps({**meta, "sha256": digest}, indent=2) + "\n")
     return path
 

@@ -189,6 +189,56 @@ def _study(study_file: Path | None, name: str | None, storage: str | None) -> tu
     return loaded, store, objectives or tuple(loaded.user_attrs.get("objectives", ["val_acc"]))
 
 
+@study_app.command("check")
+def study_check(
+    study_file: StudyFile = None, name: StudyName = None, storage: Storage = None, tracking_uri: TrackingUri = None,
+    repair: Annotated[bool, typer.Option(
+        help="Fail stale RUNNING trials and runs, send metrics kept locally, upload missing checkpoints.")] = False,
+    heartbeat: Annotated[int, typer.Option(
+        min=1, help="The workers' --heartbeat: a RUNNING trial silent for 3x this is stale.")] = 30,
+) -> None:
+    """Verify that nothing is RUNNING and every trial's MLflow record and checkpoint are whole."""
+    from mnistlab import check as chk
+    from mnistlab import space
+    from mnistlab import study as st
+    from mnistlab.tracking import check_reachable
+
+    if (study_file is None) == (name is None):
+        raise UserError("give a study file or --name NAME (one of them)")
+    if study_file is not None:
+        name = space.load_study(study_file).name
+    tracker = _study_tracker(tracking_uri, None)
+    store = st.open_storage(storage, heartbeat=heartbeat, tracker=tracker)
+    loaded = st.load(name, store)
+    tracker = _study_tracker(tracking_uri, loaded)
+    if loaded.user_attrs.get(st.PARENT_ATTR):
+        check_reachable(tracker.uri)
+        if not tracker.known():
+            raise UserError(f"study {name!r} logs to MLflow, but there is no MLflow store at {tracker.uri}: "
+                            "pass --tracking-uri")
+        tracker.check_access()
+    findings = chk.check(loaded, tracker, repair=repair)
+    for finding in findings:
+        print(finding)
+    open_ = [f for f in findings if not f.fixed]
+    n = len(loaded.trials)
+    if open_:
+        print(f"study {name!r}: {len(open_)} problem(s) in {n} trials" + ("" if repair else "; try --repair"))
+        raise typer.Exit(1)
+    print(f"study {name!r}: consistent ({n} trials, nothing RUNNING, every finished trial has its one MLflow run, "
+          "metrics and checkpoint)")
+
+
+def _study_tracker(tracking_uri: str | None, loaded: Any) -> Any:
+    """The MLflow store of a study: --tracking-uri, $MLFLOW_TRACKING_URI, the one it recorded, the default."""
+    from mnistlab import study as st
+    from mnistlab.tracking import Tracker
+
+    recorded = loaded.user_attrs.get(st.TRACKING_ATTR) if loaded is not None else None
+    return Tracker(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (
+        recorded if recorded and "***" not in recorded else None))
+
+
 @study_app.command("status")
 def study_status(
     study_file: StudyFile = None, name: StudyName = None, storage: Storage = None,
@@ -255,18 +305,14 @@ def best(
 ) -> None:
     """Print a study's best trial; with --export, deliver its model, verified in every format."""
     from mnistlab import export as ex
-    from mnistlab import study as st
-    from mnistlab.tracking import Tracker, check_reachable
+    from mnistlab.tracking import check_reachable
 
     loaded, _, objectives = _study(study_file, name, storage)
     choice = ex.pick(loaded, objectives, min_accuracy, max_params)
     print(ex.describe(choice))
     if export is None:
         return
-    recorded = loaded.user_attrs.get(st.TRACKING_ATTR)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (
-        recorded if recorded and "***" not in recorded else None)
-    tracker = Tracker(uri)
+    tracker = _study_tracker(tracking_uri, loaded)
     check_reachable(tracker.uri)
     tracker.check_access()
     done = ex.export(choice, loaded, export, force=force, tracker=tracker if tracker.known() else None,
@@ -335,7 +381,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("MNISTLAB_DEBUG") == "1"
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="mnistlab", standalone_mode=False)
+        code = command.main(args=args, prog_name="mnistlab", standalone_mode=False)
+        if isinstance(code, int) and code:  # a command's typer.Exit(code) comes back as a return value
+            sys.exit(code)
     except UserError as exc:
         if debug:
             raise

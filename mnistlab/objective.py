@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from mnistlab import data as data_mod
 from mnistlab.config import ExperimentConfig
-from mnistlab.errors import UserError
+from mnistlab.errors import Interrupted, UserError
 from mnistlab.model import count_params
 from mnistlab.space import StudyConfig
 from mnistlab.train import EpochMetrics, Result, resolve_device, train
@@ -49,6 +49,8 @@ class Objective:
             result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=root != trial.number,
                            verbose=self.verbose)
         except BaseException as exc:
+            if not isinstance(exc, optuna.TrialPruned):
+                _failed(trial, exc, root, run.run_id if run is not None else None, on_epoch.history)
             if run is not None:
                 run.end(exc, on_epoch.history)
             raise
@@ -88,6 +90,34 @@ class Objective:
         table = {"val_acc": result.best_val_acc, "params": float(n_params), "val_loss": best.val_loss}
         out = tuple(table[o] for o in self.study.objectives)
         return out[0] if len(out) == 1 else out
+
+
+def retryable(exc: BaseException) -> bool:
+    """Failures of the environment, not of the config: an interrupt, a full disk, an I/O error."""
+    return isinstance(exc, (KeyboardInterrupt, OSError))
+
+
+def _failed(trial: optuna.Trial, exc: BaseException, root: int, run_id: str | None, history: list[Any]) -> None:
+    """Record why the trial failed; re-enqueue it (same params, same checkpoint folder) when the
+    environment failed it, so the next run resumes it from its last good checkpoint."""
+    done = history[-1].epoch if history else 0
+    if isinstance(exc, Interrupted):
+        reason = f"interrupted by {exc.signame} after epoch {done}"
+    elif isinstance(exc, KeyboardInterrupt):
+        reason = f"interrupted after epoch {done}"
+    else:
+        reason = f"{type(exc).__name__}: {exc}"[:1000]
+    try:
+        trial.set_user_attr("reason", reason)
+        study = getattr(trial, "study", None)
+        if retryable(exc) and study is not None:
+            attrs = {"root_trial": root, "retry_of_trial": trial.number}
+            if run_id:
+                attrs["mlflow_run_id"] = run_id  # the retry's run links to this one
+            study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+            trial.set_user_attr("retried", True)
+    except Exception:  # the storage itself may be what failed; the exception still propagates
+        pass
 
 
 def _suggest(trial: optuna.Trial, p: Any) -> Any:

@@ -8,6 +8,8 @@ workers failed; those are retried with the same parameters and resume from their
 from __future__ import annotations
 
 import os
+import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from urllib.parse import urlsplit
 import optuna
 from optuna.trial import TrialState
 
-from mnistlab.errors import UserError
+from mnistlab.errors import Interrupted, UserError
 from mnistlab.objective import Objective, StudyFull, best_trial, state_label, trained
 from mnistlab.space import StudyConfig, make_pruner, make_sampler
 from mnistlab.tracking import mask
@@ -76,6 +78,10 @@ TRANSIENT = ("connection refused", "could not connect", "starting up", "shutting
              "no route to host", "connection timed out", "server closed the connection")
 
 
+# Signs of workers creating the same new storage at the same instant: retry at once.
+RACES = ("already exists", "duplicate key", "uniqueviolation", "deadlock detected", "database is locked")
+
+
 def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = None,
                  wait: float = 0.0) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats; a dead worker's trial is failed and retried.
@@ -96,12 +102,16 @@ def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = Non
     if heartbeat:
         hb = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
               "heartbeat_stale_trial_callback": _StaleTrial(tracker)}
-    deadline, told = time.monotonic() + wait, False
+    deadline, told, races = time.monotonic() + wait, False, 0
     while True:
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **hb)
         except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
             detail = _first_line(exc)
+            if races < 10 and any(sign in detail.lower() for sign in RACES):
+                races += 1  # another worker is creating the same tables this instant
+                time.sleep(0.2 + 0.3 * random.random())
+                continue
             if time.monotonic() >= deadline or not any(sign in detail.lower() for sign in TRANSIENT):
                 waited = f" after waiting {wait:.0f} s" if told else ""
                 raise UserError(f"storage {mask(url)}: cannot open ({detail}){waited}") from None
@@ -143,23 +153,43 @@ class _StaleTrial:
                 warnings.warn(f"could not mark MLflow run {run_id} FAILED ({type(exc).__name__})", stacklevel=2)
 
 
+READY_ATTR = "mnistlab_ready"
+
+
 def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    """Create the study, or load it if it exists (the same command continues it)."""
+    """Create the study, or load it if it exists (the same command continues it).
+
+    Race-safe: of workers starting together on a new study exactly one creates it, records its
+    attributes and enqueues the base trial; the others wait until it has.
+    """
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if cfg.name in existing and [d.name.lower() for d in existing[cfg.name].directions] != cfg.directions:
         raise UserError(f"study {cfg.name!r} exists with other objectives; rename the study")
-    study = optuna.create_study(storage=storage, study_name=cfg.name, directions=cfg.directions,
-                                sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
-    if cfg.name not in existing:
-        study.set_user_attr("study_file", str(cfg.path))
-        study.set_user_attr("max_params", cfg.max_params)
-        study.set_user_attr("objectives", list(cfg.objectives))
-        if cfg.enqueue_base:
-            from mnistlab.config import get_path
+    kwargs = {"storage": storage, "study_name": cfg.name, "sampler": make_sampler(cfg), "pruner": make_pruner(cfg)}
+    try:
+        study = optuna.create_study(directions=cfg.directions, **kwargs)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**kwargs)
+        _wait_ready(study)
+        return study
+    study.set_user_attr("study_file", str(cfg.path))
+    study.set_user_attr("max_params", cfg.max_params)
+    study.set_user_attr("objectives", list(cfg.objectives))
+    if cfg.enqueue_base:
+        from mnistlab.config import get_path
 
-            study.enqueue_trial({p.name: get_path(cfg.base, p.name) for p in cfg.space},
-                                user_attrs={"base": True})
+        study.enqueue_trial({p.name: get_path(cfg.base, p.name) for p in cfg.space}, user_attrs={"base": True})
+    study.set_user_attr(READY_ATTR, True)
     return study
+
+
+def _wait_ready(study: optuna.Study, timeout: float = 30.0) -> None:
+    """Wait for the worker that created the study to finish setting it up."""
+    deadline = time.monotonic() + timeout
+    while READY_ATTR not in study.user_attrs and not study.get_trials(deepcopy=False):
+        if time.monotonic() > deadline:
+            return  # a study made by plain Optuna, without mnistlab's attributes: use it as it is
+        time.sleep(0.2)
 
 
 def load(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -263,7 +293,18 @@ def spawn_workers(cfg: StudyConfig, opts: RunOptions) -> int:
             env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpu)  # one GPU per worker, round robin
         cmd = [sys.executable, "-m", "mnistlab", "study", "run", *worker_args(cfg, opts, threads)]
         procs.append(subprocess.Popen(cmd, env=env))
-    codes = [p.wait() for p in procs]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # pass SIGTERM/SIGINT on, then wait for the workers to record their trials
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
     return max(codes, key=abs)
 
 
@@ -308,7 +349,7 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
     if smallest > cfg.max_params:
         raise UserError(f"{cfg.path}: the smallest network in the space has {smallest:,} "
                         f"params, over the budget of {cfg.max_params:,}")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says it once
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress line and the trial's reason say it
     url = storage_url(opts.storage)
     tracker = Tracker(opts.tracking_uri)
     check_reachable(tracker.uri, wait=opts.wait)
@@ -331,24 +372,61 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
         tracker.client.update_run(recorder.parent_id, status="RUNNING")
         print(f"study {cfg.name!r} in {mask(url)}; MLflow {mask(tracker.uri)} parent run {recorder.parent_id}",
               flush=True)
-    status, code = "FINISHED", 0
+    status, code, failure = "FINISHED", 0, None
+    previous = _stop_on_signals()
     try:
         if opts.workers > 1:
             code = spawn_workers(cfg, opts)
         else:
             run_worker(cfg, opts, storage, recorder)
-    except KeyboardInterrupt:
-        status, code = "KILLED", 130
+    except KeyboardInterrupt as exc:
+        name = getattr(exc, "signame", "SIGINT")
+        status, code = "KILLED", 128 + int(getattr(signal, name, signal.SIGINT))
+        print(f"interrupted by {name}: the trial in progress is recorded and queued to resume from its last "
+              "checkpoint; run the same command to continue", file=sys.stderr, flush=True)
+    except OSError as exc:  # a full disk, an unwritable folder: the trial is recorded and queued again
+        status, code = "FAILED", 2
+        failure = UserError(f"stopped by an I/O error ({exc}); finished trials and checkpoints are intact and "
+                            "the trial in progress is queued to resume: fix the cause and run the same command")
+    finally:
+        _restore_signals(previous)
     if not worker:
         trials = study.get_trials(deepcopy=False)
         recorder.summary(study, trials)
-        paths = report.write(study, cfg.objectives, opts.artifacts / cfg.name / "plots", recorder)
-        for path in paths:
-            tracker.log_artifact(recorder.parent_id, path, "plots")
-        if status == "KILLED" or not any(t.state == TrialState.RUNNING for t in trials):
-            tracker.finish(recorder.parent_id, status)  # other machines' workers keep it RUNNING
-        print(status_table(study, cfg.objectives).to_string(max_rows=30))
+        if status == "FINISHED":  # an interrupted run exits at once; `study report` draws the plots later
+            paths = report.write(study, cfg.objectives, opts.artifacts / cfg.name / "plots", recorder)
+            for path in paths:
+                tracker.log_artifact(recorder.parent_id, path, "plots")
+        if status != "FINISHED" or not any(t.state == TrialState.RUNNING for t in trials):
+            tracker.finish(recorder.parent_id, "KILLED" if status != "FINISHED" else status)
+        if status == "FINISHED":
+            print(status_table(study, cfg.objectives).to_string(max_rows=30))
+    if failure is not None:
+        raise failure
     return code
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """SIGTERM and SIGINT raise Interrupted once (in the main thread); later ones are ignored
+    while the process records what it was doing."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    fired = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -> Any:

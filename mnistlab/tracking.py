@@ -385,11 +385,14 @@ class RunLog:
         self._close("FINISHED", {"mnistlab.epochs_run": result.epochs_run, **self._artifacts()})
 
     def end(self, exc: BaseException, history: list[Any]) -> None:
-        """KILLED for a pruned trial (with its epoch), FAILED with the reason otherwise."""
+        """KILLED for a pruned or interrupted trial, FAILED with the reason otherwise."""
         self._backfill(history)
         if type(exc).__name__ == "TrialPruned":
             self._close("KILLED", {"mnistlab.pruned_at_epoch": history[-1].epoch if history else 0,
                                    **self._artifacts()})
+        elif isinstance(exc, KeyboardInterrupt):  # stopped by the user: quick, the checkpoints stay local
+            self._close("KILLED", {"mnistlab.interrupted": getattr(exc, "signame", "SIGINT"),
+                                   "mnistlab.epochs_run": history[-1].epoch if history else 0})
         else:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._close("FAILED", {"mnistlab.fail_reason": reason[:5000]})

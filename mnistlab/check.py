@@ -1,0 +1,214 @@
+"""`mnistlab study check`: the study's record is whole, or a readable list of what is not.
+
+The invariant, once every worker has stopped:
+
+- no trial and no MLflow run is RUNNING;
+- every completed or pruned trial has exactly one MLflow child run with the matching status
+  (FINISHED / KILLED), one ``val_acc`` value per epoch it ran, and its checkpoint artifact,
+  whose SHA-256 matches the one recorded in ``best.json``;
+- trial numbers are unique and every failed trial has a reason.
+
+With ``repair``: stale RUNNING trials are failed (and retried, as a dead worker's are),
+RUNNING runs of finished trials are ended FAILED, metrics and run endings that an MLflow outage
+kept on local disk are sent, and artifacts that could not be uploaded are uploaded.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from mnistlab.data import sha256
+from mnistlab.objective import trained
+
+RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
+CHECKPOINT_FILES = ("best.safetensors", "best.json", "last.pt", "last.pt.sha256")
+
+
+@dataclass
+class Finding:
+    """One broken rule (``fixed`` when ``--repair`` mended it)."""
+
+    where: str
+    what: str
+    fixed: bool = False
+
+    def __str__(self) -> str:
+        return f"{'repaired' if self.fixed else 'PROBLEM '}  {self.where}: {self.what}"
+
+
+class Checker:
+    def __init__(self, study: optuna.Study, tracker: Any, repair: bool = False) -> None:
+        self.study, self.tracker, self.repair = study, tracker, repair
+        self.findings: list[Finding] = []
+
+    def note(self, where: str, what: str, fixed: bool = False) -> None:
+        self.findings.append(Finding(where, what, fixed))
+
+    def run(self) -> list[Finding]:
+        if self.repair:
+            self.send_local()
+            self.fail_stale()
+        trials = self.study.get_trials(deepcopy=False)
+        self.check_trials(trials)
+        if self.tracker is not None and self.study.user_attrs.get("mlflow_parent_run_id"):
+            self.check_runs(trials)
+        return self.findings
+
+    # -- repairs that come first ---------------------------------------------------------------
+    def send_local(self) -> None:
+        """Metrics and run endings an MLflow outage left beside the checkpoints."""
+        if self.tracker is None:
+            return
+        for folder in self._checkpoint_dirs():
+            pending, unfinished = folder / "mlflow-pending.json", folder / "mlflow-unfinished.json"
+            if pending.is_file():
+                try:
+                    n = self.tracker.send_pending(pending)
+                    self.note(str(pending), f"{n} metric values kept during an MLflow outage sent", fixed=True)
+                except Exception as exc:
+                    self.note(str(pending), f"metrics still unsent ({type(exc).__name__}: {str(exc)[:120]})")
+            if unfinished.is_file():
+                try:
+                    record = json.loads(unfinished.read_text())
+                    self.tracker.finish(record["run_id"], record["status"], record.get("tags"))
+                    unfinished.unlink()
+                    self.note(str(unfinished), f"run {record['run_id']} ended {record['status']}", fixed=True)
+                except Exception as exc:
+                    self.note(str(unfinished), f"run still not ended ({type(exc).__name__}: {str(exc)[:120]})")
+
+    def fail_stale(self) -> None:
+        before = {t.number for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
+        if before:
+            optuna.storages.fail_stale_trials(self.study)  # the storage's callback retries them
+        after = {t.number for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
+        for number in sorted(before - after):
+            self.note(f"trial {number}", "RUNNING without a heartbeat: failed and queued for a retry", fixed=True)
+
+    # -- the storage ---------------------------------------------------------------------------
+    def check_trials(self, trials: list[optuna.trial.FrozenTrial]) -> None:
+        counts = collections.Counter(t.number for t in trials)
+        for number, n in sorted(counts.items()):
+            if n > 1:
+                self.note(f"trial {number}", f"number used {n} times")
+        retried = {t.system_attrs.get("failed_trial") for t in trials} | {
+            t.user_attrs.get("retry_of_trial") for t in trials}
+        for t in trials:
+            if t.state == TrialState.RUNNING:
+                self.note(f"trial {t.number}", "RUNNING" + (" (its worker is alive, or --repair fails it once its "
+                                                            "heartbeat is stale)" if not self.repair else
+                                                            " and its worker is still sending heartbeats"))
+            elif t.state == TrialState.FAIL and not t.user_attrs.get("reason") and t.number not in retried:
+                self.note(f"trial {t.number}", "FAIL without a reason")
+
+    # -- MLflow --------------------------------------------------------------------------------
+    def check_runs(self, trials: list[optuna.trial.FrozenTrial]) -> None:
+        from mnistlab.tracking import PARENT_TAG, STUDY_TAG, TRIAL_TAG
+
+        client = self.tracker.client
+        attrs = self.study.user_attrs
+        parent_id, experiment = attrs["mlflow_parent_run_id"], attrs.get("mlflow_experiment_id")
+        runs = _all_runs(client, experiment, f"tags.`{STUDY_TAG}` = '{self.study.study_name}'")
+        by_trial: dict[int, list[Any]] = collections.defaultdict(list)
+        for r in runs:
+            if r.data.tags.get(PARENT_TAG) == "true":
+                continue
+            by_trial[int(r.data.tags.get(TRIAL_TAG, -1))].append(r)
+        state = {t.number: t for t in trials}
+        for number, found in sorted(by_trial.items()):
+            for r in found:
+                if r.info.status == "RUNNING" and (number not in state or state[number].state != TrialState.RUNNING):
+                    self._stuck_run(r, number)
+                if r.data.tags.get("mlflow.parentRunId") != parent_id:
+                    self.note(f"run {r.info.run_id}", f"trial {number}'s run is not under the study's parent run")
+        for t in trials:
+            if t.state in RUN_STATUS and trained(t):
+                self.check_trial_run(t, by_trial.get(t.number, []))
+        any_running = any(t.state == TrialState.RUNNING for t in self.study.get_trials(deepcopy=False))
+        parent = client.get_run(parent_id)
+        if parent.info.status == "RUNNING" and not any_running:
+            if self.repair:
+                client.set_terminated(parent_id, "FINISHED")
+                self.note(f"parent run {parent_id}", "RUNNING with no trial running: ended FINISHED", fixed=True)
+            else:
+                self.note(f"parent run {parent_id}", "RUNNING although no trial is running")
+
+    def _stuck_run(self, r: Any, number: int) -> None:
+        where = f"run {r.info.run_id} (trial {number})"
+        if self.repair:
+            self.tracker.finish(r.info.run_id, "FAILED",
+                                {"mnistlab.fail_reason": "its worker stopped; ended by mnistlab study check"})
+            self.note(where, "RUNNING after its trial ended: marked FAILED", fixed=True)
+        else:
+            self.note(where, "RUNNING although its trial is not")
+
+    def check_trial_run(self, t: optuna.trial.FrozenTrial, found: list[Any]) -> None:
+        where = f"trial {t.number}"
+        if len(found) != 1:
+            self.note(where, f"{len(found)} MLflow runs, expected exactly 1")
+            if not found:
+                return
+        run = found[-1]
+        expected = RUN_STATUS[t.state]
+        if run.info.status != expected and run.info.status != "RUNNING":
+            self.note(where, f"MLflow run {run.info.run_id} is {run.info.status}, expected {expected}")
+        epochs = t.user_attrs.get("epochs_run") or t.user_attrs.get("pruned_at_epoch")
+        steps = [m.step for m in self.tracker.client.get_metric_history(run.info.run_id, "val_acc")]
+        if epochs is not None and sorted(steps) != list(range(1, int(epochs) + 1)):
+            dupes = sorted(s for s, n in collections.Counter(steps).items() if n > 1)
+            detail = f"duplicate steps {dupes}" if dupes else f"steps {sorted(steps)}"
+            self.note(where, f"val_acc has {len(steps)} values for {epochs} epochs ({detail})")
+        self.check_checkpoint(t, run)
+
+    def check_checkpoint(self, t: optuna.trial.FrozenTrial, run: Any) -> None:
+        where = f"trial {t.number}"
+        listed = {Path(a.path).name for a in self.tracker.client.list_artifacts(run.info.run_id, "checkpoints")}
+        missing = [n for n in ("best.safetensors", "best.json") if n not in listed]
+        if missing and self.repair:
+            folder = Path(t.user_attrs.get("checkpoint_dir", ""))
+            if all((folder / n).is_file() for n in missing):
+                for name in CHECKPOINT_FILES:
+                    if (folder / name).is_file() and name not in listed:
+                        self.tracker.log_artifact(run.info.run_id, folder / name, "checkpoints")
+                self.note(where, f"uploaded {', '.join(missing)} from {folder}", fixed=True)
+                missing = []
+        if missing:
+            self.note(where, f"MLflow run {run.info.run_id} lacks checkpoints/{', checkpoints/'.join(missing)}")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            got = Path(self.tracker.client.download_artifacts(run.info.run_id, "checkpoints/best.json", tmp))
+            weights = Path(self.tracker.client.download_artifacts(run.info.run_id, "checkpoints/best.safetensors",
+                                                                  tmp))
+            try:
+                recorded = json.loads(got.read_text()).get("sha256")
+            except ValueError:
+                recorded = None
+            if recorded != sha256(weights):
+                self.note(where, "checkpoints/best.safetensors does not match the SHA-256 in best.json")
+
+    def _checkpoint_dirs(self) -> list[Path]:
+        dirs = {Path(t.user_attrs["checkpoint_dir"]) for t in self.study.get_trials(deepcopy=False)
+                if t.user_attrs.get("checkpoint_dir")}
+        return sorted(d for d in dirs if d.is_dir())
+
+
+def _all_runs(client: Any, experiment: str | None, query: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment], query, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def check(study: optuna.Study, tracker: Any, repair: bool = False) -> list[Finding]:
+    """Every finding; the invariant holds when none is unfixed."""
+    return Checker(study, tracker, repair).run()

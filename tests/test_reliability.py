@@ -1,0 +1,183 @@
+"""Faults, each ending with `mnistlab study check` passing: kills, interrupts, a full disk, races."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from optuna.trial import TrialState
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+from mnistlab import study
+from mnistlab.objective import trained
+
+SMOKE = ROOT / "studies" / "smoke.yaml"
+SLOW = ["--epochs", "3", "--limit-train", "3000", "--limit-eval", "300", "--threads", "1", "--heartbeat", "1"]
+
+
+def start_worker(*extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mnistlab", "study", "run", str(SMOKE), *SLOW, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert path.exists(), proc.communicate()
+
+
+def check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run_cli("study", "check", "--name", "smoke", "--heartbeat", "1", *args, env=env)
+
+
+def uninterrupted_weights(tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Trial 0 (the base config) of the same study run without a fault, in its own folder."""
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    proc = run_cli("study", "run", str(SMOKE), *SLOW, "--n-trials", "1", "--storage",
+                   f"sqlite:///{clean / 'optuna.db'}", "--tracking-uri", f"sqlite:///{clean / 'mlflow.db'}",
+                   "--artifacts", str(clean / "artifacts"))
+    assert proc.returncode == 0, proc.stderr
+    return load_file(str(clean / "artifacts" / "smoke" / "trial-0" / "best.safetensors"))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sigkill_mid_epoch_is_found_repaired_and_resumed_to_the_same_weights(
+        tmp_path: Path, mlflow_db: str, backend: str, request: pytest.FixtureRequest) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    env = {"MNISTLAB_STORAGE": storage}
+    worker = start_worker("--n-trials", "1", env=env)
+    first = tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0" / "last.pt"
+    wait_for(first, worker)
+    time.sleep(0.3)  # into epoch 2
+    worker.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    worker.wait()
+    found = check(env=env)
+    assert found.returncode == 1 and "trial 0: RUNNING" in found.stdout, found.stdout + found.stderr
+    time.sleep(3.5)  # past the grace period of 3 heartbeats
+    repaired = check("--repair", env=env)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "repaired  trial 0: RUNNING without a heartbeat" in repaired.stdout
+    assert "parent run" in repaired.stdout and "ended FINISHED" in repaired.stdout
+    resumed = run_cli("study", "run", str(SMOKE), *SLOW, "--n-trials", "1", "--verbose", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stdout and "after epoch 1" in resumed.stdout
+    resume_seconds = time.monotonic() - killed_at
+    assert check(env=env).returncode == 0
+    s = study.load("smoke", study.open_storage(storage, heartbeat=None))
+    dead, retry = s.trials
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE and retry.params == dead.params
+    resumed_weights = load_file(str(tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0" / "best.safetensors"))
+    clean = uninterrupted_weights(tmp_path)
+    assert resumed_weights.keys() == clean.keys()
+    assert all(torch.equal(resumed_weights[k], clean[k]) for k in clean)  # bit for bit on the CPU
+    print(f"SIGKILL to a finished, resumed trial: {resume_seconds:.1f} s")
+
+
+def test_sigterm_saves_records_and_exits_within_seconds(tmp_path: Path, mlflow_db: str) -> None:
+    worker = start_worker("--n-trials", "1")
+    wait_for(tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0" / "last.pt", worker)
+    worker.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    out, err = worker.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert worker.returncode == 128 + signal.SIGTERM
+    assert took < 15, took
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err, err
+    s = study.load("smoke", study.open_storage(None, heartbeat=None))
+    (first, retry) = s.trials
+    assert first.state == TrialState.FAIL and first.user_attrs["reason"].startswith("interrupted by SIGTERM after")
+    assert retry.state == TrialState.WAITING and retry.user_attrs["root_trial"] == 0
+    from mlflow import MlflowClient
+
+    run = MlflowClient(mlflow_db).get_run(first.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["mnistlab.interrupted"] == "SIGTERM"
+    assert check().returncode == 0
+    resumed = run_cli("study", "run", str(SMOKE), *SLOW, "--n-trials", "1", "--verbose")
+    assert resumed.returncode == 0 and "Resuming from" in resumed.stdout, resumed.stderr
+    final = check()
+    assert final.returncode == 0, final.stdout
+
+
+def test_a_full_disk_fails_the_trial_cleanly_and_the_study_continues(tmp_path: Path, pg_url: str,
+                                                                     mlflow_server: str) -> None:
+    """The file-size limit of the worker drops below a checkpoint's size mid-trial (as a full disk
+    would refuse the write); the storage and MLflow are servers, so only checkpoints are written."""
+    env = {"MNISTLAB_STORAGE": pg_url, "MLFLOW_TRACKING_URI": mlflow_server}
+    worker = start_worker("--n-trials", "2", env=env)
+    folder = tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0"
+    wait_for(folder / "last.pt", worker)
+    before = (folder / "last.pt").read_bytes()
+    resource.prlimit(worker.pid, resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 2, out + err
+    assert "I/O error" in err and "File too large" in err and len(err.strip().splitlines()) == 1, err
+    assert (folder / "last.pt").read_bytes() == before  # the previous checkpoint is intact
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    s = study.load("smoke", study.open_storage(pg_url, heartbeat=None))
+    failed = s.trials[0]
+    assert failed.state == TrialState.FAIL and "File too large" in failed.user_attrs["reason"]
+    assert check(env=env).returncode == 0
+    again = run_cli("study", "run", str(SMOKE), *SLOW, "--n-trials", "2", "--verbose", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "Resuming from" in again.stdout
+    assert len([t for t in study.load("smoke", study.open_storage(pg_url, heartbeat=None)).trials
+                if trained(t)]) == 2
+    final = check(env=env)
+    assert final.returncode == 0, final.stdout
+
+
+@pytest.mark.parametrize("n_workers", [2, 4])
+def test_workers_starting_together_on_a_new_postgresql_study(tmp_path: Path, pg_url: str, mlflow_db: str,
+                                                             n_workers: int) -> None:
+    cmd = [sys.executable, "-m", "mnistlab", "study", "run", str(SMOKE), "--epochs", "1", "--limit-train", "600",
+           "--limit-eval", "200", "--threads", "1", "--n-trials", str(n_workers + 1), "--storage", pg_url]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(n_workers)]
+    results = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0] * n_workers, results
+    assert not [err for _, err in results if "Traceback" in err or "Error" in err], results
+    storage = study.open_storage(pg_url, heartbeat=None)
+    import optuna
+
+    assert optuna.get_all_study_names(storage) == ["smoke"]
+    s = study.load("smoke", storage)
+    assert [t.number for t in s.trials] == list(range(len(s.trials)))
+    assert len([t for t in s.trials if trained(t)]) == n_workers + 1
+    assert [t.number for t in s.trials if t.user_attrs.get("base")] == [0]  # one base trial, first
+    final = run_cli("study", "check", "--name", "smoke", "--storage", pg_url)
+    assert final.returncode == 0, final.stdout + final.stderr
+
+
+def test_check_reports_a_record_that_does_not_add_up(tmp_path: Path, mlflow_db: str) -> None:
+    proc = run_cli("study", "run", str(SMOKE), "--epochs", "1", "--limit-train", "600", "--limit-eval", "200",
+                   "--n-trials", "1")
+    assert proc.returncode == 0, proc.stderr
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    s = study.load("smoke", study.open_storage(None, heartbeat=None))
+    run_id = s.trials[0].user_attrs["mlflow_run_id"]
+    client = MlflowClient(mlflow_db)
+    client.log_batch(run_id, metrics=[Metric("val_acc", 50.0, 0, 1)])  # a duplicated epoch
+    client.set_terminated(run_id, "FAILED")
+    stored = next((tmp_path / "mlruns").rglob(f"{run_id}/artifacts/checkpoints/best.safetensors"))
+    raw = bytearray(stored.read_bytes())
+    raw[-5] ^= 0x01
+    stored.write_bytes(bytes(raw))
+    found = run_cli("study", "check", "--name", "smoke")
+    assert found.returncode == 1
+    assert "expected FINISHED" in found.stdout and "duplicate steps [1]" in found.stdout, found.stdout
+    assert "best.safetensors does not match the SHA-256 in best.json" in found.stdout
+    assert "1 problem" not in found.stdout and "3 problem(s)" in found.stdout
