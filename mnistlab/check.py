@@ -56,6 +56,12 @@ class Checker:
         if self.repair:
             self.send_local()
             self.fail_stale()
+        else:
+            for folder in self._checkpoint_dirs():
+                for name, what in (("mlflow-pending.json", "metrics kept during an MLflow outage, not sent yet"),
+                                   ("mlflow-unfinished.json", "a run MLflow could not end during an outage")):
+                    if (folder / name).is_file():
+                        self.note(str(folder / name), what)
         trials = self.study.get_trials(deepcopy=False)
         self.check_trials(trials)
         if self.tracker is not None and self.study.user_attrs.get("mlflow_parent_run_id"):
@@ -76,13 +82,19 @@ class Checker:
                 except Exception as exc:
                     self.note(str(pending), f"metrics still unsent ({type(exc).__name__}: {str(exc)[:120]})")
             if unfinished.is_file():
-                try:
-                    record = json.loads(unfinished.read_text())
-                    self.tracker.finish(record["run_id"], record["status"], record.get("tags"))
+                runs = json.loads(unfinished.read_text())
+                for run_id, record in list(runs.items()):
+                    try:
+                        self.tracker.finish(run_id, record["status"], record.get("tags"))
+                    except Exception as exc:
+                        self.note(str(unfinished), f"run {run_id} still not ended ({type(exc).__name__})")
+                        continue
+                    del runs[run_id]
+                    self.note(str(unfinished), f"run {run_id} ended {record['status']}", fixed=True)
+                if runs:
+                    unfinished.write_text(json.dumps(runs) + "\n")
+                else:
                     unfinished.unlink()
-                    self.note(str(unfinished), f"run {record['run_id']} ended {record['status']}", fixed=True)
-                except Exception as exc:
-                    self.note(str(unfinished), f"run still not ended ({type(exc).__name__}: {str(exc)[:120]})")
 
     def fail_stale(self) -> None:
         before = {t.number for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
@@ -151,6 +163,12 @@ class Checker:
 
     def check_trial_run(self, t: optuna.trial.FrozenTrial, found: list[Any]) -> None:
         where = f"trial {t.number}"
+        if not found and self.repair:
+            made = self.backfill(t)
+            if made is not None:
+                self.note(where, f"no MLflow run (MLflow was down when it started): created {made.info.run_id} "
+                                 "from its checkpoint", fixed=True)
+                found = [made]
         if len(found) != 1:
             self.note(where, f"{len(found)} MLflow runs, expected exactly 1")
             if not found:
@@ -167,6 +185,26 @@ class Checker:
             self.note(where, f"val_acc has {len(steps)} values for {epochs} epochs ({detail})")
         self.check_checkpoint(t, run)
 
+    def backfill(self, t: optuna.trial.FrozenTrial) -> Any:
+        """Make the missing run of a trial from its local checkpoint; None if that is gone too."""
+        from mnistlab import checkpoint
+        from mnistlab.config import from_dict
+        from mnistlab.tracking import StudyRecorder
+        from mnistlab.train import EpochMetrics
+
+        folder = Path(t.user_attrs.get("checkpoint_dir", ""))
+        last = checkpoint.latest_good(folder) if folder.is_dir() else None
+        if last is None:
+            return None
+        state = checkpoint.load_state(last)
+        history = [EpochMetrics(**m) for m in state["history"]]
+        epochs = t.user_attrs.get("epochs_run") or t.user_attrs.get("pruned_at_epoch") or len(history)
+        attrs = self.study.user_attrs
+        recorder = StudyRecorder(self.tracker, self.study.study_name, attrs.get("mlflow_experiment_id"),
+                                 attrs["mlflow_parent_run_id"], Path(attrs.get("study_file", "")))
+        run_id = recorder.backfill(t, from_dict(state["config"], str(last)), history[:epochs], folder)
+        return self.tracker.client.get_run(run_id)
+
     def check_checkpoint(self, t: optuna.trial.FrozenTrial, run: Any) -> None:
         where = f"trial {t.number}"
         listed = {Path(a.path).name for a in self.tracker.client.list_artifacts(run.info.run_id, "checkpoints")}
@@ -177,6 +215,8 @@ class Checker:
                 for name in CHECKPOINT_FILES:
                     if (folder / name).is_file() and name not in listed:
                         self.tracker.log_artifact(run.info.run_id, folder / name, "checkpoints")
+                if run.data.tags.get("mnistlab.missing_artifacts"):
+                    self.tracker.client.delete_tag(run.info.run_id, "mnistlab.missing_artifacts")
                 self.note(where, f"uploaded {', '.join(missing)} from {folder}", fixed=True)
                 missing = []
         if missing:

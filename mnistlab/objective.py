@@ -6,6 +6,7 @@ Data and the tracker come in through the callable class, so data loads once per 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,14 @@ class Objective:
         trial.set_user_attr("root_trial", root)
         trial.set_user_attr("checkpoint_dir", str(ckpt))
         device = str(resolve_device(cfg.train.device))
-        run = self.recorder.start(trial, cfg, n_params, ckpt, device) if self.recorder else None
+        run = None
+        if self.recorder is not None:
+            try:
+                run = self.recorder.start(trial, cfg, n_params, ckpt, device)
+            except Exception as exc:  # MLflow is down: train anyway; `study check --repair` makes the run later
+                warnings.warn(f"MLflow unreachable ({type(exc).__name__}); trial {trial.number} trains without its "
+                              "run, which `mnistlab study check --repair` creates from its checkpoint", stacklevel=2)
+                trial.set_user_attr("mlflow_missing", True)
         on_epoch = _Reporter(trial, run, multi=len(self.study.objectives) > 1)
         try:
             result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=root != trial.number,

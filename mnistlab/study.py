@@ -393,12 +393,16 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
     if not worker:
         trials = study.get_trials(deepcopy=False)
         recorder.summary(study, trials)
-        if status == "FINISHED":  # an interrupted run exits at once; `study report` draws the plots later
-            paths = report.write(study, cfg.objectives, opts.artifacts / cfg.name / "plots", recorder)
-            for path in paths:
-                tracker.log_artifact(recorder.parent_id, path, "plots")
-        if status != "FINISHED" or not any(t.state == TrialState.RUNNING for t in trials):
-            tracker.finish(recorder.parent_id, "KILLED" if status != "FINISHED" else status)
+        try:
+            if status == "FINISHED":  # an interrupted run exits at once; `study report` draws the plots later
+                paths = report.write(study, cfg.objectives, opts.artifacts / cfg.name / "plots", recorder)
+                for path in paths:
+                    tracker.log_artifact(recorder.parent_id, path, "plots")
+            if status != "FINISHED" or not any(t.state == TrialState.RUNNING for t in trials):
+                tracker.finish(recorder.parent_id, "KILLED" if status != "FINISHED" else status)
+        except Exception as exc:  # every trial is recorded in the storage and on disk already
+            warnings.warn(f"MLflow unreachable at the end of the study ({type(exc).__name__}); the parent run is "
+                          "not finished: run `mnistlab study check --repair` when it is back", stacklevel=2)
         if status == "FINISHED":
             print(status_table(study, cfg.objectives).to_string(max_rows=30))
     if failure is not None:

@@ -133,6 +133,50 @@ def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# MLflow's HTTP retries, unless the user set them: about 15 s of retrying (4 retries, backoff
+# 1, 2, 4, 8 s) rides out a server restart; a longer outage is queued locally instead of
+# stalling training for minutes (MLflow's defaults retry for about 2 minutes per call).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+OFFLINE_SECONDS = 30.0  # after a failed call, calls fail at once for this long (then one tries again)
+
+
+class Unreachable(OSError):
+    """The tracking server failed a call moments ago; not tried again yet."""
+
+
+class _Guarded:
+    """MlflowClient with a circuit breaker: while the server is known to be down, calls fail at
+    once instead of each waiting out MLflow's retries."""
+
+    def __init__(self, client: Any, tracker: Tracker) -> None:
+        self._inner, self._tracker = client, tracker
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            t = self._tracker
+            if time.monotonic() < t.offline_until:
+                raise Unreachable(f"MLflow at {mask(t.uri)} is unreachable (retrying later)")
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                if _connection_failure(exc):
+                    t.offline_until = time.monotonic() + OFFLINE_SECONDS
+                raise
+        return call
+
+
+def _connection_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, OSError) or any(sign in text for sign in (
+        "max retries exceeded", "connection refused", "connectionerror", "failed to establish",
+        "read timed out", "remote end closed", "502", "503", "504"))
+
+
 class Tracker:
     """An MLflow client bound to one tracking URI, with a local queue for what fails to send."""
 
@@ -141,15 +185,17 @@ class Tracker:
         self._client: Any = None
         self.pending: list[tuple[str, list[Any]]] = []  # (run_id, metrics) not yet accepted
         self._warned = False
+        self.offline_until = 0.0
 
     @property
     def client(self) -> Any:
         """The MlflowClient, made on first use (making it creates a local store's database)."""
         if self._client is None:
-            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # mnistlab says what it did
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
             from mlflow import MlflowClient
 
-            self._client = MlflowClient(self.uri)
+            self._client = _Guarded(MlflowClient(self.uri), self)
         return self._client
 
     def known(self) -> bool:
@@ -279,9 +325,11 @@ class Tracker:
         """Write unsent metrics to a JSON file (sent later by ``send_pending``)."""
         if self.flush():
             return None
-        rows = [{"run_id": r, "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
-                for r, ms in self.pending for m in ms]
+        rows = json.loads(path.read_text()) if path.is_file() else []  # an earlier attempt's, kept too
+        rows += [{"run_id": r, "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                 for r, ms in self.pending for m in ms]
         path.write_text(json.dumps(rows) + "\n")
+        self.pending.clear()  # they live in the file now; sending them twice would duplicate steps
         return path
 
     def send_pending(self, path: Path) -> int:
@@ -379,9 +427,10 @@ class RunLog:
     def complete(self, result: Any) -> None:
         """FINISHED, with the test figures and the checkpoints."""
         self._backfill(result.history)
-        self.tracker.log_metrics(self.run_id, {"test_acc": result.test_acc, "test_loss": result.test_loss,
-                                               "best_val_acc": result.best_val_acc,
-                                               "best_epoch": result.best_epoch}, step=result.epochs_run)
+        final = {"test_acc": result.test_acc, "test_loss": result.test_loss, "best_val_acc": result.best_val_acc,
+                 "best_epoch": result.best_epoch}
+        self.tracker.log_metrics(self.run_id, {k: v for k, v in final.items() if v is not None},
+                                 step=result.epochs_run)
         self._close("FINISHED", {"mnistlab.epochs_run": result.epochs_run, **self._artifacts()})
 
     def end(self, exc: BaseException, history: list[Any]) -> None:
@@ -399,6 +448,7 @@ class RunLog:
 
     def _close(self, status: str, tags: dict[str, Any]) -> None:
         """End the run; if MLflow is gone, keep what it missed beside the checkpoints and say so."""
+        self.tracker.offline_until = 0.0  # the end of a run is worth one more real attempt
         pending = self.tracker.save_pending(self.checkpoint_dir / "mlflow-pending.json")
         if pending is not None:
             warnings.warn(f"MLflow is unreachable; unsent metrics kept in {pending}", stacklevel=2)
@@ -406,7 +456,9 @@ class RunLog:
             self.tracker.finish(self.run_id, status, tags)
         except Exception as exc:  # the training result must survive a tracking outage
             note = self.checkpoint_dir / "mlflow-unfinished.json"
-            note.write_text(json.dumps({"run_id": self.run_id, "status": status, "tags": tags}) + "\n")
+            runs = json.loads(note.read_text()) if note.is_file() else {}
+            runs[self.run_id] = {"status": status, "tags": tags}
+            note.write_text(json.dumps(runs) + "\n")
             warnings.warn(f"could not end MLflow run {self.run_id} ({type(exc).__name__}); noted in {note}",
                           stacklevel=2)
 
@@ -433,6 +485,28 @@ class StudyRecorder:
                            files={"study": self.study_file})
         trial.set_user_attr("mlflow_run_id", run.run_id)
         return run
+
+    def backfill(self, trial: Any, cfg: Any, history: list[Any], checkpoint_dir: Path) -> str:
+        """The run of a trial that trained while MLflow was unreachable, made afterwards from its
+        checkpoint (``mnistlab study check --repair``); returns the new run id."""
+        import types
+
+        a = trial.user_attrs
+        tags = {STUDY_TAG: self.study, TRIAL_TAG: str(trial.number), "mnistlab.backfilled": "true"}
+        run = RunLog.start(self.tracker, self.experiment_id, f"trial-{trial.number}", cfg, a["param_count"],
+                           a.get("device", "cpu"), checkpoint_dir, tags, params=dict(trial.params),
+                           parent=self.parent_id, files={"study": self.study_file} if self.study_file.is_file() else {})
+        for m in history:
+            run.epoch(m)
+        if trial.state.name == "COMPLETE":
+            run.complete(types.SimpleNamespace(
+                history=history, test_acc=a.get("test_acc"), test_loss=None, best_val_acc=a.get("best_val_acc"),
+                best_epoch=a.get("best_epoch"), epochs_run=a.get("epochs_run", len(history))))
+        else:
+            from optuna import TrialPruned
+
+            run.end(TrialPruned(), history)
+        return run.run_id
 
     def summary(self, study: Any, trials: list[Any]) -> None:
         """Counts by state and the best trial so far, on the parent run (step = trials finished)."""

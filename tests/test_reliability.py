@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop
 from mnistlab import study
 from mnistlab.objective import trained
 
@@ -181,3 +182,36 @@ def test_check_reports_a_record_that_does_not_add_up(tmp_path: Path, mlflow_db: 
     assert "expected FINISHED" in found.stdout and "duplicate steps [1]" in found.stdout, found.stdout
     assert "best.safetensors does not match the SHA-256 in best.json" in found.stdout
     assert "1 problem" not in found.stdout and "3 problem(s)" in found.stdout
+
+
+def test_a_long_mlflow_outage_keeps_training_and_repair_sends_what_was_kept(tmp_path: Path,
+                                                                           _mlflow_template: Path) -> None:
+    """The server goes away after trial 0's first epoch and stays away for the rest of the study."""
+    shutil.copy(_mlflow_template, tmp_path / "server.db")
+    backend, port = f"sqlite:///{tmp_path / 'server.db'}", free_port()
+    server, url = start_mlflow_server(backend, tmp_path / "server-artifacts", port)
+    env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+    worker = start_worker("--n-trials", "2", env=env)
+    try:
+        wait_for(tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0" / "last.pt", worker)
+        stop(server)
+        out, err = worker.communicate(timeout=600)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err
+    assert "unsent metrics kept in" in err and "trains without its run" in err, err
+    s = study.load("smoke", study.open_storage(None, heartbeat=None))
+    assert len([t for t in s.trials if trained(t)]) == 2  # the outage stopped no training
+    server, _ = start_mlflow_server(backend, tmp_path / "server-artifacts", port)
+    try:
+        found = check(env=env)
+        assert found.returncode == 1
+        assert "not sent yet" in found.stdout and "0 MLflow runs, expected exactly 1" in found.stdout, found.stdout
+        repaired = check("--repair", env=env)
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        assert "metric values kept during an MLflow outage sent" in repaired.stdout
+        assert "created" in repaired.stdout and "from its checkpoint" in repaired.stdout
+        final = check(env=env)
+        assert final.returncode == 0, final.stdout
+    finally:
+        stop(server)
