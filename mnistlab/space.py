@@ -6,7 +6,10 @@ read, so a typo fails before a study is created.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,14 +251,32 @@ def _optional_positive(value: Any, key: str, where: str, tp: type = int) -> Any:
     return tp(value)
 
 
-def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
-    """The sampler a study file names."""
+def make_sampler(study: StudyConfig, salt: str | None = None) -> optuna.samplers.BaseSampler:
+    """The sampler a study file names; with ``salt``, its seed is mixed with it (see worker_salt)."""
     s = study.sampler
+    seed = s.seed
+    if seed is not None and salt:
+        seed = int(hashlib.sha256(f"{seed}:{salt}".encode()).hexdigest()[:8], 16)
     if s.name == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if s.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed)
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials)
+
+
+def worker_salt(trials: list[optuna.trial.FrozenTrial]) -> str | None:
+    """What keeps a seeded sampler from repeating itself.
+
+    The first worker on a fresh study uses the study file's seed as it is (a single-process
+    study is reproducible). A worker joining or continuing a study, one of `--workers N`, or
+    one with MNISTLAB_SEED_PER_WORKER=1 (the compose workers) mixes in its worker index, host,
+    process and the trials done so far: the same seed again would replay the same samples.
+    """
+    spawned = os.environ.get("MNISTLAB_WORKER")
+    started = any(t.state != optuna.trial.TrialState.WAITING for t in trials)
+    if not started and spawned in (None, "0") and os.environ.get("MNISTLAB_SEED_PER_WORKER") != "1":
+        return None
+    return f"{spawned}:{socket.gethostname()}:{os.getpid()}:{len(trials)}"
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from mnistlab.errors import Interrupted, UserError
 from mnistlab.objective import Objective, StudyFull, best_trial, state_label, trained
-from mnistlab.space import StudyConfig, make_pruner, make_sampler
+from mnistlab.space import StudyConfig, make_pruner, make_sampler, worker_salt
 from mnistlab.tracking import mask
 
 # Heartbeats and the retry callback are marked experimental; they are what makes workers crash-safe.
@@ -252,7 +252,8 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg),
+    salt = worker_salt(storage.get_all_trials(storage.get_study_id_from_name(cfg.name), deepcopy=False))
+    study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg, salt),
                               pruner=make_pruner(cfg))
     n_trials = opts.n_trials or cfg.n_trials
     objective = Objective(cfg, extra=opts.extra(), data_dir=opts.data_dir, artifacts=opts.artifacts,

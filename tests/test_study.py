@@ -192,3 +192,23 @@ def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, mlflow_d
     assert retry_run.data.tags["mnistlab.retry_of_run"] == dead_run.info.run_id
     steps = [m.step for m in client.get_metric_history(retry_run.info.run_id, "val_acc")]
     assert sorted(steps) == [1, 2, 3]  # epoch 1 came from the checkpoint, logged once
+
+
+def test_a_continued_study_does_not_replay_its_seed(tmp_path: Path) -> None:
+    """A seeded sampler restarted on the same study would suggest its first samples again."""
+    path = study_file(tmp_path, """
+max_params: 20000
+sampler: {name: random, seed: 3}
+pruner: none
+enqueue_base: false
+space:
+  model.dropout: {type: float, low: 0.0, high: 0.15}
+  model.widths.1: {type: int, low: 8, high: 48, step: 4}
+""")
+    fast = ["--epochs", "1", "--limit-train", "300", "--limit-eval", "100", "--threads", "1"]
+    assert run_cli("study", "run", str(path), *fast, "--n-trials", "2").returncode == 0
+    more = run_cli("study", "run", str(path), *fast, "--n-trials", "4")
+    assert more.returncode == 0, more.stderr
+    s = study.load("s", study.open_storage(None, heartbeat=None))
+    sampled = [tuple(sorted(t.params.items())) for t in s.trials]
+    assert len(sampled) == 4 and len(set(sampled)) == 4, sampled
