@@ -95,3 +95,23 @@ def test_full_train_reports_the_test_set_and_selects_nothing(data_dir: Path, cap
     assert result.history[0].eval_split == "test"
     assert result.best_epoch == 0  # no validation set, nothing chosen on test
     assert "Test: Average loss:" in capsys.readouterr().out
+
+
+class _Payload:
+    """A pickle that runs code when loaded: what a tampered checkpoint would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_malicious_pickle_checkpoint_is_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    last = tmp_path / "last.pt"
+    torch.save({"epoch": 1, "evil": _Payload(marker)}, last)
+    (tmp_path / "last.pt.sha256").write_text(data.sha256(last) + "\n")  # a tamperer rewrites the sidecar too
+    with pytest.raises(UserError, match="unreadable checkpoint"):
+        checkpoint.load_state(last)
+    assert not marker.exists()
