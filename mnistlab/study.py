@@ -453,7 +453,12 @@ def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -
                "best": "*" if (best is not None and t.number == best.number) or t.number in front else ""}
         row.update({k: v for k, v in t.params.items()})
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    for column in frame.columns:  # whole numbers stay whole beside a trial that has none yet
+        values = [r[column] for r in rows if r.get(column) is not None]
+        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            frame[column] = frame[column].astype("Int64")
+    return frame
 
 
 def status_table(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -> Any:
