@@ -6,7 +6,7 @@ number of trials of an empty objective in the same process is the reference (the
 cost of a trial). Prints milliseconds per trial for both, their ratio, and the cost of the
 parameter count alone.
 
-    python benchmarks/budget.py [--trials 50]
+    python benchmarks/budget.py [--trials 50] [--storage postgresql://USER@HOST/EMPTY_DB]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def timed_trials(s: optuna.Study, objective: object, n: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--storage", help="an empty database URL to use instead of a temporary SQLite file")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,7 +47,7 @@ def main() -> None:
                         "  model.widths.1: {type: int, low: 40, high: 64}\n"
                         "  model.dropout: {type: float, low: 0.0, high: 0.2}\n")
         cfg = space.load_study(path)
-        storage = study.open_storage(f"sqlite:///{tmp}/o.db", heartbeat=30)
+        storage = study.open_storage(args.storage or f"sqlite:///{tmp}/o.db", heartbeat=30)
         rejected = timed_trials(study.create(cfg, storage), Objective(cfg, n_trials=10**6), args.trials)
         empty = study.create(dataclasses.replace(cfg, name="empty"), storage)
         reference = timed_trials(empty, lambda t: t.suggest_int("model.widths.1", 40, 64) * 0.0, args.trials)
