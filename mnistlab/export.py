@@ -127,11 +127,25 @@ def describe(choice: Choice) -> str:
     lines.append(f"  params:          {_size(t):,}")
     lines.append(f"  validation acc:  {_acc(t):.2f}% (epoch {a.get('best_epoch')} of {a.get('epochs_run')})")
     lines.append(f"  test acc:        {a.get('test_acc', float('nan')):.2f}%")
+    cfg = _recorded_config(t)
+    if cfg is not None:
+        lines.append(f"  widths:          {list(cfg.model.widths)}")
+        lines.append(f"  dropout:         {cfg.model.dropout:g}")
+        lines.append(f"  lr:              {cfg.train.lr:g} ({cfg.train.schedule}, {cfg.train.optimizer})")
     for key in sorted(t.params):
         lines.append(f"  {key + ':':<17}{t.params[key]}")
     lines.append(f"  MLflow run:      {a.get('mlflow_run_id', '-')}")
     lines.append(f"  checkpoint:      {a.get('checkpoint_dir', '-')}")
     return "\n".join(lines)
+
+
+def _recorded_config(t: optuna.trial.FrozenTrial) -> ExperimentConfig | None:
+    """The full config a trial trained, from its checkpoint folder's best.json (None if not here)."""
+    meta = Path(t.user_attrs.get("checkpoint_dir", "")) / checkpoint.BEST_META
+    try:
+        return from_dict(json.loads(meta.read_text())["config"], str(meta))
+    except (OSError, ValueError, KeyError, UserError):
+        return None
 
 
 # -- the weights of a trial -------------------------------------------------------------------

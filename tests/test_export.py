@@ -57,6 +57,8 @@ def test_export_writes_every_format_verified(finished: dict) -> None:
     assert f"{info['test_acc']:.2f}%" in card and "learning_curves.png" in card and "Conv2d-1" in card
     assert f"test accuracy {info['test_acc']:.2f}%" in finished["stdout"]
     assert "registered models:/smoke@best" in finished["stdout"]
+    assert f"widths:          {info['config']['model']['widths']}" in finished["stdout"]
+    assert f"MLflow run:      {info['mlflow_run_id']}" in finished["stdout"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".export.")]  # no temporary left
 
 
