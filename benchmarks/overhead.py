@@ -1,0 +1,67 @@
+"""What tracking and storage cost a trial: the same training with everything on and with nothing.
+
+Alternates, in one process, (a) the bare trainer (`train()` with no checkpoints, no storage, no
+MLflow) and (b) a full trial as `mnistlab study run` makes it (Optuna SQLite storage with
+heartbeats, per-epoch checkpoints, an MLflow run on a local store with per-epoch metrics,
+artifacts and checkpoints uploaded), on the same config and data. Prints the median wall time
+of each and the overhead (b - a) / a.
+
+    python benchmarks/overhead.py [--repeats 3] [--epochs 2] [--limit-train 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+from mnistlab import space, study
+from mnistlab.config import get_path
+from mnistlab.objective import Objective
+from mnistlab.tracking import Tracker
+from mnistlab.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--limit-train", type=int, default=10_000)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    cfg = space.load_study(ROOT / "studies" / "smoke.yaml")
+    extra = {"train.epochs": args.epochs, "data.limit_train": args.limit_train, "data.limit_eval": 10_000}
+    trial_cfg = cfg.trial_config({}, extra)
+    bare, full = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        storage = study.open_storage(f"sqlite:///{root / 'optuna.db'}", heartbeat=30)
+        tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}")
+        s = study.create(cfg, storage)
+        recorder = study.recorder_for(s, cfg, tracker, f"sqlite:///{root / 'optuna.db'}")
+        objective = Objective(cfg, extra=extra, artifacts=root / "artifacts", recorder=recorder, verbose=False)
+        mnist = objective.data_for(trial_cfg)  # loaded once: the same tensors for both
+        base = {p.name: get_path(trial_cfg, p.name) for p in cfg.space}
+        train(trial_cfg, mnist, verbose=False)  # warm-up: allocator, oneDNN kernels
+        for i in range(args.repeats):
+            start = time.perf_counter()
+            train(trial_cfg, mnist, verbose=False)
+            bare.append(time.perf_counter() - start)
+            s.enqueue_trial(base)
+            start = time.perf_counter()
+            s.optimize(objective, n_trials=1)
+            full.append(time.perf_counter() - start)
+            print(f"repeat {i + 1}: bare {bare[-1]:.2f} s, full {full[-1]:.2f} s", flush=True)
+    a, b = statistics.median(bare), statistics.median(full)
+    print(f"median bare trainer: {a:.2f} s; full trial (storage + checkpoints + MLflow): {b:.2f} s")
+    print(f"overhead: {100 * (b - a) / a:+.1f}% of the trial ({args.epochs} epochs on {args.limit_train:,} images)")
+
+
+if __name__ == "__main__":
+    main()
