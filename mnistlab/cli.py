@@ -199,17 +199,11 @@ def study_check(
 ) -> None:
     """Verify that nothing is RUNNING and every trial's MLflow record and checkpoint are whole."""
     from mnistlab import check as chk
-    from mnistlab import space
     from mnistlab import study as st
     from mnistlab.tracking import check_reachable
 
-    if (study_file is None) == (name is None):
-        raise UserError("give a study file or --name NAME (one of them)")
-    if study_file is not None:
-        name = space.load_study(study_file).name
-    tracker = _study_tracker(tracking_uri, None)
-    store = st.open_storage(storage, heartbeat=heartbeat, tracker=tracker)
-    loaded = st.load(name, store)
+    loaded, _, _ = _study(study_file, name, storage)
+    name = loaded.study_name
     tracker = _study_tracker(tracking_uri, loaded)
     if loaded.user_attrs.get(st.PARENT_ATTR):
         check_reachable(tracker.uri)
@@ -217,6 +211,8 @@ def study_check(
             raise UserError(f"study {name!r} logs to MLflow, but there is no MLflow store at {tracker.uri}: "
                             "pass --tracking-uri")
         tracker.check_access()
+    if repair:  # failing stale trials needs the workers' heartbeat, and their runs this study's tracker
+        loaded = st.load(name, st.open_storage(storage, heartbeat=heartbeat, tracker=tracker))
     findings = chk.check(loaded, tracker, repair=repair)
     for finding in findings:
         print(finding)
@@ -321,10 +317,10 @@ def best(
     print(f"exported to {done.folder}: test accuracy {done.test_acc:.2f}% on {done.info['test_images']:,} "
           f"images, the same from every format ({formats})")
     if register:
-        _register(tracker, loaded, done, data_dir)
+        _register(tracker, loaded, done)
 
 
-def _register(tracker: Any, loaded: Any, done: Any, data_dir: Path | None) -> None:
+def _register(tracker: Any, loaded: Any, done: Any) -> None:
     from mnistlab import export as ex
     from mnistlab import study as st
     from mnistlab.tracking import register_model
@@ -333,10 +329,9 @@ def _register(tracker: Any, loaded: Any, done: Any, data_dir: Path | None) -> No
     if not run_id or not tracker.has_run(run_id):
         raise UserError(f"exported to {done.folder}, but MLflow at {tracker.uri} has no run "
                         f"{run_id}: pass the study's --tracking-uri, or --no-register")
-    example = ex.test_pixels(data_dir)[0][:2]  # two real test digits
     try:
         version = register_model(tracker, loaded.study_name, run_id, loaded.user_attrs.get(st.EXPERIMENT_ATTR),
-                                 done.folder / ex.ONNX, example,
+                                 done.folder / ex.ONNX, done.example,
                                  {"mnistlab.trial": done.info["trial"], "test_acc": done.test_acc,
                                   "params": done.info["params"]})
     except Exception as exc:

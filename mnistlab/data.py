@@ -183,13 +183,18 @@ def _split(x: np.ndarray, y: np.ndarray, device: torch.device) -> Split:
     return Split(images.unsqueeze(1).contiguous(), torch.from_numpy(y).to(device))
 
 
-def load(cfg: DataConfig, device: torch.device | str = "cpu", data_dir: Path | None = None) -> MnistData:
-    """The splits a config asks for, normalised once, on ``device`` (the cache is built on first use)."""
+def cached_arrays(data_dir: Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The verified cached splits, the cache built first if there is none yet."""
     root = data_dir or default_data_dir()
     if not (root / CACHE_FILE).exists():
         print(f"building the MNIST cache in {root} (once)", flush=True)
         prepare(root)
-    arrays = load_arrays(root)
+    return load_arrays(root)
+
+
+def load(cfg: DataConfig, device: torch.device | str = "cpu", data_dir: Path | None = None) -> MnistData:
+    """The splits a config asks for, normalised once, on ``device`` (the cache is built on first use)."""
+    arrays = cached_arrays(data_dir)
     device = torch.device(device)
     tx, ty = arrays["train"]
     if cfg.full_train:

@@ -197,11 +197,7 @@ class Classifier(torch.nn.Module):
 
 def test_pixels(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
     """The 10,000 test images as float32 pixels in [0, 1], (N, 1, 28, 28), and their labels."""
-    root = data_dir or data.default_data_dir()
-    if not (root / data.CACHE_FILE).exists():
-        print(f"building the MNIST cache in {root} (once)", flush=True)
-        data.prepare(root)
-    x, y = data.load_arrays(root)["test"]
+    x, y = data.cached_arrays(data_dir)["test"]
     return (x.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0), y.astype(np.int64)
 
 
@@ -282,6 +278,7 @@ class Exported:
     test_acc: float
     accuracies: dict[str, float]
     info: dict[str, Any]
+    example: np.ndarray  # two test images, the registry's input example
 
 
 def _prepare_target(out: Path, force: bool) -> None:
@@ -346,7 +343,7 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Exported(out, test_acc, accuracies, info)
+    return Exported(out, test_acc, accuracies, info, x[:2])
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
