@@ -1,0 +1,46 @@
+"""The GPU benchmark's own code path, run on the CPU: no GPU exists here, so this checks that the prepared
+script runs end to end and writes every figure it promises, not what a GPU would measure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def test_gpu_script_runs_every_part_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--no-compile",
+           "--batches", "2", "--warmup", "1", "--repeats", "1", "--epochs", "1", "--limit-train", "256",
+           "--workers", "1,2", "--worker-batches", "2", "--worker-seconds", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["device"] == "cpu"
+
+    throughput = figures["throughput"]
+    assert set(throughput["median_images_per_s"]) == {"reference", "mnistlab"}  # no CUDA-only or compiled paths
+    assert all(v > 0 for v in throughput["median_images_per_s"].values())
+    assert throughput["ratio_to_reference"]["reference"] == 1.0
+
+    epochs = figures["epochs"]
+    assert set(epochs) == {"plain"}
+    assert epochs["plain"]["epochs"] == 1 and epochs["plain"]["train_images"] == 256
+    assert 0.0 < epochs["plain"]["test_acc"] <= 100.0 and len(epochs["plain"]["seconds_per_epoch"]) == 1
+
+    workers = figures["workers"]
+    assert sorted(workers["rows"], key=int) == ["1", "2"]
+    assert len(workers["rows"]["2"]["rates"]) == 2 and all(r > 0 for r in workers["rows"]["2"]["rates"])
+    assert workers["rows"]["1"]["per_worker_vs_one"] == 1.0 and workers["served"] in (1, 2)
+    assert "served at >= 90% of one worker's rate" in proc.stdout
+
+
+def test_gpu_script_refuses_bad_arguments() -> None:
+    for bad in (["--parts", "speed"], ["--workers", "0,2"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), *bad],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, bad
+        assert "error:" in proc.stderr.strip().splitlines()[-1], proc.stderr
