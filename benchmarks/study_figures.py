@@ -5,7 +5,12 @@ Reads a study from its Optuna storage (nothing is trained) and prints:
   how many trials had been started by then, and the wall time from the study's first trial
   start to that trial's completion;
 - epochs run against epochs a study without pruning would have run (every trained trial for
-  the full `train.epochs`), and the fraction pruning saved.
+  the full `train.epochs`), and the fraction pruning saved;
+- the share of each completed trial's wall time spent outside its epochs (the trainer's own
+  per-epoch seconds cover training and validation): loading the data onto the device, building
+  the model, the test evaluation, and everything tracking and storage cost (checkpoints,
+  metrics, heartbeats, the MLflow run, Optuna's bookkeeping). An upper bound on the overhead
+  of tracking and storage in real trials.
 
 A retried trial (its worker died) counts once: its epochs are those of the retry, which
 resumed from the dead attempt's checkpoint.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 from optuna.trial import TrialState
 
@@ -48,6 +54,14 @@ def figures(s: object, target: float) -> dict[str, object]:
         "epochs_without_pruning": full * len(runs),
         "pruning_saved_fraction": round(1 - ran / (full * len(runs)), 3) if runs and full else None,
     }
+    whole = [t for t in trials if t.state == TrialState.COMPLETE and "retry_of_trial" not in t.user_attrs
+             and t.user_attrs.get("seconds_per_epoch") and t.datetime_complete]
+    if whole:  # a resumed retry's wall time covers only the epochs it ran itself, so it is left out
+        shares = sorted(1 - t.user_attrs["seconds_per_epoch"] * t.user_attrs["epochs_run"]
+                        / (t.datetime_complete - t.datetime_start).total_seconds() for t in whole)
+        out.update({"outside_epochs_trials": len(shares),
+                    "outside_epochs_median_fraction": round(statistics.median(shares), 4),
+                    "outside_epochs_max_fraction": round(shares[-1], 4)})
     if first is not None:
         out.update({
             "first_at_target_trial": first.number,
@@ -70,7 +84,7 @@ def main() -> None:
     s = study_mod.load(args.name, study_mod.open_storage(args.storage, heartbeat=None))
     result = figures(s, args.target)
     for key, value in result.items():
-        print(f"{key:>28}: {value}")
+        print(f"{key:>31}: {value}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
