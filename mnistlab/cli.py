@@ -27,16 +27,16 @@ app.add_typer(model_app, name="model")
 app.add_typer(study_app, name="study")
 
 DataDir = Annotated[Path | None, typer.Option(
-    "--data-dir", help="Data cache folder [env: MNISTLAB_DATA_DIR; default: ~/.cache/mnistlab].")]
+    "--data-dir", help="Data cache folder (env: MNISTLAB_DATA_DIR; default: ~/.cache/mnistlab).")]
 Overrides = Annotated[list[str] | None, typer.Argument(
     help="Config overrides as dotted key=value, e.g. train.lr=0.02 model.widths=[8,16,8,16,16,16].")]
 Storage = Annotated[str | None, typer.Option(
-    help="Optuna storage URL [env: MNISTLAB_STORAGE; default: sqlite:///optuna.db here].")]
+    help="Optuna storage URL (env: MNISTLAB_STORAGE; default: sqlite:///optuna.db here).")]
 TrackingUri = Annotated[str | None, typer.Option(
-    help="MLflow tracking URI [env: MLFLOW_TRACKING_URI; default: sqlite:///mlflow.db here].")]
+    help="MLflow tracking URI (env: MLFLOW_TRACKING_URI; default: sqlite:///mlflow.db here).")]
 Wait = Annotated[float, typer.Option(
     min=0, envvar="MNISTLAB_WAIT",
-    help="Seconds to wait for the storage and MLflow server to come up [env: MNISTLAB_WAIT].")]
+    help="Seconds to wait for the storage and MLflow server to come up.")]
 StudyFile = Annotated[Path | None, typer.Argument(help="Study YAML file.", show_default=False)]
 StudyName = Annotated[str | None, typer.Option("--name", help="Study name, instead of a study file.")]
 Artifacts = Annotated[Path, typer.Option(help="Folder for trial checkpoints and plots.")]
@@ -104,7 +104,7 @@ def train_cmd(
     limit_eval: Annotated[int | None, typer.Option(help="Evaluate on the first N images.")] = None,
     data_dir: DataDir = None,
     output: Annotated[Path | None, typer.Option(
-        help="Run folder for config, metrics and checkpoints [default: runs/NAME-TIME].")] = None,
+        help="Run folder for config, metrics and checkpoints (default: runs/NAME-TIME).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --output.")] = False,
     tracking_uri: TrackingUri = None,
     track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,

@@ -69,3 +69,12 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
 def test_debug_shows_the_traceback() -> None:
     proc = run_cli("--debug", "train", "missing.yaml")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_help_shows_where_defaults_come_from(capsys: pytest.CaptureFixture) -> None:
+    # The help renders with rich markup: square brackets in a help text would vanish as a tag.
+    code, out, _ = cli(capsys, "study", "run", "--help")
+    assert code == 0
+    text = " ".join(out.replace("│", " ").split())
+    for shown in ("MNISTLAB_STORAGE", "sqlite:///optuna.db", "MLFLOW_TRACKING_URI", "MNISTLAB_DATA_DIR"):
+        assert shown in text, shown
