@@ -69,14 +69,7 @@ def part_throughput(args: argparse.Namespace, device: torch.device, data_dir: Pa
                                                     ["train.compile=true"])
         if cuda and args.compile:
             paths["mnistlab+cudagraphs"] = CudaGraphs(data_dir, device, args.warmup, args.batches)
-        runs: dict[str, list[float]] = {name: [] for name in paths}
-        for r in range(args.repeats):
-            for name, path in paths.items():
-                start = time.perf_counter()
-                # The first measurement of a compiled path includes compilation in its warm-up, not its timing.
-                runs[name].append(path.measure(args.warmup, args.batches))
-                print(f"  repeat {r + 1}  {name:22s} {runs[name][-1]:9.0f} images/s"
-                      f"  ({time.perf_counter() - start:.1f} s with warm-up)", flush=True)
+        runs = tp.alternate(paths, args.repeats, args.warmup, args.batches)
     median = {name: statistics.median(v) for name, v in runs.items()}
     out = {"images_per_s": runs, "median_images_per_s": median,
            "seconds_per_epoch": {n: tp.EPOCH_IMAGES / v for n, v in median.items()},
