@@ -64,7 +64,8 @@ def main() -> None:
             start = time.perf_counter()
             s.optimize(objective, n_trials=1)
             full.append(time.perf_counter() - start)
-            attrs = s.trials[-1].user_attrs
+            ran = max((t for t in s.trials if t.datetime_complete), key=lambda t: t.datetime_complete)
+            attrs = ran.user_attrs  # the trial optimize just ran (the queue may hold another)
             full_outside = full[-1] - attrs["seconds_per_epoch"] * attrs["epochs_run"]
             added.append((full_outside - bare_outside) / bare[-1])
             print(f"repeat {i + 1}: bare {bare[-1]:.2f} s ({bare_outside:.2f} s outside epochs), "
