@@ -296,23 +296,40 @@ def best(
     force: Annotated[bool, typer.Option(help="Replace a non-empty --export folder.")] = False,
     register: Annotated[bool, typer.Option(
         help="With --export, also register the model in MLflow as models:/STUDY@best.")] = True,
+    refit: Annotated[bool, typer.Option(
+        "--refit", help="Retrain the pick on all 60,000 training images (its own recipe), --seeds times; read the "
+        "test set once per seed. --export then delivers the refit of the pick's own seed.")] = False,
+    seeds: Annotated[int, typer.Option(min=1, max=100, help="Seeds for --refit (its own seed, then the next).")] = 3,
+    artifacts: Artifacts = Path("mnistlab-artifacts"),
     tracking_uri: TrackingUri = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Print a study's best trial; with --export, deliver its model, verified in every format."""
+    """Print a study's best trial; --refit retrains it on all data; --export delivers it, verified in every format."""
     from mnistlab import export as ex
+    from mnistlab import refit as rf
+    from mnistlab import space
     from mnistlab.tracking import check_reachable
 
     loaded, _, objectives = _study(study_file, name, storage)
     choice = ex.pick(loaded, objectives, min_accuracy, max_params)
     print(ex.describe(choice))
-    if export is None:
+    if export is None and not refit:
         return
     tracker = _study_tracker(tracking_uri, loaded)
     check_reachable(tracker.uri)
     tracker.check_access()
-    done = ex.export(choice, loaded, export, force=force, tracker=tracker if tracker.known() else None,
-                     data_dir=data_dir)
+    known = tracker if tracker.known() else None
+    refitted = None
+    if refit:
+        budget = int(loaded.user_attrs.get("max_params", 1 << 62))
+        if study_file is not None:
+            budget = min(budget, space.load_study(study_file).max_params)
+        print()
+        refitted = rf.for_choice(choice, loaded, budget, seeds, artifacts, known, data_dir)
+        print(rf.describe(refitted))
+    if export is None:
+        return
+    done = ex.export(choice, loaded, export, force=force, tracker=known, data_dir=data_dir, refit=refitted)
     formats = ", ".join(f"{k} {v:.2f}%" for k, v in done.accuracies.items())
     print(f"exported to {done.folder}: test accuracy {done.test_acc:.2f}% on {done.info['test_images']:,} "
           f"images, the same from every format ({formats})")

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.trial import TrialState
 
 from mnistlab import checkpoint, data
+from mnistlab import trials as trials_mod
 from mnistlab.config import ExperimentConfig, from_dict
 from mnistlab.errors import UserError
 from mnistlab.model import build_model, count_params, summary
@@ -45,37 +45,43 @@ OUTPUT = {"name": "log_probs", "shape": [None, 10], "dtype": "float32", "meaning
 
 @dataclass
 class Choice:
-    """The picked trial, the rule that picked it, and (for two objectives) the Pareto front."""
+    """The picked configuration, the rule that picked it, the Pareto front (two objectives) and
+    the configurations within noise of it."""
 
-    trial: optuna.trial.FrozenTrial
+    group: trials_mod.Group
     rule: str
-    front: list[optuna.trial.FrozenTrial] = field(default_factory=list)
+    front: list[trials_mod.Group] = field(default_factory=list)
+    tied: list[trials_mod.Group] = field(default_factory=list)
+
+    @property
+    def trial(self) -> optuna.trial.FrozenTrial:
+        """The search trial of the configuration (its weights are the export's without --refit)."""
+        return self.group.first
 
 
-def candidates(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Completed, trained trials within the study's budget, with their figures recorded."""
+def candidates(study: optuna.Study) -> list[trials_mod.Group]:
+    """Configurations of completed, trained trials within the study's budget, seed repeats grouped."""
     budget = study.user_attrs.get("max_params")
-    return [t for t in study.get_trials(deepcopy=False)
-            if t.state == TrialState.COMPLETE and t.user_attrs.get("trained")
-            and "best_val_acc" in t.user_attrs and "param_count" in t.user_attrs
-            and (budget is None or t.user_attrs["param_count"] <= budget)]
+    return [g for g in trials_mod.groups(study.get_trials(deepcopy=False))
+            if "param_count" in g.first.user_attrs and (budget is None or g.params <= budget)]
 
 
-def pareto(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """Trials no other trial beats on both validation accuracy and size, smallest first."""
-    front = [t for t in trials if not any(
-        _acc(o) >= _acc(t) and _size(o) <= _size(t) and (_acc(o), _size(o)) != (_acc(t), _size(t))
-        for o in trials)]
-    return sorted(front, key=lambda t: (_size(t), -_acc(t), t.number))
+def pareto(groups: list[trials_mod.Group]) -> list[trials_mod.Group]:
+    """Configurations no other beats on both (seed-mean) validation score and size, smallest first."""
+    front = [g for g in groups if not any(
+        o.mean >= g.mean and o.params <= g.params and (o.mean, o.params) != (g.mean, g.params) for o in groups)]
+    return sorted(front, key=lambda g: (g.params, -g.mean, g.number))
 
 
 def pick(study: optuna.Study, objectives: tuple[str, ...] | list[str], min_accuracy: float | None = None,
          max_params: int | None = None) -> Choice:
-    """The trial to export.
+    """The configuration to export, by validation scores only.
 
-    With ``min_accuracy``: the fewest parameters among trials at or above it. Otherwise the
-    highest validation accuracy (among trials with at most ``max_params`` when given). Ties go
-    to the smaller network, then to the earlier trial.
+    Where some configurations were confirmed with seed repeats, only those with the most seeds
+    compete (a single seed's score is not comparable with a seed mean). With ``min_accuracy``:
+    the fewest parameters among those whose score is at or above it. Otherwise the highest
+    score (among those with at most ``max_params`` when given). Ties go to the smaller
+    network, then to the earlier trial.
     """
     pool = candidates(study)
     name = study.study_name
@@ -83,50 +89,62 @@ def pick(study: optuna.Study, objectives: tuple[str, ...] | list[str], min_accur
         raise UserError(f"study {name!r} has no completed trials to pick from")
     front = pareto(pool) if len(objectives) > 1 else []
     if max_params is not None:
-        best_size = min(map(_size, pool))
-        pool = [t for t in pool if _size(t) <= max_params]
+        best_size = min(g.params for g in pool)
+        pool = [g for g in pool if g.params <= max_params]
         if not pool:
             raise UserError(f"study {name!r}: no completed trial has at most {max_params:,} params "
                             f"(the smallest has {best_size:,})")
+    most = max(g.n_seeds for g in pool)
+    pool = [g for g in pool if g.n_seeds == most]
+    seeds = f", mean of {most} seeds" if most > 1 else ""
     if min_accuracy is not None:
-        best_acc = max(map(_acc, pool))
-        pool = [t for t in pool if _acc(t) >= min_accuracy]
-        if not pool:
+        best_acc = max(g.mean for g in pool)
+        passing = [g for g in pool if g.mean >= min_accuracy]
+        if not passing:
             raise UserError(f"study {name!r}: no completed trial reaches {min_accuracy}% validation accuracy"
                             + (f" with at most {max_params:,} params" if max_params is not None else "")
                             + f" (the best is {best_acc:.2f}%)")
-        chosen = min(pool, key=lambda t: (_size(t), -_acc(t), t.number))
-        rule = f"fewest params at >= {min_accuracy}% validation accuracy"
+        chosen = min(passing, key=lambda g: (g.params, -g.mean, g.number))
+        rule = f"fewest params at >= {min_accuracy}% validation score{seeds}"
     else:
-        chosen = min(pool, key=lambda t: (-_acc(t), _size(t), t.number))
-        rule = "highest validation accuracy" + (f" with <= {max_params:,} params" if max_params is not None else "")
-    return Choice(chosen, rule, front)
+        chosen = min(pool, key=trials_mod.rank_key)
+        rule = "highest validation score" + seeds + (f" with <= {max_params:,} params" if max_params else "")
+    best = min(pool, key=trials_mod.rank_key)
+    tied = [g for g in sorted(pool, key=trials_mod.rank_key)
+            if g.number != chosen.number and trials_mod.tied(g, best)]
+    return Choice(chosen, rule, front, tied)
 
 
-def _acc(t: optuna.trial.FrozenTrial) -> float:
-    return float(t.user_attrs["best_val_acc"])
-
-
-def _size(t: optuna.trial.FrozenTrial) -> int:
-    return int(t.user_attrs["param_count"])
+def _measured(t: optuna.trial.FrozenTrial) -> str:
+    """What a trial's own test figure was measured on (a limited run reads fewer images)."""
+    cfg = _recorded_config(t)
+    n = (cfg.data.limit_eval if cfg is not None and cfg.data.limit_eval else None) or data.SIZES["test"]
+    return f"{n:,} test images"
 
 
 def describe(choice: Choice) -> str:
-    """What `mnistlab best` prints: the front (two objectives), then the chosen trial."""
+    """What `mnistlab best` prints: the front (two objectives), the pick, the ones tied with it."""
     lines = []
     if choice.front:
-        lines.append("Pareto front (validation accuracy against params):")
-        for t in choice.front:
-            mark = "*" if t.number == choice.trial.number else " "
-            lines.append(f" {mark} trial {t.number:>4}  {_size(t):>7,} params  val {_acc(t):.2f}%  "
-                         f"test {t.user_attrs.get('test_acc', float('nan')):.2f}%")
+        lines.append("Pareto front (validation score against params):")
+        for g in choice.front:
+            mark = "*" if g.number == choice.group.number else " "
+            lines.append(f" {mark} trial {g.number:>4}  {g.params:>7,} params  val {g.describe()}")
         lines.append("")
-    t = choice.trial
+    g, t = choice.group, choice.trial
     a = t.user_attrs
+    total = int(a.get(trials_mod.VAL_TOTAL, data.SIZES["val"]))
     lines.append(f"best trial: {t.number} ({choice.rule})")
-    lines.append(f"  params:          {_size(t):,}")
-    lines.append(f"  validation acc:  {_acc(t):.2f}% (epoch {a.get('best_epoch')} of {a.get('epochs_run')})")
-    lines.append(f"  test acc:        {a.get('test_acc', float('nan')):.2f}%")
+    lines.append(f"  params:          {g.params:,}")
+    lines.append(f"  validation:      {g.describe()} (score: mean of the last {trials_mod.SCORE_EPOCHS} epochs "
+                 f"on {total:,} validation images; ± one standard error)")
+    if g.n_seeds > 1:
+        per_seed = ", ".join(f"seed {m.user_attrs.get(trials_mod.SEED, _seed(m))} {trials_mod.score(m):.2f}%"
+                             for m in g.members)
+        lines.append(f"  per seed:        {per_seed}")
+    lines.append(f"  best epoch:      {_acc(t):.2f}% validation (epoch {a.get('best_epoch')} of {a.get('epochs_run')})")
+    lines.append(f"  test acc:        {a.get('test_acc', float('nan')):.2f}% on {_measured(t)} (trial {t.number}'s "
+                 "best-epoch weights; reported, never used to choose)")
     cfg = _recorded_config(t)
     if cfg is not None:
         lines.append(f"  widths:          {list(cfg.model.widths)}")
@@ -136,7 +154,21 @@ def describe(choice: Choice) -> str:
         lines.append(f"  {key + ':':<17}{t.params[key]}")
     lines.append(f"  MLflow run:      {a.get('mlflow_run_id', '-')}")
     lines.append(f"  checkpoint:      {a.get('checkpoint_dir', '-')}")
+    if choice.tied:
+        lines.append("")
+        lines.append(f"within noise of the best (difference under {trials_mod.Z} standard errors):")
+        for o in choice.tied:
+            lines.append(f"  ~ trial {o.number:>4}  {o.params:>7,} params  val {o.describe()}")
     return "\n".join(lines)
+
+
+def _seed(t: optuna.trial.FrozenTrial) -> Any:
+    cfg = _recorded_config(t)
+    return cfg.train.seed if cfg is not None else "?"
+
+
+def _acc(t: optuna.trial.FrozenTrial) -> float:
+    return float(t.user_attrs["best_val_acc"])
 
 
 def _recorded_config(t: optuna.trial.FrozenTrial) -> ExperimentConfig | None:
@@ -293,9 +325,23 @@ def _prepare_target(out: Path, force: bool) -> None:
         raise UserError(f"export folder {out}: {parent} is not writable")
 
 
+def refit_weights(refit: Any) -> tuple[ExperimentConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """The exported refit's final weights and config, checksum- and shape-verified."""
+    folder = refit.exported.folder
+    weights, meta = checkpoint.load_best(folder)
+    cfg = from_dict(meta.get("config"), f"{folder / checkpoint.BEST_META}")
+    net = build_model(cfg.model)
+    try:
+        net.load_state_dict(weights, strict=True)
+    except RuntimeError:
+        raise UserError(f"{folder / checkpoint.BEST}: weights do not match their config") from None
+    return cfg, weights, meta
+
+
 def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = False, tracker: Any = None,
-           data_dir: Path | None = None) -> Exported:
-    """Write the picked trial's model into ``out``: all of it, checked, or nothing."""
+           data_dir: Path | None = None, refit: Any = None) -> Exported:
+    """Write the picked trial's model (or, with ``refit``, its exported refit) into ``out``:
+    all of it, checked, or nothing."""
     from mnistlab.tracking import environment
 
     out = out.resolve()
@@ -306,22 +352,28 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
     except OSError as exc:
         raise UserError(f"export folder {out}: cannot write in {out.parent} ({exc.strerror})") from None
     try:
-        cfg, weights, meta = trial_weights(trial, tracker, tmp / ".download")
+        if refit is not None:
+            cfg, weights, meta = refit_weights(refit)
+        else:
+            cfg, weights, meta = trial_weights(trial, tracker, tmp / ".download")
         shutil.rmtree(tmp / ".download", ignore_errors=True)
         _write_model_files(tmp, cfg, weights)
         x, y = test_pixels(data_dir)
         accuracies = agreement(outputs(tmp, cfg, x), y)
         test_acc = accuracies["safetensors"]
         a = trial.user_attrs
-        curves = _learning_curves(trial, tracker, tmp / CURVES)
+        curves = refit is None and _learning_curves(trial, tracker, tmp / CURVES)
         files = [WEIGHTS, TORCHSCRIPT, ONNX] + ([CURVES] if curves else [])
         info = {
             "format": FORMAT,
             "study": study.study_name,
             "trial": trial.number,
-            "mlflow_run_id": a.get("mlflow_run_id"),
+            "mlflow_run_id": refit.exported.run_id if refit is not None else a.get("mlflow_run_id"),
             "params": count_params(cfg.model),
-            "val_acc": meta.get("val_acc", a.get("best_val_acc")),
+            "val_acc": meta.get("val_acc") or a.get("best_val_acc"),
+            "val_score": round(choice.group.mean, 4),
+            "val_score_se": round(choice.group.se, 4),
+            "val_seeds": choice.group.n_seeds,
             "best_epoch": meta.get("epoch", a.get("best_epoch")),
             "epochs_run": a.get("epochs_run"),
             "test_acc": test_acc,
@@ -329,6 +381,7 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
             "trial_test_acc": a.get("test_acc"),
             "trial_test_images": cfg.data.limit_eval or data.SIZES["test"],
             "picked_by": choice.rule,
+            "refit": refit.summary() if refit is not None else None,
             "input": INPUT,
             "output": OUTPUT,
             "files": {name: data.sha256(tmp / name) for name in files},
@@ -392,6 +445,32 @@ def _learning_curves(trial: optuna.trial.FrozenTrial, tracker: Any, path: Path) 
     return True
 
 
+def _seeds(info: dict[str, Any]) -> str:
+    return f", mean of {info['val_seeds']} seeds" if info.get("val_seeds", 1) > 1 else ""
+
+
+def _test_rows(info: dict[str, Any]) -> list[str]:
+    r = info.get("refit")
+    if not r:
+        return [f"| test accuracy recorded by the trial | {info['trial_test_acc']}% on "
+                f"{info['trial_test_images']:,} images |"]
+    per_seed = ", ".join(f"seed {k}: {v:.2f}%" for k, v in r["test_acc"].items())
+    return [f"| refit test accuracy over {len(r['seeds'])} seeds | mean {r['test_acc_mean']:.2f}% ± "
+            f"{r['test_acc_std']:.2f} (std), min {r['test_acc_min']:.2f}% ({per_seed}) |"]
+
+
+def _protocol(info: dict[str, Any]) -> list[str]:
+    r = info.get("refit")
+    if not r:
+        return ["The weights are those of the trial's best validation epoch. Validation picked them; the",
+                "test set was never used for a choice."]
+    return [f"Protocol: validation (the last 10,000 training images) picked trial {info['trial']}'s configuration.",
+            "It was then trained again on all training images, with its own recipe and epochs, once per seed",
+            f"({', '.join(map(str, r['seeds']))}); each refit read the test set once, after its last epoch. These",
+            f"are the weights of seed {r['exported_seed']}, the configuration's own seed, fixed before any test",
+            "figure existed; the other seeds show the spread."]
+
+
 def model_card(info: dict[str, Any], cfg: ExperimentConfig, accuracies: dict[str, float], curves: bool) -> str:
     """MODEL_CARD.md: what the model is, how good, how to load each file."""
     m = cfg.model
@@ -405,18 +484,18 @@ def model_card(info: dict[str, Any], cfg: ExperimentConfig, accuracies: dict[str
         "| | |",
         "|---|---|",
         f"| parameters | {info['params']:,} |",
-        f"| validation accuracy | {info['val_acc']:.2f}% (epoch {info['best_epoch']} of {info['epochs_run']}) |",
+        f"| validation score | {info['val_score']:.2f}% ± {info['val_score_se']:.2f} (mean of the last "
+        f"epochs{_seeds(info)}; what picked it) |",
         f"| test accuracy (re-measured at export) | {info['test_acc']:.2f}% on {info['test_images']:,} images |",
         f"| test accuracy per format | {acc} |",
-        f"| test accuracy recorded by the trial | {info['trial_test_acc']}% on {info['trial_test_images']:,} images |",
+        *_test_rows(info),
         f"| widths | {list(m.widths)} |",
         f"| dropout | {m.dropout} |",
         f"| learning rate | {cfg.train.lr} ({cfg.train.schedule}, {cfg.train.optimizer}) |",
         f"| MLflow run | {info['mlflow_run_id']} |",
         f"| git commit | {info['git_commit']} |",
         "",
-        "The weights are those of the trial's best validation epoch. Validation picked them; the",
-        "test set was never used for a choice.",
+        *_protocol(info),
         "",
     ]
     if curves:

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnistlab import data as data_mod
+from mnistlab import trials as tr
 from mnistlab.config import ExperimentConfig
 from mnistlab.errors import Interrupted, UserError
 from mnistlab.model import count_params
@@ -52,7 +53,7 @@ class Objective:
                 warnings.warn(f"MLflow unreachable ({type(exc).__name__}); trial {trial.number} trains without its "
                               "run, which `mnistlab study check --repair` creates from its checkpoint", stacklevel=2)
                 trial.set_user_attr("mlflow_missing", True)
-        on_epoch = _Reporter(trial, run, multi=len(self.study.objectives) > 1)
+        on_epoch = _Reporter(trial, run, multi=len(self.study.objectives) > 1, epochs=cfg.train.epochs)
         try:
             result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=root != trial.number,
                            verbose=self.verbose)
@@ -71,8 +72,12 @@ class Objective:
         """The trial's config and exact parameter count; over-budget or invalid ones never train."""
         start = time.perf_counter()
         values = {p.name: _suggest(trial, p) for p in self.study.space}
+        repeat = trial.user_attrs.get(tr.REPEAT_OF)
+        extra = dict(self.extra)
+        if repeat is not None:  # a seed repeat: the same configuration with another seed
+            extra["train.seed"] = int(trial.user_attrs[tr.SEED])
         try:
-            cfg = self.study.trial_config(values, self.extra)
+            cfg = self.study.trial_config(values, extra)
         except UserError as exc:
             trial.set_user_attr("reason", f"invalid config: {exc}")
             raise optuna.TrialPruned("invalid config") from None
@@ -82,7 +87,10 @@ class Objective:
             trial.set_user_attr("reason", f"over budget: {n_params:,} > {self.study.max_params:,} params "
                                           f"(rejected in {1000 * (time.perf_counter() - start):.1f} ms)")
             raise optuna.TrialPruned("over budget")
-        claim(trial, self.n_trials, self.study.target)
+        if repeat is None:
+            claim(trial, self.n_trials, self.study.target)
+        else:
+            claim_repeat(trial)
         return cfg, n_params
 
     def data_for(self, cfg: ExperimentConfig) -> data_mod.MnistData:
@@ -95,7 +103,8 @@ class Objective:
 
     def values(self, result: Result, n_params: int) -> float | tuple[float, ...]:
         best = result.history[result.best_epoch - 1] if result.best_epoch else result.history[-1]
-        table = {"val_acc": result.best_val_acc, "params": float(n_params), "val_loss": best.val_loss}
+        score = tr.trial_score([m.val_acc for m in result.history])
+        table = {"val_acc": score, "params": float(n_params), "val_loss": best.val_loss}
         out = tuple(table[o] for o in self.study.objectives)
         return out[0] if len(out) == 1 else out
 
@@ -120,6 +129,9 @@ def _failed(trial: optuna.Trial, exc: BaseException, root: int, run_id: str | No
         study = getattr(trial, "study", None)
         if retryable(exc) and study is not None:
             attrs = {"root_trial": root, "retry_of_trial": trial.number}
+            for key in (tr.REPEAT_OF, tr.SEED):  # a seed repeat's retry is still that repeat
+                if key in trial.user_attrs:
+                    attrs[key] = trial.user_attrs[key]
             if run_id:
                 attrs["mlflow_run_id"] = run_id  # the retry's run links to this one
             study.enqueue_trial(dict(trial.params), user_attrs=attrs)
@@ -141,6 +153,11 @@ def trained(t: optuna.trial.FrozenTrial) -> bool:
     return bool(t.user_attrs.get("trained")) and t.state in (*FINISHED, TrialState.RUNNING)
 
 
+def search_trained(t: optuna.trial.FrozenTrial) -> bool:
+    """A trained trial of the search itself; seed repeats do not count toward n_trials."""
+    return trained(t) and not tr.is_repeat(t)
+
+
 def state_label(t: optuna.trial.FrozenTrial) -> str:
     """The trial's state, with OVER_BUDGET and SKIPPED for pruned trials that never trained."""
     if t.state == TrialState.PRUNED and not t.user_attrs.get("trained"):
@@ -149,11 +166,10 @@ def state_label(t: optuna.trial.FrozenTrial) -> str:
 
 
 def best_trial(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
-    """Highest validation accuracy among completed trials (fewest params breaks ties)."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and "best_val_acc" in t.user_attrs]
-    if not done:
-        return None
-    return max(done, key=lambda t: (t.user_attrs["best_val_acc"], -t.user_attrs.get("param_count", 0)))
+    """The search trial of the best configuration (see trials.best_group): highest score,
+    seed-averaged where it was repeated; fewest params, then the earlier trial, break ties."""
+    group = tr.best_group(trials)
+    return group.first if group is not None else None
 
 
 def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait: float = 10.0) -> None:
@@ -176,18 +192,43 @@ def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait:
         time.sleep(0.1)
     reached = target is not None and any(
         t.state in FINISHED and t.user_attrs.get("best_val_acc", 0) >= target for t in earlier)
-    if reached or (n_trials is not None and sum(map(trained, earlier)) >= n_trials):
+    if reached or (n_trials is not None and sum(map(search_trained, earlier)) >= n_trials):
         why = f"target {target}% reached" if reached else f"the study has its {n_trials} trained trials"
         trial.set_user_attr("trained", False)
         trial.set_user_attr("reason", f"not run: {why}")
         raise StudyFull(why)
 
 
+def claim_repeat(trial: optuna.Trial, wait: float = 10.0) -> None:
+    """A seed repeat trains once: not when an earlier trial already trains or trained the same
+    (configuration, seed). Several workers may enqueue the same repeat; trial numbers decide."""
+    trial.set_user_attr("trained", True)
+    study = getattr(trial, "study", None)
+    if study is None:
+        return
+    key = (trial.user_attrs[tr.REPEAT_OF], trial.user_attrs[tr.SEED])
+    deadline = time.monotonic() + wait
+    while True:
+        same = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number
+                and (t.user_attrs.get(tr.REPEAT_OF), t.user_attrs.get(tr.SEED)) == key]
+        undecided = [t for t in same if t.state == TrialState.RUNNING and "trained" not in t.user_attrs]
+        if not undecided or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if any(trained(t) for t in same):
+        trial.set_user_attr("trained", False)
+        trial.set_user_attr("reason", f"not run: seed {key[1]} of trial {key[0]} is already trained")
+        raise StudyFull("duplicate seed repeat")
+
+
 class _Reporter:
     """The trainer's epoch callback: log to MLflow, report to Optuna, prune."""
 
-    def __init__(self, trial: optuna.Trial, run: Any, multi: bool) -> None:
-        self.trial, self.run, self.multi = trial, run, multi
+    def __init__(self, trial: optuna.Trial, run: Any, multi: bool, epochs: int) -> None:
+        # a seed repeat is never pruned: it measures a configuration, it does not search
+        self.trial, self.run = trial, run
+        self.multi = multi or tr.REPEAT_OF in trial.user_attrs
+        self.epochs = epochs
         self.history: list[EpochMetrics] = []
 
     def __call__(self, m: EpochMetrics) -> None:
@@ -197,16 +238,19 @@ class _Reporter:
         if self.multi:
             return  # Optuna cannot prune multi-objective studies
         self.trial.report(m.val_acc, m.epoch)
-        if self.trial.should_prune():
+        if m.epoch < self.epochs and self.trial.should_prune():  # a trial that ran every epoch competes
             best = max(self.history, key=lambda h: h.val_acc)
             self.trial.set_user_attr("best_val_acc", best.val_acc)
             self.trial.set_user_attr("best_epoch", best.epoch)
             self.trial.set_user_attr("epochs_run", m.epoch)
             self.trial.set_user_attr("pruned_at_epoch", m.epoch)
+            tr.record_score(self.trial, [h.val_acc for h in self.history], m.val_total)
             raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
 
 
 def _record(trial: optuna.Trial, r: Result) -> None:
+    if r.history and r.history[-1].eval_split == "val":
+        tr.record_score(trial, [m.val_acc for m in r.history], r.history[-1].val_total)
     for key, value in {"best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch, "test_acc": r.test_acc,
                        "epochs_run": r.epochs_run, "device": r.device,
                        "seconds_per_epoch": round(r.seconds_per_epoch, 3)}.items():

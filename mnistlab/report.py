@@ -9,6 +9,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from mnistlab import trials as tr
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -42,14 +44,15 @@ def history(done: list[optuna.trial.FrozenTrial], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     numbers = [t.number for t in done]
-    accs = [t.user_attrs["best_val_acc"] for t in done]
+    accs = [tr.score(t) for t in done]
     best, running = [], 0.0
     for a in accs:
         running = max(running, a)
         best.append(running)
-    ax.scatter(numbers, accs, s=18, label="trial")
+    ax.errorbar(numbers, accs, yerr=[tr.se(t) for t in done], fmt="o", ms=4, capsize=2,
+                label="trial (± 1 standard error)")
     ax.step(numbers, best, where="post", color="C3", label="best so far")
-    ax.set(xlabel="trial", ylabel="best validation accuracy (%)", title="Optimisation history")
+    ax.set(xlabel="trial", ylabel="validation score (%)", title="Optimisation history")
     _integer_x(ax)
     ax.legend()
     return _save(fig, path)
@@ -58,16 +61,18 @@ def history(done: list[optuna.trial.FrozenTrial], path: Path) -> Path:
 def accuracy_vs_params(study: optuna.Study, done: list[optuna.trial.FrozenTrial], multi: bool, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter([t.user_attrs["param_count"] for t in done], [t.user_attrs["best_val_acc"] for t in done],
-               s=18, label="completed trial")
+    groups = tr.groups(done)
+    ax.errorbar([g.params for g in groups], [g.mean for g in groups], yerr=[g.se for g in groups], fmt="o", ms=4,
+                capsize=2, label="configuration (seed mean ± 1 standard error)")
     if multi:
-        front = sorted(study.best_trials, key=lambda t: t.user_attrs.get("param_count", 0))
-        ax.plot([t.user_attrs.get("param_count", 0) for t in front],
-                [t.user_attrs.get("best_val_acc", 0) for t in front], "o-", color="C3", label="Pareto front")
+        from mnistlab.export import pareto
+
+        front = pareto(groups)
+        ax.plot([g.params for g in front], [g.mean for g in front], "o-", color="C3", label="Pareto front")
     budget = study.user_attrs.get("max_params")
     if budget:
         ax.axvline(budget, color="grey", linestyle="--", label=f"budget {budget:,}")
-    ax.set(xlabel="parameters", ylabel="best validation accuracy (%)", title="Accuracy against size")
+    ax.set(xlabel="parameters", ylabel="validation score (%)", title="Accuracy against size")
     ax.legend()
     return _save(fig, path)
 
@@ -92,7 +97,7 @@ def importances(study: optuna.Study, path: Path) -> Path | None:
 def learning_curves(done: list[optuna.trial.FrozenTrial], recorder: Any, path: Path, top: int = 5) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    best = sorted(done, key=lambda t: -t.user_attrs["best_val_acc"])[:top]
+    best = sorted(done, key=lambda t: -tr.score(t))[:top]
     for t in best:
         run_id = t.user_attrs.get("mlflow_run_id")
         points = recorder.metric_history(run_id, "val_acc") if run_id else sorted(t.intermediate_values.items())

@@ -69,6 +69,16 @@ class Pruner:
 
 
 @dataclass(frozen=True)
+class Confirm:
+    """Seed repeats for the finalists: after the search, the best ``top_k`` configurations are
+    trained again with further seeds, and the pick is made on their seed-mean score."""
+
+    top_k: int = 3  # configurations to confirm
+    seeds: int = 3  # seeds per confirmed configuration, its original trial included
+    max_params: int | None = None  # only finalists with at most this many params (e.g. a size goal)
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """A parsed study file."""
 
@@ -86,6 +96,7 @@ class StudyConfig:
     timeout: float | None = None  # seconds, per worker
     target: float | None = None  # stop when a trial reaches this validation accuracy (%)
     enqueue_base: bool = True  # trial 0 is the base experiment itself, as a yardstick
+    confirm: Confirm | None = None  # seed repeats of the finalists after the search
 
     @property
     def directions(self) -> list[str]:
@@ -114,7 +125,7 @@ class StudyConfig:
 
 
 _TOP_KEYS = {"name", "base", "overrides", "space", "max_params", "objectives", "sampler", "pruner",
-             "n_trials", "timeout", "target", "enqueue_base"}
+             "n_trials", "timeout", "target", "enqueue_base", "confirm"}
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -153,6 +164,7 @@ def load_study(path: str | Path) -> StudyConfig:
         timeout=_optional_positive(raw.get("timeout"), "timeout", where, float),
         target=_optional_positive(raw.get("target"), "target", where, float),
         enqueue_base=_typed(raw.get("enqueue_base", True), bool, "enqueue_base", where),
+        confirm=_confirm(raw.get("confirm"), where),
     )
     if study.sampler.name not in SAMPLERS:
         raise UserError(f"{where}: unknown sampler {study.sampler.name!r}; choose from {', '.join(SAMPLERS)}")
@@ -209,6 +221,22 @@ def _numeric(name: str, kind: str, spec: dict[str, Any], here: str) -> Param:
     if log and step is not None:
         raise UserError(f"{here}: step and log cannot be combined")
     return Param(name, kind, low, high, step, log)
+
+
+def _confirm(raw: Any, where: str) -> Confirm | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: confirm must be a mapping (top_k, seeds, max_params)")
+    unknown = sorted(set(raw) - set(Confirm.__dataclass_fields__))
+    if unknown:
+        raise UserError(f"{where}: unknown key confirm.{unknown[0]!r}")
+    top_k = _positive(raw.get("top_k", Confirm.top_k), "confirm.top_k", where)
+    seeds = _positive(raw.get("seeds", Confirm.seeds), "confirm.seeds", where)
+    if seeds < 2 or seeds > 100 or top_k > 1000:
+        raise UserError(f"{where}: confirm needs 2 <= seeds <= 100 and top_k <= 1000; got seeds {seeds}, "
+                        f"top_k {top_k}")
+    return Confirm(top_k, seeds, _optional_positive(raw.get("max_params"), "confirm.max_params", where))
 
 
 def _section(cls: type, raw: Any, key: str, where: str) -> Any:

@@ -23,8 +23,9 @@ from urllib.parse import urlsplit
 import optuna
 from optuna.trial import TrialState
 
+from mnistlab import trials as tr
 from mnistlab.errors import Interrupted, UserError
-from mnistlab.objective import Objective, StudyFull, best_trial, state_label, trained
+from mnistlab.objective import Objective, StudyFull, best_trial, search_trained, state_label
 from mnistlab.space import StudyConfig, make_pruner, make_sampler, worker_salt
 from mnistlab.tracking import mask
 
@@ -222,9 +223,9 @@ class Progress:
 
     def __call__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
-        n_trained = sum(1 for t in trials if trained(t) and t.state != TrialState.RUNNING)
-        n_busy = sum(1 for t in trials if trained(t) and t.state == TrialState.RUNNING)
-        if trained(frozen):
+        n_trained = sum(1 for t in trials if search_trained(t) and t.state != TrialState.RUNNING)
+        n_busy = sum(1 for t in trials if search_trained(t) and t.state == TrialState.RUNNING)
+        if search_trained(frozen):
             self.done_here += 1
         print(self.line(frozen, trials, n_trained), flush=True)
         if self.recorder is not None:
@@ -237,14 +238,19 @@ class Progress:
 
     def line(self, t: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial], n_trained: int) -> str:
         state = state_label(t)
-        acc = t.user_attrs.get("best_val_acc")
-        parts = [f"trial {t.number:>3} {state:<11}", f"params {t.user_attrs.get('param_count', 0):>6,}",
-                 f"val {acc:6.2f}%" if acc is not None else "val    -  "]
-        total = f"/{self.n_trials}" if self.n_trials else ""
-        parts.append(f"trained {n_trained}{total}")
-        best = best_trial(trials)
+        a = t.user_attrs
+        acc = a.get(tr.VAL_SCORE, a.get("best_val_acc"))
+        parts = [f"trial {t.number:>3} {state:<11}", f"params {a.get('param_count', 0):>6,}",
+                 f"val {acc:6.2f}% ± {tr.se(t):.2f}" if acc is not None else "val    -          "]
+        if tr.is_repeat(t):
+            parts.append(f"seed {a.get(tr.SEED)} of trial {a.get(tr.REPEAT_OF)}")
+        else:
+            total = f"/{self.n_trials}" if self.n_trials else ""
+            parts.append(f"trained {n_trained}{total}")
+        best = tr.best_group(trials)
         if best is not None:
-            parts.append(f"best {best.user_attrs.get('best_val_acc', 0):.2f}% (trial {best.number})")
+            parts.append(f"best {best.mean:.2f}% ± {best.se:.2f} (trial {best.number}"
+                         + (f", {best.n_seeds} seeds)" if best.n_seeds > 1 else ")"))
         if self.n_trials and self.done_here:
             per = (time.monotonic() - self.start) / self.done_here
             parts.append(f"ETA {_duration(per * max(0, self.n_trials - n_trained))}")
@@ -273,10 +279,30 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
     progress = Progress(cfg, n_trials, recorder)
     if opts.heartbeat:
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial is retried, not counted
-    if n_trials is not None and sum(map(trained, study.get_trials(deepcopy=False))) >= n_trials:
-        print(f"study {cfg.name!r} already has {n_trials} trained trials; raise --n-trials to run more")
-        return
-    study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=(StudyFull,), callbacks=[progress])
+    if n_trials is not None and sum(map(search_trained, study.get_trials(deepcopy=False))) >= n_trials:
+        print(f"study {cfg.name!r} already has {n_trials} trained trials; raise --n-trials to search more")
+    else:
+        study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=(StudyFull,), callbacks=[progress])
+    if cfg.confirm is not None:
+        _confirmation(study, cfg, opts, objective, progress)
+
+
+def _confirmation(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objective: Objective,
+                  progress: Progress) -> None:
+    """Seed repeats of the finalists, shared with the other workers like any trials."""
+    from mnistlab import confirm
+
+    def run_one() -> None:
+        study.optimize(objective, n_trials=1, catch=(StudyFull,), callbacks=[progress])
+
+    def stale() -> None:
+        if opts.heartbeat:
+            optuna.storages.fail_stale_trials(study)
+
+    base_seed = cfg.trial_config({}, opts.extra()).train.seed
+    ran = confirm.run_stage(study, cfg.confirm, base_seed, run_one, stale=stale)
+    if ran:
+        print(f"confirmation: {ran} seed repeats trained by this worker", flush=True)
 
 
 def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int) -> list[str]:
@@ -446,11 +472,19 @@ def _restore_signals(previous: dict[int, Any]) -> None:
 
 
 def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -> Any:
-    """One row a trial: number, state, params, accuracies, sampled values, epochs, duration."""
+    """One row a trial: number, state, params, scores with their uncertainty, sampled values.
+
+    ``val_acc`` is the trial's score (mean validation accuracy of its last epochs) and
+    ``val_se`` its binomial standard error; ``val_mean``/``seeds`` the seed-mean score of a
+    configuration that was repeated; ``best`` marks the pick ``*`` and the trials within
+    noise of it ``~`` (the Pareto front ``*`` for two objectives).
+    """
     import pandas as pd
 
     trials = study.get_trials(deepcopy=False)
     best = best_trial(trials)
+    tied = tr.tied_numbers(trials)
+    by_group = {g.number: g for g in tr.groups(trials)}
     front = {t.number for t in study.best_trials} if len(objectives) > 1 else set()
     rows = []
     for t in trials:
@@ -458,10 +492,18 @@ def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -
         state = state_label(t)
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
             t.datetime_start else None
+        has_score = tr.VAL_SCORE in a or "best_val_acc" in a
+        group = by_group.get(t.number)
+        mark = "*" if (best is not None and t.number == best.number) or t.number in front else (
+            "~" if t.number in tied else "")
         row = {"number": t.number, "state": state, "param_count": a.get("param_count"),
-               "val_acc": a.get("best_val_acc"), "test_acc": a.get("test_acc"),
-               "epochs": a.get("epochs_run"), "duration_s": round(duration, 1) if duration else None,
-               "best": "*" if (best is not None and t.number == best.number) or t.number in front else ""}
+               "val_acc": round(tr.score(t), 2) if has_score else None,
+               "val_se": round(tr.se(t), 2) if has_score else None,
+               "val_mean": round(group.mean, 2) if group is not None and group.n_seeds > 1 else None,
+               "seeds": group.n_seeds if group is not None and group.n_seeds > 1 else None,
+               "repeat_of": a.get(tr.REPEAT_OF), "best_epoch_acc": a.get("best_val_acc"),
+               "test_acc": a.get("test_acc"), "epochs": a.get("epochs_run"),
+               "duration_s": round(duration, 1) if duration else None, "best": mark}
         row.update({k: v for k, v in t.params.items()})
         rows.append(row)
     frame = pd.DataFrame(rows)

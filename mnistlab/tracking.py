@@ -8,6 +8,7 @@ experiment with one parent run; each trained trial is a child run of it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -302,7 +303,9 @@ class Tracker:
     def log_epoch(self, run_id: str, metrics: Any) -> None:
         """One epoch's metrics with ``step=epoch``."""
         values = asdict(metrics)
-        self.log_metrics(run_id, {k: values[k] for k in EPOCH_METRICS}, step=metrics.epoch)
+        # a refit's epochs measure nothing held out: their NaN validation figures are not logged
+        self.log_metrics(run_id, {k: values[k] for k in EPOCH_METRICS if math.isfinite(values[k])},
+                         step=metrics.epoch)
 
     def flush(self) -> bool:
         """Send what is queued; True when nothing is left."""
@@ -427,8 +430,9 @@ class RunLog:
     def complete(self, result: Any) -> None:
         """FINISHED, with the test figures and the checkpoints."""
         self._backfill(result.history)
-        final = {"test_acc": result.test_acc, "test_loss": result.test_loss, "best_val_acc": result.best_val_acc,
-                 "best_epoch": result.best_epoch}
+        final = {"test_acc": result.test_acc, "test_loss": result.test_loss, **_score_metrics(result.history)}
+        if result.best_epoch:  # a refit has no validation split and so no best epoch
+            final.update(best_val_acc=result.best_val_acc, best_epoch=result.best_epoch)
         self.tracker.log_metrics(self.run_id, {k: v for k, v in final.items() if v is not None},
                                  step=result.epochs_run)
         self._close("FINISHED", {"mnistlab.epochs_run": result.epochs_run, **self._artifacts()})
@@ -463,6 +467,16 @@ class RunLog:
                           stacklevel=2)
 
 
+def _score_metrics(history: list[Any]) -> dict[str, float]:
+    """The trial's ranking score and its standard error (see mnistlab.trials), for the run's page."""
+    from mnistlab.trials import binomial_se, trial_score
+
+    if not history or getattr(history[-1], "eval_split", "val") != "val":
+        return {}
+    value = trial_score([m.val_acc for m in history])
+    return {"val_score": value, "val_se": binomial_se(value, history[-1].val_total)}
+
+
 def yaml_text(raw: dict[str, Any]) -> str:
     import yaml
 
@@ -485,6 +499,14 @@ class StudyRecorder:
                            files={"study": self.study_file})
         trial.set_user_attr("mlflow_run_id", run.run_id)
         return run
+
+    def start_refit(self, trial: int, cfg: Any, n_params: int, folder: Path, device: str) -> RunLog:
+        """The run of one refit seed, under the parent, tagged with the trial it refits."""
+        tags = {STUDY_TAG: self.study, "mnistlab.refit": "true", "mnistlab.refit_of_trial": str(trial),
+                "mnistlab.seed": str(cfg.train.seed)}
+        return RunLog.start(self.tracker, self.experiment_id, f"refit-{trial}-seed-{cfg.train.seed}", cfg, n_params,
+                            device, folder, tags, parent=self.parent_id,
+                            files={"study": self.study_file} if self.study_file.is_file() else {})
 
     def backfill(self, trial: Any, cfg: Any, history: list[Any], checkpoint_dir: Path) -> str:
         """The run of a trial that trained while MLflow was unreachable, made afterwards from its
@@ -510,7 +532,8 @@ class StudyRecorder:
 
     def summary(self, study: Any, trials: list[Any]) -> None:
         """Counts by state and the best trial so far, on the parent run (step = trials finished)."""
-        from mnistlab.objective import best_trial, state_label
+        from mnistlab.objective import state_label
+        from mnistlab.trials import best_group, tied_numbers
 
         counts = {"n_complete": 0, "n_pruned": 0, "n_over_budget": 0, "n_failed": 0, "n_running": 0}
         for t in trials:
@@ -519,10 +542,13 @@ class StudyRecorder:
         finished = sum(1 for t in trials if t.state.is_finished())
         values = dict(counts)
         tags = {}
-        best = best_trial(trials)
+        best = best_group(trials)
         if best is not None:
-            values["best_val_acc"] = best.user_attrs["best_val_acc"]
-            tags = {"mnistlab.best_trial": best.number, "mnistlab.best_run": best.user_attrs.get("mlflow_run_id")}
+            values.update(best_val_score=best.mean, best_val_se=best.se, best_val_acc=best.first.user_attrs.get(
+                "best_val_acc", best.mean), best_seeds=best.n_seeds)
+            tied = sorted(tied_numbers(trials) - {best.number})
+            tags = {"mnistlab.best_trial": best.number, "mnistlab.best_run": best.first.user_attrs.get("mlflow_run_id"),
+                    "mnistlab.tied_with_best": ",".join(map(str, tied)) or "none"}
         try:
             self.tracker.log_metrics(self.parent_id, values, step=finished)
             if tags:

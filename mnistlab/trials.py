@@ -1,0 +1,164 @@
+"""Scores a study can trust: each trial's score with its uncertainty, seed groups, ties.
+
+A validation accuracy measured on n images has a binomial standard error of
+sqrt(p (1 - p) / n): about 0.07% at 99.5% on 10,000 images, as large as the gaps between a
+study's best trials. So every score here carries its standard error, trials within noise of
+the best are marked as tied, and a configuration repeated with other seeds (a *seed group*:
+the original trial and its repeats) is ranked by its seed-mean score.
+
+The trial score is the mean validation accuracy of the last ``SCORE_EPOCHS`` epochs, not
+the single best epoch: measured on real runs (benchmarks/selection.py, README "Picks you
+can trust"), the best epoch is a maximum over noisy epochs, biased upward and no better at
+ordering configurations.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+# Trial user attributes written by the objective and read by the pick rules.
+VAL_SCORE = "val_score"  # the ranking score: mean validation accuracy of the last SCORE_EPOCHS epochs (%)
+VAL_SE = "val_se"  # its binomial standard error (%), on VAL_TOTAL images
+VAL_TOTAL = "val_total"  # validation images the score was measured on
+REPEAT_OF = "repeat_of"  # a seed repeat: the number of the trial whose configuration it repeats
+SEED = "seed"  # the train.seed a seed repeat trains with
+BEST_VAL_ACC = "best_val_acc"  # the best single epoch (kept for reference; not a ranking score)
+PARAM_COUNT = "param_count"
+
+SCORE_EPOCHS = 3
+Z = 1.96  # two scores closer than Z standard errors of their difference are tied (95%)
+
+
+def binomial_se(acc: float, n: int) -> float:
+    """Standard error (%) of an accuracy ``acc`` (%) measured on ``n`` images."""
+    if n <= 0:
+        return float("nan")
+    p = min(max(acc / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / n)
+
+
+def trial_score(val_accs: Sequence[float]) -> float:
+    """The mean of the last ``SCORE_EPOCHS`` per-epoch validation accuracies."""
+    tail = list(val_accs)[-SCORE_EPOCHS:]
+    return statistics.fmean(tail) if tail else float("nan")
+
+
+def score(t: FrozenTrial) -> float:
+    """A trial's ranking score; trials recorded before scores existed use their best epoch."""
+    a = t.user_attrs
+    return float(a[VAL_SCORE] if VAL_SCORE in a else a[BEST_VAL_ACC])
+
+
+def se(t: FrozenTrial) -> float:
+    a = t.user_attrs
+    if VAL_SE in a:
+        return float(a[VAL_SE])
+    return binomial_se(score(t), int(a.get(VAL_TOTAL, 10_000)))
+
+
+def is_repeat(t: FrozenTrial) -> bool:
+    return REPEAT_OF in t.user_attrs
+
+
+def scored(t: FrozenTrial) -> bool:
+    """A finished training with a score: COMPLETE, trained and measured."""
+    a = t.user_attrs
+    return t.state == TrialState.COMPLETE and bool(a.get("trained")) and (VAL_SCORE in a or BEST_VAL_ACC in a)
+
+
+@dataclass
+class Group:
+    """One configuration: the search trial that found it and its completed seed repeats."""
+
+    first: FrozenTrial
+    members: list[FrozenTrial] = field(default_factory=list)
+
+    @property
+    def number(self) -> int:
+        return self.first.number
+
+    @property
+    def params(self) -> int:
+        return int(self.first.user_attrs.get(PARAM_COUNT, 0))
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.members)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(score(t) for t in self.members)
+
+    @property
+    def std(self) -> float:
+        """Spread over seeds (sample standard deviation; 0 for one seed)."""
+        return statistics.stdev(score(t) for t in self.members) if self.n_seeds > 1 else 0.0
+
+    @property
+    def se(self) -> float:
+        """Standard error of the seed mean as an estimate of the configuration's accuracy.
+
+        The validation images are the same for every seed, so their binomial error does not
+        shrink with more seeds; the seed spread does, by sqrt(n_seeds).
+        """
+        binomial = statistics.fmean(se(t) for t in self.members)
+        return math.sqrt(binomial ** 2 + self.std ** 2 / self.n_seeds)
+
+    def describe(self) -> str:
+        seeds = f", mean of {self.n_seeds} seeds (std {self.std:.2f})" if self.n_seeds > 1 else ", 1 seed"
+        return f"{self.mean:.2f}% ± {self.se:.2f}{seeds}"
+
+
+def groups(trials: Iterable[FrozenTrial]) -> list[Group]:
+    """Scored trials grouped by configuration; a repeat joins the trial it repeats."""
+    done = [t for t in trials if scored(t)]
+    by_number = {t.number: Group(t, [t]) for t in done if not is_repeat(t)}
+    for t in done:
+        if is_repeat(t):
+            original = int(t.user_attrs[REPEAT_OF])
+            if original in by_number:
+                by_number[original].members.append(t)
+    return list(by_number.values())
+
+
+def rank_key(g: Group) -> tuple[float, int, int]:
+    """Higher score first; ties go to the smaller network, then the earlier trial."""
+    return (-g.mean, g.params, g.number)
+
+
+def tied(g: Group, best: Group) -> bool:
+    """``g`` is within noise of ``best``: their difference is under Z standard errors."""
+    return g.number == best.number or best.mean - g.mean <= Z * math.hypot(g.se, best.se)
+
+
+def best_group(trials: Iterable[FrozenTrial]) -> Group | None:
+    """The configuration a study ranks first: confirmed ones (most seeds) before single seeds."""
+    gs = groups(trials)
+    if not gs:
+        return None
+    most = max(g.n_seeds for g in gs)
+    return min((g for g in gs if g.n_seeds == most), key=rank_key)
+
+
+def tied_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
+    """Trial numbers of the configurations tied with the best one (the best included)."""
+    trials = list(trials)
+    best = best_group(trials)
+    if best is None:
+        return set()
+    return {g.number for g in groups(trials) if tied(g, best)}
+
+
+def record_score(trial: Any, val_accs: Sequence[float], val_total: int) -> float:
+    """Set the score attributes of a trial from its per-epoch validation accuracies."""
+    value = trial_score(val_accs)
+    trial.set_user_attr(VAL_SCORE, round(value, 4))
+    trial.set_user_attr(VAL_SE, round(binomial_se(value, val_total), 4))
+    trial.set_user_attr(VAL_TOTAL, int(val_total))
+    return value
