@@ -107,6 +107,7 @@ def kendall(a: list[float], b: list[float]) -> float:
 def analyse(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     names = sorted(runs)
     n_seeds = min(len(v) for v in runs.values())
+    runs = {k: v[:n_seeds] for k, v in runs.items()}
     out: dict[str, Any] = {}
     for rule in RULES:
         pairs = [scored(r)[rule] for name in names for r in runs[name]]
@@ -147,16 +148,16 @@ def main() -> None:
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only}
     runs: dict[str, list[dict[str, Any]]] = json.loads(args.out.read_text())["runs"] if args.out.is_file() else {}
+    loaded = {}
     for name, raw in chosen.items():
-        mnist = data.load(from_dict(raw).data, "cpu")
         if args.limit_train:
-            raw = json.loads(json.dumps(raw))
             raw["data"]["limit_train"] = args.limit_train
-            mnist = data.load(from_dict(raw).data, "cpu")
-        for seed in range(1, args.seeds + 1):
+        loaded[name] = data.load(from_dict(raw).data, "cpu")
+    for seed in range(1, args.seeds + 1):  # seeds outermost: a partial run already compares every config
+        for name, raw in chosen.items():
             if any(r["seed"] == seed for r in runs.get(name, [])):
                 continue  # a rerun continues where the last one stopped
-            run = one_run(raw, seed, mnist, args.threads)
+            run = one_run(raw, seed, loaded[name], args.threads)
             runs.setdefault(name, []).append(run)
             args.out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
             last = run["curve"][-1]

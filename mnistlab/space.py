@@ -168,6 +168,9 @@ def load_study(path: str | Path) -> StudyConfig:
     )
     if study.sampler.name not in SAMPLERS:
         raise UserError(f"{where}: unknown sampler {study.sampler.name!r}; choose from {', '.join(SAMPLERS)}")
+    if study.confirm and study.n_trials and study.confirm.top_k > study.n_trials:
+        raise UserError(f"{where}: confirm.top_k {study.confirm.top_k} is more than the study's n_trials "
+                        f"{study.n_trials}")
     if study.pruner.name not in PRUNERS:
         raise UserError(f"{where}: unknown pruner {study.pruner.name!r}; choose from {', '.join(PRUNERS)}")
     study.trial_config({p.name: p.smallest_values()[0] for p in space})  # every name maps to a field

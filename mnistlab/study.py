@@ -507,6 +507,9 @@ def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -
         row.update({k: v for k, v in t.params.items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
+    for column in ("val_mean", "seeds", "repeat_of"):  # shown only where a study has seed repeats
+        if all(r[column] is None for r in rows):
+            frame = frame.drop(columns=column)
     for column in frame.columns:  # whole numbers stay whole beside a trial that has none yet
         values = [r[column] for r in rows if r.get(column) is not None]
         if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):

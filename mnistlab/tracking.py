@@ -494,6 +494,9 @@ class StudyRecorder:
         tags = {STUDY_TAG: self.study, TRIAL_TAG: str(trial.number)}
         if trial.user_attrs.get("mlflow_run_id"):  # a retry: link the run of the attempt that died
             tags["mnistlab.retry_of_run"] = trial.user_attrs["mlflow_run_id"]
+        if "repeat_of" in trial.user_attrs:  # a seed repeat: link the configuration it confirms
+            tags.update({"mnistlab.repeat_of": str(trial.user_attrs["repeat_of"]),
+                         "mnistlab.seed": str(trial.user_attrs.get("seed"))})
         run = RunLog.start(self.tracker, self.experiment_id, f"trial-{trial.number}", cfg, n_params, device,
                            checkpoint_dir, tags, params=dict(trial.params), parent=self.parent_id,
                            files={"study": self.study_file})
