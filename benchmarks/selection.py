@@ -8,7 +8,8 @@ a study could rank by:
 - ``best_epoch``: the highest validation accuracy of any epoch (mnistlab's rule until now);
   the delivered weights are that epoch's.
 - ``last_epoch``: the last epoch's validation accuracy; the delivered weights are the last.
-- ``mean_last3``: the mean validation accuracy of the last three epochs; delivered weights the last.
+- ``mean_last2`` / ``mean_last3``: the mean validation accuracy of the last two / three epochs;
+  the delivered weights are the last epoch's.
 - ``avg_last3``: the weights averaged over the last three epochs (BatchNorm statistics averaged
   too), scored on validation and delivered as such.
 
@@ -41,7 +42,7 @@ from mnistlab.train import evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ["2026-11-29_under20k-2", "2026-11-29_under20k", "2026-11-29_smallest"]
-RULES = ("best_epoch", "last_epoch", "mean_last3", "avg_last3")
+RULES = ("best_epoch", "last_epoch", "mean_last2", "mean_last3", "avg_last3")
 
 
 def configs(epochs: int) -> dict[str, dict[str, Any]]:
@@ -95,6 +96,7 @@ def scored(run: dict[str, Any]) -> dict[str, tuple[float, float]]:
     best = max(c, key=lambda e: (e["val_acc"], e["epoch"]))
     return {"best_epoch": (best["val_acc"], best["test_acc"]),
             "last_epoch": (c[-1]["val_acc"], c[-1]["test_acc"]),
+            "mean_last2": (statistics.fmean(e["val_acc"] for e in c[-2:]), c[-1]["test_acc"]),
             "mean_last3": (statistics.fmean(e["val_acc"] for e in c[-3:]), c[-1]["test_acc"]),
             "avg_last3": (run["avg_last3"]["val_acc"], run["avg_last3"]["test_acc"])}
 

@@ -489,6 +489,7 @@ class StudyRecorder:
     def __init__(self, tracker: Tracker, study: str, experiment_id: str, parent_id: str, study_file: Path) -> None:
         self.tracker, self.study, self.experiment_id = tracker, study, experiment_id
         self.parent_id, self.study_file = parent_id, study_file
+        self.marked: dict[str, str] = {}  # run id -> its mnistlab.rank tag as last set by this process
 
     def start(self, trial: Any, cfg: Any, n_params: int, checkpoint_dir: Path, device: str) -> RunLog:
         tags = {STUDY_TAG: self.study, TRIAL_TAG: str(trial.number)}
@@ -556,8 +557,22 @@ class StudyRecorder:
             self.tracker.log_metrics(self.parent_id, values, step=finished)
             if tags:
                 self.tracker.set_tags(self.parent_id, tags)
+            self._mark_ranks(trials, best)
         except Exception as exc:  # the summary is a convenience; a trial's own data is never at stake
             warnings.warn(f"could not update the study summary in MLflow ({type(exc).__name__})", stacklevel=2)
+
+    def _mark_ranks(self, trials: list[Any], best: Any) -> None:
+        """Tag each scored trial's run ``mnistlab.rank``: best, tied (within noise of it) or behind,
+        so the runs table can be filtered on it; only changed tags are written."""
+        from mnistlab.trials import groups, tied
+
+        for g in groups(trials) if best is not None else []:
+            rank = "best" if g.number == best.number else ("tied" if tied(g, best) else "behind")
+            for t in g.members:
+                run_id = t.user_attrs.get("mlflow_run_id")
+                if run_id and self.marked.get(run_id) != rank:
+                    self.tracker.set_tags(run_id, {"mnistlab.rank": rank})
+                    self.marked[run_id] = rank
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return self.tracker.metric_history(run_id, key)

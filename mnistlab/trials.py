@@ -6,8 +6,9 @@ study's best trials. So every score here carries its standard error, trials with
 the best are marked as tied, and a configuration repeated with other seeds (a *seed group*:
 the original trial and its repeats) is ranked by its seed-mean score.
 
-The trial score is the mean validation accuracy of the last ``SCORE_EPOCHS`` epochs, not
-the single best epoch: measured on real runs (benchmarks/selection.py, README "Picks you
+The trial score is the mean validation accuracy of the run's last quarter of epochs (1 to
+``SCORE_EPOCHS``: the last 3 of 12 or 15, the last 2 of 8, the last of 2), not the single best
+epoch: measured on real runs (benchmarks/selection.py, README "Picks you
 can trust"), the best epoch is a maximum over noisy epochs, biased upward and no better at
 ordering configurations.
 """
@@ -43,9 +44,15 @@ def binomial_se(acc: float, n: int) -> float:
     return 100.0 * math.sqrt(p * (1.0 - p) / n)
 
 
+def score_epochs(n_epochs: int) -> int:
+    """How many final epochs a score averages: the last quarter of the run, 1 to SCORE_EPOCHS."""
+    return min(SCORE_EPOCHS, max(1, math.ceil(n_epochs / 4)))
+
+
 def trial_score(val_accs: Sequence[float]) -> float:
-    """The mean of the last ``SCORE_EPOCHS`` per-epoch validation accuracies."""
-    tail = list(val_accs)[-SCORE_EPOCHS:]
+    """The mean of the last ``score_epochs`` per-epoch validation accuracies."""
+    accs = list(val_accs)
+    tail = accs[-score_epochs(len(accs)):]
     return statistics.fmean(tail) if tail else float("nan")
 
 

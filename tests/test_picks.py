@@ -72,8 +72,10 @@ space:
 def test_standard_error_and_the_trial_score() -> None:
     assert tr.binomial_se(99.5, 10_000) == pytest.approx(0.0705, abs=1e-4)  # the 0.07%
     assert tr.binomial_se(50.0, 100) == pytest.approx(5.0)
-    assert tr.trial_score([90.0, 99.0, 99.2, 99.4]) == pytest.approx(99.2)  # the last three epochs
-    assert tr.trial_score([98.0]) == 98.0
+    assert tr.trial_score([90.0] * 9 + [99.0, 99.2, 99.4]) == pytest.approx(99.2)  # 12 epochs: the last 3
+    assert tr.trial_score([90.0] * 6 + [99.0, 99.4]) == pytest.approx(99.2)  # 8 epochs: the last 2
+    assert tr.trial_score([90.0, 98.0]) == 98.0  # 2 epochs: the last one
+    assert tr.score_epochs(15) == 3 and tr.score_epochs(1) == 1
 
 
 def test_ties_and_seed_groups_decide_the_pick(tmp_path: Path) -> None:
@@ -195,6 +197,9 @@ def test_a_study_confirms_its_finalists_once(tmp_path: Path, data_dir: Path, mlf
         assert run.data.tags["mlflow.parentRunId"] == parent
         assert run.data.tags["mnistlab.repeat_of"] == str(t.user_attrs["repeat_of"])
         assert run.data.params["train.seed"] == "2" and "val_se" in run.data.metrics
+    ranks = [client.get_run(t.user_attrs["mlflow_run_id"]).data.tags.get("mnistlab.rank")
+             for t in study.load("p", study.open_storage(None, heartbeat=None)).trials if tr.scored(t)]
+    assert ranks.count("best") in (1, 2) and set(ranks) <= {"best", "tied", "behind"}  # the best seed group
     status = run_cli("study", "status", str(path))
     assert status.returncode == 0 and "val_se" in status.stdout and "seeds" in status.stdout
     check = run_cli("study", "check", str(path))
