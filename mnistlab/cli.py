@@ -325,7 +325,15 @@ def best(
         if study_file is not None:
             budget = min(budget, space.load_study(study_file).max_params)
         print()
-        refitted = rf.for_choice(choice, loaded, budget, seeds, artifacts, known, data_dir)
+        try:
+            refitted = rf.for_choice(choice, loaded, budget, seeds, artifacts, known, data_dir)
+        except KeyboardInterrupt as exc:  # SIGTERM/SIGINT: the seed in progress keeps its last checkpoint
+            import signal
+
+            name = getattr(exc, "signame", "SIGINT")
+            print(f"interrupted by {name}: the refit in progress resumes from its last checkpoint when the same "
+                  "command runs again", file=sys.stderr, flush=True)
+            raise typer.Exit(128 + int(getattr(signal, name, signal.SIGINT))) from None
         print(rf.describe(refitted))
     if export is None:
         return

@@ -139,7 +139,10 @@ def _train_seed(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, 
     """Train one refit seed (resuming from its checkpoint if it was interrupted), record it."""
     from mnistlab.train import resolve_device, train
 
-    resume = checkpoint.latest_good(folder) is not None
+    good = checkpoint.latest_good(folder)
+    resume = good is not None
+    if good is not None:
+        print(f"refit seed {cfg.train.seed}: resuming from {good}", flush=True)
     device = str(resolve_device(cfg.train.device))
     run_log = recorder.start_refit(trial, cfg, n_params, folder, device) if recorder is not None else None
     history: list[Any] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from conftest import ROOT, run_cli
@@ -342,3 +344,35 @@ def test_export_of_a_plain_pick_still_names_its_measurements(tmp_path: Path) -> 
     s = recorded(tmp_path, [{"score": 99.4, "params": 9_000}])
     text = export.describe(export.pick(s, ("val_acc",)))
     assert "on 10,000 validation images" in text and "test acc:" in text and "never used to choose" in text
+
+
+@pytest.mark.slow
+def test_an_interrupted_refit_resumes_to_the_same_weights(tmp_path: Path, data_dir: Path, mlflow_db: str) -> None:
+    path = study_file(tmp_path, SMALL.replace("n_trials: 3", "n_trials: 1"))
+    fast = ["--epochs", "3", "--limit-train", "3000", "--limit-eval", "300"]
+    assert run_cli("study", "run", str(path), *fast).returncode == 0
+    args = [sys.executable, "-m", "mnistlab", "best", str(path), "--refit", "--seeds", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "mnistlab-artifacts" / "p" / "refit-0" / "seed-1" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert last.exists(), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "resumes from its last checkpoint" in err, err
+    resumed = run_cli("best", str(path), "--refit", "--seeds", "1")
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout + resumed.stderr
+    from safetensors.torch import load_file
+
+    folder = last.parent
+    weights = load_file(str(folder / "best.safetensors"))
+    shutil.move(str(folder), str(tmp_path / "first"))  # the same refit again, uninterrupted
+    assert run_cli("best", str(path), "--refit", "--seeds", "1").returncode == 0
+    again = load_file(str(folder / "best.safetensors"))
+    assert all(torch.equal(weights[k], again[k]) for k in weights)  # bit for bit on the CPU
+    from mlflow import MlflowClient
+
+    runs = MlflowClient(mlflow_db).search_runs([study.load("p", study.open_storage(None, heartbeat=None)).user_attrs[
+        "mlflow_experiment_id"]], "tags.`mnistlab.refit` = 'true'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
