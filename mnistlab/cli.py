@@ -293,7 +293,7 @@ def best(
         min=1, help="Highest validation accuracy among trials with at most N params.")] = None,
     export: Annotated[Path | None, typer.Option(
         help="Write the model here: safetensors, TorchScript, ONNX, config.json, MODEL_CARD.md.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace a non-empty --export folder.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an earlier export in --export (and nothing else).")] = False,
     register: Annotated[bool, typer.Option(
         help="With --export, also register the model in MLflow as models:/STUDY@best.")] = True,
     tracking_uri: TrackingUri = None,
