@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnistlab.errors import Interrupted, UserError
+from mnistlab.locks import creating
 from mnistlab.objective import Objective, StudyFull, best_trial, state_label, trained
 from mnistlab.space import StudyConfig, make_pruner, make_sampler, worker_salt
 from mnistlab.tracking import mask
@@ -91,10 +92,11 @@ def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = Non
     """
     url = storage_url(url)
     kwargs: dict[str, Any] = {}
+    database = None
     if url.startswith("sqlite"):
         path = url.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
-            _sqlite_wal(Path(path))
+            database = Path(path)
             kwargs = {"creator": lambda: _sqlite_connect(path)}
         else:
             kwargs = {"connect_args": {"timeout": 60}}
@@ -104,6 +106,17 @@ def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = Non
     if heartbeat:
         hb = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
               "heartbeat_stale_trial_callback": _StaleTrial(tracker)}
+    if database is None:
+        return _connect(url, kwargs, hb, wait)
+    if not database.parent.exists():
+        raise UserError(f"storage: folder {database.parent} does not exist")
+    with creating(database):  # processes starting together would create Optuna's tables at once
+        _sqlite_wal(database)
+        return _connect(url, kwargs, hb, wait)
+
+
+def _connect(url: str, kwargs: dict[str, Any], hb: dict[str, Any], wait: float) -> optuna.storages.RDBStorage:
+    """Open the storage, retrying creation races and (with ``wait``) a server still starting."""
     deadline, told, races = time.monotonic() + wait, False, 0
     while True:
         try:
@@ -141,8 +154,6 @@ def _sqlite_connect(path: str) -> sqlite3.Connection:
 
 def _sqlite_wal(path: Path) -> None:
     """WAL lets readers and one writer work at once; the mode is stored in the file."""
-    if not path.parent.exists():
-        raise UserError(f"storage: folder {path.parent} does not exist")
     with sqlite3.connect(path, timeout=60) as con:
         con.execute("PRAGMA journal_mode=WAL")
 
@@ -367,6 +378,7 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
     check_reachable(tracker.uri, wait=opts.wait)
     tracker.check_access()
     storage = open_storage(url, opts.heartbeat, tracker, wait=opts.wait)
+    tracker.client  # noqa: B018 - a local MLflow store is made (or found broken) before the study is
     study = create(cfg, storage)
     return Prepared(study, storage, recorder_for(study, cfg, tracker, url), tracker, url)
 

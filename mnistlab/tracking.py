@@ -7,9 +7,11 @@ experiment with one parent run; each trained trial is a child run of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mnistlab.errors import UserError
+from mnistlab.locks import creating
 
 PARENT_TAG = "mnistlab.parent"  # "true" on a study's parent run
 STUDY_TAG = "mnistlab.study"
@@ -80,6 +83,27 @@ def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
             time.sleep(2)
             continue
         raise UserError(f"MLflow server {mask(uri)} answered its health check with an error")
+
+
+def _check_migrated(database: Path) -> None:
+    """UserError naming the remedy when an interrupted creation or upgrade of an MLflow SQLite store
+    left it half-migrated (Alembic's ``_alembic_tmp_*`` tables); MLflow would fail on it later."""
+    if not database.is_file() or database.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as con:
+            tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            left = [t for t in tables if t.startswith("_alembic_tmp_")]
+            runs = con.execute("SELECT count(*) FROM runs").fetchone()[0] if left and "runs" in tables else 0
+    except sqlite3.Error:  # not a state this check knows; MLflow's own error says what is wrong
+        return
+    if not left:
+        return
+    broken = f"MLflow store {database} is half-migrated (table {left[0]} left by an interrupted creation or upgrade)"
+    if not runs:
+        raise UserError(f"{broken} and holds no runs: delete {database} and run the command again")
+    raise UserError(f"{broken} and holds {runs:,} runs: restore it from a backup, or copy it aside, drop the "
+                    f"_alembic_tmp_ tables and run `mlflow db upgrade sqlite:///{database}`")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -195,15 +219,29 @@ class Tracker:
                 os.environ.setdefault(key, value)
             from mlflow import MlflowClient
 
-            self._client = _Guarded(MlflowClient(self.uri), self)
+            database = self._sqlite_file()
+            if database is None:
+                client = MlflowClient(self.uri)
+            else:  # processes starting together in a fresh folder would migrate the new store at once
+                with creating(database):
+                    _check_migrated(database)
+                    client = MlflowClient(self.uri)
+                    client.search_experiments(max_results=1)  # makes or migrates the store, under the lock
+            self._client = _Guarded(client, self)
         return self._client
+
+    def _sqlite_file(self) -> Path | None:
+        if urlsplit(self.uri).scheme != "sqlite":
+            return None
+        path = self.uri.split("sqlite:///", 1)[-1]
+        return None if path in ("", ":memory:") else Path(path)
 
     def known(self) -> bool:
         """False for a local store that does not exist yet (using it would create it)."""
         parts = urlsplit(self.uri)
         if parts.scheme == "sqlite":
-            path = self.uri.split("sqlite:///", 1)[-1]
-            return path in ("", ":memory:") or Path(path).is_file()
+            database = self._sqlite_file()
+            return database is None or database.is_file()
         if parts.scheme == "file":
             return Path(parts.path).is_dir()
         return True
