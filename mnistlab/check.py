@@ -122,12 +122,17 @@ class Checker:
 
     # -- MLflow --------------------------------------------------------------------------------
     def check_runs(self, trials: list[optuna.trial.FrozenTrial]) -> None:
-        from mnistlab.tracking import PARENT_TAG, STUDY_TAG, TRIAL_TAG
+        from mnistlab.study import ID_ATTR
+        from mnistlab.tracking import PARENT_TAG, STUDY_ID_TAG, STUDY_TAG, TRIAL_TAG
 
         client = self.tracker.client
         attrs = self.study.user_attrs
         parent_id, experiment = attrs["mlflow_parent_run_id"], attrs.get("mlflow_experiment_id")
-        runs = _all_runs(client, experiment, f"tags.`{STUDY_TAG}` = '{self.study.study_name}'")
+        uid = attrs.get(ID_ATTR)
+        query = f"tags.`{STUDY_TAG}` = '{self.study.study_name}'"
+        runs = _all_runs(client, experiment, query + (f" AND tags.`{STUDY_ID_TAG}` = '{uid}'" if uid else ""))
+        if not uid:  # a study made before ids: runs of a newer same-named study are not its own
+            runs = [r for r in runs if STUDY_ID_TAG not in r.data.tags]
         by_trial: dict[int, list[Any]] = collections.defaultdict(list)
         for r in runs:
             if r.data.tags.get(PARENT_TAG) == "true":
@@ -189,6 +194,7 @@ class Checker:
         """Make the missing run of a trial from its local checkpoint; None if that is gone too."""
         from mnistlab import checkpoint
         from mnistlab.config import from_dict
+        from mnistlab.study import ID_ATTR
         from mnistlab.tracking import StudyRecorder
         from mnistlab.train import EpochMetrics
 
@@ -201,7 +207,7 @@ class Checker:
         epochs = t.user_attrs.get("epochs_run") or t.user_attrs.get("pruned_at_epoch") or len(history)
         attrs = self.study.user_attrs
         recorder = StudyRecorder(self.tracker, self.study.study_name, attrs.get("mlflow_experiment_id"),
-                                 attrs["mlflow_parent_run_id"], Path(attrs.get("study_file", "")))
+                                 attrs["mlflow_parent_run_id"], Path(attrs.get("study_file", "")), attrs.get(ID_ATTR))
         run_id = recorder.backfill(t, from_dict(state["config"], str(last)), history[:epochs], folder)
         return self.tracker.client.get_run(run_id)
 

@@ -277,7 +277,7 @@ def study_report(
     parent = loaded.user_attrs.get(study.PARENT_ATTR)
     recorder = StudyRecorder(tracker, loaded.study_name, loaded.user_attrs.get(study.EXPERIMENT_ATTR, ""),
                              parent, Path(loaded.user_attrs.get("study_file", ""))) if parent else None
-    paths = report.write(loaded, objectives, artifacts.resolve() / loaded.study_name / "plots", recorder)
+    paths = report.write(loaded, objectives, artifacts.resolve() / study.study_folder(loaded) / "plots", recorder)
     for path in paths:
         if recorder is not None:
             tracker.log_artifact(parent, path, "plots")

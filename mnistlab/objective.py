@@ -31,16 +31,17 @@ class Objective:
     """Callable for ``study.optimize``; holds the data and the tracker for one worker."""
 
     def __init__(self, study: StudyConfig, *, extra: dict[str, Any] | None = None, data_dir: Path | None = None,
-                 artifacts: Path = Path("mnistlab-artifacts"), recorder: Any = None, n_trials: int | None = None,
-                 verbose: bool = False) -> None:
+                 artifacts: Path = Path("mnistlab-artifacts"), folder: str | None = None, recorder: Any = None,
+                 n_trials: int | None = None, verbose: bool = False) -> None:
         self.study, self.extra, self.data_dir = study, extra or {}, data_dir
         self.artifacts, self.recorder, self.n_trials, self.verbose = artifacts, recorder, n_trials, verbose
+        self.folder = folder or study.name  # the study's folder under ``artifacts`` (study.study_folder)
         self._data: dict[tuple[Any, ...], data_mod.MnistData] = {}
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         cfg, n_params = self.sample(trial)
         root = trial.user_attrs.get("root_trial", trial.number)  # a retry keeps its original's folder
-        ckpt = self.artifacts / self.study.name / f"trial-{root}"
+        ckpt = self.artifacts / self.folder / f"trial-{root}"
         trial.set_user_attr("root_trial", root)
         trial.set_user_attr("checkpoint_dir", str(ckpt))
         device = str(resolve_device(cfg.train.device))

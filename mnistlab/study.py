@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 PARENT_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 TRACKING_ATTR = "mlflow_tracking_uri"
+ID_ATTR = "mnistlab_study_id"  # a UUID set at creation: same-named studies in other storages stay apart
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,7 @@ def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Stu
         study = optuna.load_study(**kwargs)
         _wait_ready(study)
         return study
+    study.set_user_attr(ID_ATTR, uuid.uuid4().hex)
     study.set_user_attr("study_file", str(cfg.path))
     study.set_user_attr("max_params", cfg.max_params)
     study.set_user_attr("objectives", list(cfg.objectives))
@@ -212,6 +215,33 @@ def _wait_ready(study: optuna.Study, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             return  # a study made by plain Optuna, without mnistlab's attributes: use it as it is
         time.sleep(0.2)
+
+
+def study_folder(study: optuna.Study) -> str:
+    """The study's folder under the artifacts folder: ``NAME-<first 8 of its id>``; a study made
+    before study ids keeps ``NAME``, where its checkpoints already are."""
+    uid = study.user_attrs.get(ID_ATTR)
+    return f"{study.study_name}-{uid[:8]}" if uid else study.study_name
+
+
+def _id_in(storage: optuna.storages.BaseStorage, name: str) -> str | None:
+    """The id of the study ``name`` in ``storage`` ("" for one made before ids); None if there is none."""
+    if name not in optuna.get_all_study_names(storage):
+        return None
+    study = optuna.load_study(study_name=name, storage=storage)
+    _wait_ready(study)  # its creator sets the id before it marks the study ready
+    return study.user_attrs.get(ID_ATTR, "")
+
+
+def check_name_free(cfg: StudyConfig, storage: optuna.storages.BaseStorage, tracker: Any) -> None:
+    """UserError when the study's name is held in the tracker by a study of another storage.
+
+    The tracker is read first: a study's id reaches its storage before its MLflow experiment,
+    so workers starting one new study together never refuse each other.
+    """
+    holder = tracker.holder(cfg.name)
+    if holder is not None and holder[0] != _id_in(storage, cfg.name):
+        raise tracker.taken(cfg.name, holder[1])
 
 
 def load(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -279,7 +309,7 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
                               pruner=make_pruner(cfg))
     n_trials = opts.n_trials or cfg.n_trials
     objective = Objective(cfg, extra=opts.extra(), data_dir=opts.data_dir, artifacts=opts.artifacts,
-                          recorder=recorder, n_trials=n_trials, verbose=opts.verbose)
+                          folder=study_folder(study), recorder=recorder, n_trials=n_trials, verbose=opts.verbose)
     objective.data_for(cfg.trial_config({}, opts.extra()))  # data problems surface before any trial
     progress = Progress(cfg, n_trials, recorder)
     if opts.heartbeat:
@@ -339,17 +369,18 @@ def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Any, storage_ur
     known = attrs.get(TRACKING_ATTR)
     if known is not None and known != mask(tracker.uri):
         raise UserError(f"study {cfg.name!r} logs to MLflow at {known}; pass --tracking-uri for it")
-    exp_id = attrs.get(EXPERIMENT_ATTR) or tracker.experiment(cfg.name)
+    uid = attrs.get(ID_ATTR)
+    exp_id = attrs.get(EXPERIMENT_ATTR) or tracker.experiment(cfg.name, uid, mask(storage_url_))
     parent = attrs.get(PARENT_ATTR)
     if parent is None:
         params = {"study.name": cfg.name, "study.file": str(cfg.path), "study.max_params": cfg.max_params,
                   "study.objectives": ",".join(cfg.objectives), "study.sampler": cfg.sampler.name,
                   "study.pruner": cfg.pruner.name, "study.storage": mask(storage_url_)}
-        parent = tracker.parent_run(exp_id, cfg.name, params)
+        parent = tracker.parent_run(exp_id, cfg.name, params, uid)
         study.set_user_attr(EXPERIMENT_ATTR, exp_id)
         study.set_user_attr(PARENT_ATTR, parent)
         study.set_user_attr(TRACKING_ATTR, mask(tracker.uri))
-    return StudyRecorder(tracker, cfg.name, exp_id, parent, cfg.path)
+    return StudyRecorder(tracker, cfg.name, exp_id, parent, cfg.path, uid)
 
 
 class Prepared(NamedTuple):
@@ -378,7 +409,7 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
     check_reachable(tracker.uri, wait=opts.wait)
     tracker.check_access()
     storage = open_storage(url, opts.heartbeat, tracker, wait=opts.wait)
-    tracker.client  # noqa: B018 - a local MLflow store is made (or found broken) before the study is
+    check_name_free(cfg, storage, tracker)  # makes a local MLflow store (or finds it broken) before the study
     study = create(cfg, storage)
     return Prepared(study, storage, recorder_for(study, cfg, tracker, url), tracker, url)
 
@@ -419,7 +450,7 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
         recorder.summary(study, trials)
         try:
             if status == "FINISHED":  # an interrupted run exits at once; `study report` draws the plots later
-                paths = report.write(study, cfg.objectives, opts.artifacts / cfg.name / "plots", recorder)
+                paths = report.write(study, cfg.objectives, opts.artifacts / study_folder(study) / "plots", recorder)
                 for path in paths:
                     tracker.log_artifact(recorder.parent_id, path, "plots")
             if status != "FINISHED" or not any(t.state == TrialState.RUNNING for t in trials):

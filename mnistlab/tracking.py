@@ -30,6 +30,8 @@ from mnistlab.locks import creating
 PARENT_TAG = "mnistlab.parent"  # "true" on a study's parent run
 STUDY_TAG = "mnistlab.study"
 TRIAL_TAG = "mnistlab.trial"
+STUDY_ID_TAG = "mnistlab.study_id"  # on a study's experiment, parent and child runs: which study of that name
+STORAGE_TAG = "mnistlab.storage"  # on a study's experiment: its storage, password masked
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s")
 SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
 
@@ -273,39 +275,68 @@ class Tracker:
         return True
 
     # -- experiments and runs ------------------------------------------------------------
-    def experiment(self, name: str) -> str:
-        """The id of the experiment called ``name``, created if missing (race-safe)."""
+    def experiment(self, name: str, study_id: str | None = None, storage: str = "") -> str:
+        """The id of the experiment called ``name``, created if missing (race-safe).
+
+        With ``study_id`` the experiment is that study's: made with its id, or claimed when no
+        study holds it yet; UserError when another study of that name holds it.
+        """
         from mlflow.exceptions import MlflowException
 
+        tags = {STUDY_ID_TAG: study_id, STORAGE_TAG: storage} if study_id else None
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                self.client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except MlflowException:  # another worker created it first
-            found = self.client.get_experiment_by_name(name)
-            if found is None:
-                raise
-            return found.experiment_id
+        if found is None:
+            try:
+                return self.client.create_experiment(name, tags=tags)
+            except MlflowException:  # another worker created it first
+                found = self.client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+        if found.lifecycle_stage == "deleted":
+            self.client.restore_experiment(found.experiment_id)
+        if study_id:
+            holder = self.holder(name)
+            if holder is None:  # made by `mnistlab train`, or by hand: this study takes it
+                for key, value in (tags or {}).items():
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
+                holder = self.holder(name)
+            if holder is not None and holder[0] != study_id:
+                raise self.taken(name, holder[1])
+        return found.experiment_id
 
-    def find_parent(self, experiment_id: str, study: str) -> str | None:
+    def holder(self, name: str) -> tuple[str, str] | None:
+        """The study that holds the experiment ``name``: (its id, its storage); the id is "" for a
+        study made before study ids (a parent run without one). None when no study holds it."""
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            return None
+        if found.tags.get(STUDY_ID_TAG):
+            return found.tags[STUDY_ID_TAG], found.tags.get(STORAGE_TAG, "unknown")
+        older = self.client.search_runs(
+            [found.experiment_id], f"tags.`{PARENT_TAG}` = 'true' AND tags.`{STUDY_TAG}` = '{name}'", max_results=1)
+        return ("", older[0].data.params.get("study.storage", "unknown")) if older else None
+
+    def taken(self, name: str, storage: str) -> UserError:
+        return UserError(f"study {name!r}: MLflow at {mask(self.uri)} already holds another study named {name!r} "
+                         f"(in storage {storage}); rename this study, or give it its own --tracking-uri")
+
+    def find_parent(self, experiment_id: str, study: str, study_id: str | None = None) -> str | None:
         """The oldest parent run of a study: every worker agrees on it."""
-        runs = self.client.search_runs(
-            [experiment_id], f"tags.`{PARENT_TAG}` = 'true' AND tags.`{STUDY_TAG}` = '{study}'",
-            order_by=["attributes.start_time ASC"], max_results=5)
+        query = f"tags.`{PARENT_TAG}` = 'true' AND tags.`{STUDY_TAG}` = '{study}'"
+        if study_id:
+            query += f" AND tags.`{STUDY_ID_TAG}` = '{study_id}'"
+        runs = self.client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=5)
         return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
 
-    def parent_run(self, experiment_id: str, study: str, params: dict[str, Any]) -> str:
+    def parent_run(self, experiment_id: str, study: str, params: dict[str, Any], study_id: str | None = None) -> str:
         """Get or create the study's one parent run."""
-        existing = self.find_parent(experiment_id, study)
+        existing = self.find_parent(experiment_id, study, study_id)
         if existing is not None:
             return existing
-        run = self.client.create_run(experiment_id, run_name=study,
-                                     tags={PARENT_TAG: "true", STUDY_TAG: study})
+        tags = {PARENT_TAG: "true", STUDY_TAG: study, **({STUDY_ID_TAG: study_id} if study_id else {})}
+        run = self.client.create_run(experiment_id, run_name=study, tags=tags)
         self.log_params(run.info.run_id, params)
-        winner = self.find_parent(experiment_id, study)
+        winner = self.find_parent(experiment_id, study, study_id)
         if winner != run.info.run_id:  # lost a race with another worker: keep one parent
             self.client.delete_run(run.info.run_id)
         return winner or run.info.run_id
@@ -510,12 +541,14 @@ def yaml_text(raw: dict[str, Any]) -> str:
 class StudyRecorder:
     """Nests each trained trial's run under the study's parent run and keeps its summary live."""
 
-    def __init__(self, tracker: Tracker, study: str, experiment_id: str, parent_id: str, study_file: Path) -> None:
+    def __init__(self, tracker: Tracker, study: str, experiment_id: str, parent_id: str, study_file: Path,
+                 study_id: str | None = None) -> None:
         self.tracker, self.study, self.experiment_id = tracker, study, experiment_id
         self.parent_id, self.study_file = parent_id, study_file
+        self.tags = {STUDY_TAG: study, **({STUDY_ID_TAG: study_id} if study_id else {})}
 
     def start(self, trial: Any, cfg: Any, n_params: int, checkpoint_dir: Path, device: str) -> RunLog:
-        tags = {STUDY_TAG: self.study, TRIAL_TAG: str(trial.number)}
+        tags = {**self.tags, TRIAL_TAG: str(trial.number)}
         if trial.user_attrs.get("mlflow_run_id"):  # a retry: link the run of the attempt that died
             tags["mnistlab.retry_of_run"] = trial.user_attrs["mlflow_run_id"]
         run = RunLog.start(self.tracker, self.experiment_id, f"trial-{trial.number}", cfg, n_params, device,
@@ -530,7 +563,7 @@ class StudyRecorder:
         import types
 
         a = trial.user_attrs
-        tags = {STUDY_TAG: self.study, TRIAL_TAG: str(trial.number), "mnistlab.backfilled": "true"}
+        tags = {**self.tags, TRIAL_TAG: str(trial.number), "mnistlab.backfilled": "true"}
         run = RunLog.start(self.tracker, self.experiment_id, f"trial-{trial.number}", cfg, a["param_count"],
                            a.get("device", "cpu"), checkpoint_dir, tags, params=dict(trial.params),
                            parent=self.parent_id, files={"study": self.study_file} if self.study_file.is_file() else {})
