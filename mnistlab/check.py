@@ -10,7 +10,8 @@ The invariant, once every worker has stopped:
 
 With ``repair``: stale RUNNING trials are failed (and retried, as a dead worker's are),
 RUNNING runs of finished trials are ended FAILED, metrics and run endings that an MLflow outage
-kept on local disk are sent, and artifacts that could not be uploaded are uploaded.
+kept on local disk are sent, epochs missing from a run's metrics are logged from its checkpoint,
+and artifacts that could not be uploaded are uploaded.
 """
 
 from __future__ import annotations
@@ -186,9 +187,24 @@ class Checker:
         steps = [m.step for m in self.tracker.client.get_metric_history(run.info.run_id, "val_acc")]
         if epochs is not None and sorted(steps) != list(range(1, int(epochs) + 1)):
             dupes = sorted(s for s, n in collections.Counter(steps).items() if n > 1)
-            detail = f"duplicate steps {dupes}" if dupes else f"steps {sorted(steps)}"
-            self.note(where, f"val_acc has {len(steps)} values for {epochs} epochs ({detail})")
+            logged = self.log_epochs(t, run.info.run_id, int(epochs)) if self.repair and not dupes else []
+            if logged:
+                self.note(where, f"MLflow run {run.info.run_id} lacked some epochs' metrics: logged epochs {logged} "
+                                 "from its checkpoint", fixed=True)
+            else:
+                detail = f"duplicate steps {dupes}" if dupes else f"steps {sorted(steps)}"
+                self.note(where, f"val_acc has {len(steps)} values for {epochs} epochs ({detail})")
         self.check_checkpoint(t, run)
+
+    def log_epochs(self, t: optuna.trial.FrozenTrial, run_id: str, epochs: int) -> list[int]:
+        """Log the epochs a trial's run lacks from its checkpoint's history (the epochs a resumed
+        trial took over were missing from runs that ended pruned); [] when the checkpoint lacks them."""
+        from mnistlab.train import restored_history
+
+        history = [m for m in restored_history(Path(t.user_attrs.get("checkpoint_dir", ""))) if m.epoch <= epochs]
+        if [m.epoch for m in history] != list(range(1, epochs + 1)):
+            return []
+        return self.tracker.log_missing_epochs(run_id, history)
 
     def backfill(self, t: optuna.trial.FrozenTrial) -> Any:
         """Make the missing run of a trial from its local checkpoint; None if that is gone too."""

@@ -18,7 +18,7 @@ from mnistlab.config import ExperimentConfig
 from mnistlab.errors import Interrupted, UserError
 from mnistlab.model import count_params
 from mnistlab.space import StudyConfig
-from mnistlab.train import EpochMetrics, Result, resolve_device, train
+from mnistlab.train import EpochMetrics, Result, resolve_device, restored_history, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -53,9 +53,13 @@ class Objective:
                 warnings.warn(f"MLflow unreachable ({type(exc).__name__}); trial {trial.number} trains without its "
                               "run, which `mnistlab study check --repair` creates from its checkpoint", stacklevel=2)
                 trial.set_user_attr("mlflow_missing", True)
-        on_epoch = _Reporter(trial, run, multi=len(self.study.objectives) > 1)
+        resume = root != trial.number
+        restored = restored_history(ckpt) if resume else []  # the epochs train() takes over
+        if run is not None:
+            run.log_missing(restored)  # they ran before this run existed; a pruned or failed end needs them too
+        on_epoch = _Reporter(trial, run, multi=len(self.study.objectives) > 1, history=restored)
         try:
-            result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=root != trial.number,
+            result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=resume,
                            verbose=self.verbose)
         except BaseException as exc:
             if not isinstance(exc, optuna.TrialPruned):
@@ -187,9 +191,9 @@ def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait:
 class _Reporter:
     """The trainer's epoch callback: log to MLflow, report to Optuna, prune."""
 
-    def __init__(self, trial: optuna.Trial, run: Any, multi: bool) -> None:
+    def __init__(self, trial: optuna.Trial, run: Any, multi: bool, history: list[EpochMetrics] | None = None) -> None:
         self.trial, self.run, self.multi = trial, run, multi
-        self.history: list[EpochMetrics] = []
+        self.history: list[EpochMetrics] = list(history or [])  # from the first epoch, restored ones included
 
     def __call__(self, m: EpochMetrics) -> None:
         self.history.append(m)

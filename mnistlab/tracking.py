@@ -424,6 +424,22 @@ class Tracker:
         """(step, value) pairs of one metric of a run."""
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
+    def log_missing_epochs(self, run_id: str, history: list[Any]) -> list[int]:
+        """Log the epochs of ``history`` a run lacks, metric by metric (a present value is never
+        logged twice); returns the epochs that were missing from any metric."""
+        from mlflow.entities import Metric
+
+        now, missing, batch = int(time.time() * 1000), set(), []
+        for key in EPOCH_METRICS:
+            have = {step for step, _ in self.metric_history(run_id, key)}
+            for m in history:
+                if m.epoch not in have:
+                    batch.append(Metric(key, float(getattr(m, key)), now, m.epoch))
+                    missing.add(m.epoch)
+        for start in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics a batch
+            self.client.log_batch(run_id, metrics=batch[start : start + 1000])
+        return sorted(missing)
+
     def download_checkpoints(self, run_id: str, into: Path) -> Path | None:
         """The ``checkpoints/`` artifacts of a run, downloaded into ``into``; None if it has none."""
         try:
@@ -470,8 +486,9 @@ class RunLog:
         self.tracker.log_epoch(self.run_id, m)
         self.logged.add(m.epoch)
 
-    def _backfill(self, history: list[Any]) -> None:
-        """Epochs restored from a checkpoint were run before this run existed: log them once."""
+    def log_missing(self, history: list[Any]) -> None:
+        """Log the epochs of ``history`` this run has not logged: those restored from a checkpoint
+        ran before the run existed."""
         for m in history:
             if m.epoch not in self.logged:
                 self.epoch(m)
@@ -495,7 +512,7 @@ class RunLog:
 
     def complete(self, result: Any) -> None:
         """FINISHED, with the test figures and the checkpoints."""
-        self._backfill(result.history)
+        self.log_missing(result.history)
         final = {"test_acc": result.test_acc, "test_loss": result.test_loss, "best_val_acc": result.best_val_acc,
                  "best_epoch": result.best_epoch}
         self.tracker.log_metrics(self.run_id, {k: v for k, v in final.items() if v is not None},
@@ -504,7 +521,7 @@ class RunLog:
 
     def end(self, exc: BaseException, history: list[Any]) -> None:
         """KILLED for a pruned or interrupted trial, FAILED with the reason otherwise."""
-        self._backfill(history)
+        self.log_missing(history)
         if type(exc).__name__ == "TrialPruned":
             self._close("KILLED", {"mnistlab.pruned_at_epoch": history[-1].epoch if history else 0,
                                    **self._artifacts()})

@@ -261,3 +261,53 @@ def test_a_half_migrated_mlflow_store_is_refused_in_one_line_with_the_remedy(tmp
     assert f"delete {tmp_path / 'mlflow.db'}" in proc.stderr  # it holds no runs: making it anew loses nothing
     assert optuna.get_all_study_names(study.open_storage(None, heartbeat=None)) == []  # no study was created
 
+
+def test_a_resumed_trial_that_is_pruned_logs_its_restored_epochs_and_repair_backfills(
+        tmp_path: Path, mlflow_db: str) -> None:
+    """Trial 1 (hopeless) is interrupted after epoch 1, resumed, and pruned at epoch 2: its run holds
+    both epochs. A run that lacks the restored epoch (as older versions left it) is mended by --repair."""
+    from mlflow import MlflowClient
+
+    from mnistlab import space
+
+    path = tmp_path / "prune.yaml"
+    path.write_text(f"""
+name: smoke
+base: {ROOT / 'experiments' / 'eva4-s4.yaml'}
+max_params: 20000
+pruner: {{name: median, n_startup_trials: 1, n_warmup_steps: 2}}
+sampler: {{name: random, seed: 3}}
+enqueue_base: false
+space:
+  train.lr: {{type: float, low: 0.00001, high: 0.2, log: true}}
+""")
+    s = study.create(space.load_study(path), study.open_storage(None, heartbeat=None))
+    s.enqueue_trial({"train.lr": 0.1})
+    s.enqueue_trial({"train.lr": 0.00001})
+    cmd = [sys.executable, "-m", "mnistlab", "study", "run", str(path), *SLOW, "--n-trials", "2"]
+    worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(last_checkpoint(1), worker)
+    worker.send_signal(signal.SIGTERM)
+    worker.communicate(timeout=60)
+    assert worker.returncode == 128 + signal.SIGTERM
+    resumed = run_cli("study", "run", str(path), *SLOW, "--n-trials", "2", "--verbose")
+    assert resumed.returncode == 0 and "Resuming from" in resumed.stdout, resumed.stderr
+    retry = study.load("smoke", study.open_storage(None, heartbeat=None)).trials[-1]
+    assert retry.state == TrialState.PRUNED and retry.user_attrs["root_trial"] == 1
+    assert retry.user_attrs["pruned_at_epoch"] == 2
+    client = MlflowClient(mlflow_db)
+    run_id = retry.user_attrs["mlflow_run_id"]
+    for key in ("val_acc", "train_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
+    assert check().returncode == 0
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:  # the run as older versions recorded it
+        con.execute("DELETE FROM metrics WHERE run_uuid = ? AND step = 1", (run_id,))
+    found = check()
+    assert found.returncode == 1 and "val_acc has 1 values for 2 epochs" in found.stdout, found.stdout
+    repaired = check("--repair")
+    assert repaired.returncode == 0 and "logged epochs [1]" in repaired.stdout, repaired.stdout
+    for key in ("val_acc", "train_loss", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2], key
+    assert check().returncode == 0
