@@ -10,7 +10,8 @@ The invariant, once every worker has stopped:
 
 With ``repair``: stale RUNNING trials are failed (and retried, as a dead worker's are),
 RUNNING runs of finished trials are ended FAILED, metrics and run endings that an MLflow outage
-kept on local disk are sent, and artifacts that could not be uploaded are uploaded.
+kept on local disk are sent, epochs missing from a run's metrics are logged from its checkpoint,
+and artifacts that could not be uploaded are uploaded.
 """
 
 from __future__ import annotations
@@ -122,12 +123,17 @@ class Checker:
 
     # -- MLflow --------------------------------------------------------------------------------
     def check_runs(self, trials: list[optuna.trial.FrozenTrial]) -> None:
-        from mnistlab.tracking import PARENT_TAG, STUDY_TAG, TRIAL_TAG
+        from mnistlab.study import ID_ATTR
+        from mnistlab.tracking import PARENT_TAG, STUDY_ID_TAG, STUDY_TAG, TRIAL_TAG
 
         client = self.tracker.client
         attrs = self.study.user_attrs
         parent_id, experiment = attrs["mlflow_parent_run_id"], attrs.get("mlflow_experiment_id")
-        runs = _all_runs(client, experiment, f"tags.`{STUDY_TAG}` = '{self.study.study_name}'")
+        uid = attrs.get(ID_ATTR)
+        query = f"tags.`{STUDY_TAG}` = '{self.study.study_name}'"
+        runs = _all_runs(client, experiment, query + (f" AND tags.`{STUDY_ID_TAG}` = '{uid}'" if uid else ""))
+        if not uid:  # a study made before ids: runs of a newer same-named study are not its own
+            runs = [r for r in runs if STUDY_ID_TAG not in r.data.tags]
         by_trial: dict[int, list[Any]] = collections.defaultdict(list)
         for r in runs:
             if r.data.tags.get(PARENT_TAG) == "true":
@@ -181,14 +187,30 @@ class Checker:
         steps = [m.step for m in self.tracker.client.get_metric_history(run.info.run_id, "val_acc")]
         if epochs is not None and sorted(steps) != list(range(1, int(epochs) + 1)):
             dupes = sorted(s for s, n in collections.Counter(steps).items() if n > 1)
-            detail = f"duplicate steps {dupes}" if dupes else f"steps {sorted(steps)}"
-            self.note(where, f"val_acc has {len(steps)} values for {epochs} epochs ({detail})")
+            logged = self.log_epochs(t, run.info.run_id, int(epochs)) if self.repair and not dupes else []
+            if logged:
+                self.note(where, f"MLflow run {run.info.run_id} lacked some epochs' metrics: logged epochs {logged} "
+                                 "from its checkpoint", fixed=True)
+            else:
+                detail = f"duplicate steps {dupes}" if dupes else f"steps {sorted(steps)}"
+                self.note(where, f"val_acc has {len(steps)} values for {epochs} epochs ({detail})")
         self.check_checkpoint(t, run)
+
+    def log_epochs(self, t: optuna.trial.FrozenTrial, run_id: str, epochs: int) -> list[int]:
+        """Log the epochs a trial's run lacks from its checkpoint's history (the epochs a resumed
+        trial took over were missing from runs that ended pruned); [] when the checkpoint lacks them."""
+        from mnistlab.train import restored_history
+
+        history = [m for m in restored_history(Path(t.user_attrs.get("checkpoint_dir", ""))) if m.epoch <= epochs]
+        if [m.epoch for m in history] != list(range(1, epochs + 1)):
+            return []
+        return self.tracker.log_missing_epochs(run_id, history)
 
     def backfill(self, t: optuna.trial.FrozenTrial) -> Any:
         """Make the missing run of a trial from its local checkpoint; None if that is gone too."""
         from mnistlab import checkpoint
         from mnistlab.config import from_dict
+        from mnistlab.study import ID_ATTR
         from mnistlab.tracking import StudyRecorder
         from mnistlab.train import EpochMetrics
 
@@ -201,7 +223,7 @@ class Checker:
         epochs = t.user_attrs.get("epochs_run") or t.user_attrs.get("pruned_at_epoch") or len(history)
         attrs = self.study.user_attrs
         recorder = StudyRecorder(self.tracker, self.study.study_name, attrs.get("mlflow_experiment_id"),
-                                 attrs["mlflow_parent_run_id"], Path(attrs.get("study_file", "")))
+                                 attrs["mlflow_parent_run_id"], Path(attrs.get("study_file", "")), attrs.get(ID_ATTR))
         run_id = recorder.backfill(t, from_dict(state["config"], str(last)), history[:epochs], folder)
         return self.tracker.client.get_run(run_id)
 

@@ -184,7 +184,7 @@ def _study(study_file: Path | None, name: str | None, storage: str | None) -> tu
     if study_file is not None:
         cfg = space.load_study(study_file)
         name, objectives = cfg.name, cfg.objectives
-    store = study.open_storage(storage, heartbeat=None)
+    store = study.open_storage(storage, heartbeat=None, create=False)
     loaded = study.load(name, store)
     return loaded, store, objectives or tuple(loaded.user_attrs.get("objectives", ["val_acc"]))
 
@@ -212,7 +212,7 @@ def study_check(
                             "pass --tracking-uri")
         tracker.check_access()
     if repair:  # failing stale trials needs the workers' heartbeat, and their runs this study's tracker
-        loaded = st.load(name, st.open_storage(storage, heartbeat=heartbeat, tracker=tracker))
+        loaded = st.load(name, st.open_storage(storage, heartbeat=heartbeat, tracker=tracker, create=False))
     findings = chk.check(loaded, tracker, repair=repair)
     for finding in findings:
         print(finding)
@@ -259,7 +259,7 @@ def study_list(storage: Storage = None) -> None:
     """Studies in a storage with their trial counts and best values."""
     from mnistlab import study
 
-    table = study.list_studies(study.open_storage(storage, heartbeat=None))
+    table = study.list_studies(study.open_storage(storage, heartbeat=None, create=False))
     print(table.to_string(index=False) if not table.empty else "no studies")
 
 
@@ -277,7 +277,7 @@ def study_report(
     parent = loaded.user_attrs.get(study.PARENT_ATTR)
     recorder = StudyRecorder(tracker, loaded.study_name, loaded.user_attrs.get(study.EXPERIMENT_ATTR, ""),
                              parent, Path(loaded.user_attrs.get("study_file", ""))) if parent else None
-    paths = report.write(loaded, objectives, artifacts.resolve() / loaded.study_name / "plots", recorder)
+    paths = report.write(loaded, objectives, artifacts.resolve() / study.study_folder(loaded) / "plots", recorder)
     for path in paths:
         if recorder is not None:
             tracker.log_artifact(parent, path, "plots")
@@ -293,7 +293,7 @@ def best(
         min=1, help="Highest validation accuracy among trials with at most N params.")] = None,
     export: Annotated[Path | None, typer.Option(
         help="Write the model here: safetensors, TorchScript, ONNX, config.json, MODEL_CARD.md.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace a non-empty --export folder.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an earlier export in --export (and nothing else).")] = False,
     register: Annotated[bool, typer.Option(
         help="With --export, also register the model in MLflow as models:/STUDY@best.")] = True,
     refit: Annotated[bool, typer.Option(

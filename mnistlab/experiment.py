@@ -15,7 +15,7 @@ from mnistlab.config import ExperimentConfig
 from mnistlab.errors import UserError
 from mnistlab.model import count_params, summary
 from mnistlab.tracking import RunLog, Tracker, check_reachable, mask
-from mnistlab.train import EpochMetrics, Result, resolve_device, train
+from mnistlab.train import EpochMetrics, Result, resolve_device, restored_history, train
 
 METRIC_FIELDS = [f for f in EpochMetrics.__dataclass_fields__]
 
@@ -81,12 +81,13 @@ def run_experiment(
     if verbose:
         print(summary(cfg.model))
     ckpt = output / "checkpoints"
-    history: list[EpochMetrics] = []
+    history = restored_history(ckpt) if resume else []  # the epochs train() takes over
     run = None
     if tracker is not None:
         run = RunLog.start(tracker, tracker.experiment(cfg.name), output.name, cfg, count_params(cfg.model),
                            str(device), ckpt, {"mnistlab.kind": "train", "mnistlab.output": str(output)},
                            files={"experiment": source} if source else None)
+        run.log_missing(history)
         if verbose:
             print(f"MLflow run {run.run_id} in experiment {cfg.name!r} at {mask(tracker.uri)}")
 

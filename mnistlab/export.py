@@ -314,16 +314,44 @@ class Exported:
     example: np.ndarray  # two test images, the registry's input example
 
 
-def _prepare_target(out: Path, force: bool) -> None:
+OWN_FILES = frozenset({WEIGHTS, CONFIG, TORCHSCRIPT, ONNX, CARD, CURVES})
+
+
+def _prepare_target(given: Path, force: bool) -> Path:
+    """The export folder, resolved; UserError (nothing touched) where writing there could lose data."""
+    if given.is_symlink():  # replacing it would act on the link's target, wherever that is
+        raise UserError(f"export folder {given}: is a symbolic link; give a real folder")
+    out = given.resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"export folder {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"export folder {out}: exists and is not empty (use --force to replace it)")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"export folder {out}: exists and is not empty (use --force to replace it)")
+        _check_replaceable(out)
     parent = out.parent
     if not parent.is_dir():
         raise UserError(f"export folder {out}: its parent {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"export folder {out}: {parent} is not writable")
+    return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """``--force`` replaces an earlier export and nothing else: a folder with a ``config.json`` of
+    this format and only the export's own files. That rules out the working folder and every
+    folder above it, the stores, the checkpoints and anything of the user's."""
+    if Path.cwd().resolve().is_relative_to(out):
+        raise UserError(f"export folder {out}: is the working folder or holds it; --force replaces only an "
+                        "earlier export")
+    strangers = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES or p.is_symlink() or not p.is_file())
+    try:
+        fmt = json.loads((out / CONFIG).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if strangers or fmt != FORMAT:
+        why = f"it holds {strangers[0]!r}" if strangers else f"no {CONFIG} of format {FORMAT!r}"
+        raise UserError(f"export folder {out}: not an earlier mnistlab export ({why}); --force replaces only "
+                        "those: choose another folder")
 
 
 def refit_weights(refit: Any) -> tuple[ExperimentConfig, dict[str, torch.Tensor], dict[str, Any]]:
@@ -345,8 +373,7 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
     all of it, checked, or nothing."""
     from mnistlab.tracking import environment
 
-    out = out.resolve()
-    _prepare_target(out, force)
+    out = _prepare_target(out, force)
     trial = choice.trial
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

@@ -19,7 +19,7 @@ from mnistlab.config import ExperimentConfig
 from mnistlab.errors import Interrupted, UserError
 from mnistlab.model import count_params
 from mnistlab.space import StudyConfig
-from mnistlab.train import EpochMetrics, Result, resolve_device, train
+from mnistlab.train import EpochMetrics, Result, resolve_device, restored_history, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -32,16 +32,17 @@ class Objective:
     """Callable for ``study.optimize``; holds the data and the tracker for one worker."""
 
     def __init__(self, study: StudyConfig, *, extra: dict[str, Any] | None = None, data_dir: Path | None = None,
-                 artifacts: Path = Path("mnistlab-artifacts"), recorder: Any = None, n_trials: int | None = None,
-                 verbose: bool = False) -> None:
+                 artifacts: Path = Path("mnistlab-artifacts"), folder: str | None = None, recorder: Any = None,
+                 n_trials: int | None = None, verbose: bool = False) -> None:
         self.study, self.extra, self.data_dir = study, extra or {}, data_dir
         self.artifacts, self.recorder, self.n_trials, self.verbose = artifacts, recorder, n_trials, verbose
+        self.folder = folder or study.name  # the study's folder under ``artifacts`` (study.study_folder)
         self._data: dict[tuple[Any, ...], data_mod.MnistData] = {}
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         cfg, n_params = self.sample(trial)
         root = trial.user_attrs.get("root_trial", trial.number)  # a retry keeps its original's folder
-        ckpt = self.artifacts / self.study.name / f"trial-{root}"
+        ckpt = self.artifacts / self.folder / f"trial-{root}"
         trial.set_user_attr("root_trial", root)
         trial.set_user_attr("checkpoint_dir", str(ckpt))
         device = str(resolve_device(cfg.train.device))
@@ -53,9 +54,14 @@ class Objective:
                 warnings.warn(f"MLflow unreachable ({type(exc).__name__}); trial {trial.number} trains without its "
                               "run, which `mnistlab study check --repair` creates from its checkpoint", stacklevel=2)
                 trial.set_user_attr("mlflow_missing", True)
-        on_epoch = _Reporter(trial, run, multi=len(self.study.objectives) > 1, epochs=cfg.train.epochs)
+        resume = root != trial.number
+        restored = restored_history(ckpt) if resume else []  # the epochs train() takes over
+        if run is not None:
+            run.log_missing(restored)  # they ran before this run existed; a pruned or failed end needs them too
+        on_epoch = _Reporter(trial, run, multi=len(self.study.objectives) > 1, epochs=cfg.train.epochs,
+                             history=restored)
         try:
-            result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=root != trial.number,
+            result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=resume,
                            verbose=self.verbose)
         except BaseException as exc:
             if not isinstance(exc, optuna.TrialPruned):
@@ -224,12 +230,13 @@ def claim_repeat(trial: optuna.Trial, wait: float = 10.0) -> None:
 class _Reporter:
     """The trainer's epoch callback: log to MLflow, report to Optuna, prune."""
 
-    def __init__(self, trial: optuna.Trial, run: Any, multi: bool, epochs: int) -> None:
+    def __init__(self, trial: optuna.Trial, run: Any, multi: bool, epochs: int,
+                 history: list[EpochMetrics] | None = None) -> None:
         # a seed repeat is never pruned: it measures a configuration, it does not search
         self.trial, self.run = trial, run
         self.multi = multi or tr.REPEAT_OF in trial.user_attrs
         self.epochs = epochs
-        self.history: list[EpochMetrics] = []
+        self.history: list[EpochMetrics] = list(history or [])  # from the first epoch, restored ones included
 
     def __call__(self, m: EpochMetrics) -> None:
         self.history.append(m)

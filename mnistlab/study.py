@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from optuna.trial import TrialState
 
 from mnistlab import trials as tr
 from mnistlab.errors import Interrupted, UserError
+from mnistlab.locks import creating
 from mnistlab.objective import Objective, StudyFull, best_trial, search_trained, state_label
 from mnistlab.space import StudyConfig, make_pruner, make_sampler, worker_salt
 from mnistlab.tracking import mask
@@ -35,6 +37,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 PARENT_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 TRACKING_ATTR = "mlflow_tracking_uri"
+ID_ATTR = "mnistlab_study_id"  # a UUID set at creation: same-named studies in other storages stay apart
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ RACES = ("already exists", "duplicate key", "uniqueviolation", "deadlock detecte
 
 
 def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = None,
-                 wait: float = 0.0) -> optuna.storages.RDBStorage:
+                 wait: float = 0.0, create: bool = True) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats; a dead worker's trial is failed and retried.
 
     With ``wait``, a database server that is not up yet is retried every 2 s for that many
@@ -92,10 +95,11 @@ def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = Non
     """
     url = storage_url(url)
     kwargs: dict[str, Any] = {}
+    database = None
     if url.startswith("sqlite"):
         path = url.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
-            _sqlite_wal(Path(path))
+            database = Path(path)
             kwargs = {"creator": lambda: _sqlite_connect(path)}
         else:
             kwargs = {"connect_args": {"timeout": 60}}
@@ -105,6 +109,21 @@ def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = Non
     if heartbeat:
         hb = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
               "heartbeat_stale_trial_callback": _StaleTrial(tracker)}
+    if database is None:
+        return _connect(url, kwargs, hb, wait)
+    if not database.parent.exists():
+        raise UserError(f"storage: folder {database.parent} does not exist")
+    if not create:  # a command that only reads never makes a database (nor its lock) for a mistyped path
+        if not database.is_file():
+            raise UserError(f"storage {database}: no such database (run `mnistlab study run` to create a study)")
+        return _connect(url, kwargs, hb, wait)
+    with creating(database):  # processes starting together would create Optuna's tables at once
+        _sqlite_wal(database)
+        return _connect(url, kwargs, hb, wait)
+
+
+def _connect(url: str, kwargs: dict[str, Any], hb: dict[str, Any], wait: float) -> optuna.storages.RDBStorage:
+    """Open the storage, retrying creation races and (with ``wait``) a server still starting."""
     deadline, told, races = time.monotonic() + wait, False, 0
     while True:
         try:
@@ -142,8 +161,6 @@ def _sqlite_connect(path: str) -> sqlite3.Connection:
 
 def _sqlite_wal(path: Path) -> None:
     """WAL lets readers and one writer work at once; the mode is stored in the file."""
-    if not path.parent.exists():
-        raise UserError(f"storage: folder {path.parent} does not exist")
     with sqlite3.connect(path, timeout=60) as con:
         con.execute("PRAGMA journal_mode=WAL")
 
@@ -184,6 +201,7 @@ def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Stu
         study = optuna.load_study(**kwargs)
         _wait_ready(study)
         return study
+    study.set_user_attr(ID_ATTR, uuid.uuid4().hex)
     study.set_user_attr("study_file", str(cfg.path))
     study.set_user_attr("max_params", cfg.max_params)
     study.set_user_attr("objectives", list(cfg.objectives))
@@ -202,6 +220,33 @@ def _wait_ready(study: optuna.Study, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             return  # a study made by plain Optuna, without mnistlab's attributes: use it as it is
         time.sleep(0.2)
+
+
+def study_folder(study: optuna.Study) -> str:
+    """The study's folder under the artifacts folder: ``NAME-<first 8 of its id>``; a study made
+    before study ids keeps ``NAME``, where its checkpoints already are."""
+    uid = study.user_attrs.get(ID_ATTR)
+    return f"{study.study_name}-{uid[:8]}" if uid else study.study_name
+
+
+def _id_in(storage: optuna.storages.BaseStorage, name: str) -> str | None:
+    """The id of the study ``name`` in ``storage`` ("" for one made before ids); None if there is none."""
+    if name not in optuna.get_all_study_names(storage):
+        return None
+    study = optuna.load_study(study_name=name, storage=storage)
+    _wait_ready(study)  # its creator sets the id before it marks the study ready
+    return study.user_attrs.get(ID_ATTR, "")
+
+
+def check_name_free(cfg: StudyConfig, storage: optuna.storages.BaseStorage, tracker: Any) -> None:
+    """UserError when the study's name is held in the tracker by a study of another storage.
+
+    The tracker is read first: a study's id reaches its storage before its MLflow experiment,
+    so workers starting one new study together never refuse each other.
+    """
+    holder = tracker.holder(cfg.name)
+    if holder is not None and holder[0] != _id_in(storage, cfg.name):
+        raise tracker.taken(cfg.name, holder[1])
 
 
 def load(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -274,7 +319,7 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
                               pruner=make_pruner(cfg))
     n_trials = opts.n_trials or cfg.n_trials
     objective = Objective(cfg, extra=opts.extra(), data_dir=opts.data_dir, artifacts=opts.artifacts,
-                          recorder=recorder, n_trials=n_trials, verbose=opts.verbose)
+                          folder=study_folder(study), recorder=recorder, n_trials=n_trials, verbose=opts.verbose)
     objective.data_for(cfg.trial_config({}, opts.extra()))  # data problems surface before any trial
     progress = Progress(cfg, n_trials, recorder)
     if opts.heartbeat:
@@ -354,17 +399,18 @@ def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Any, storage_ur
     known = attrs.get(TRACKING_ATTR)
     if known is not None and known != mask(tracker.uri):
         raise UserError(f"study {cfg.name!r} logs to MLflow at {known}; pass --tracking-uri for it")
-    exp_id = attrs.get(EXPERIMENT_ATTR) or tracker.experiment(cfg.name)
+    uid = attrs.get(ID_ATTR)
+    exp_id = attrs.get(EXPERIMENT_ATTR) or tracker.experiment(cfg.name, uid, mask(storage_url_))
     parent = attrs.get(PARENT_ATTR)
     if parent is None:
         params = {"study.name": cfg.name, "study.file": str(cfg.path), "study.max_params": cfg.max_params,
                   "study.objectives": ",".join(cfg.objectives), "study.sampler": cfg.sampler.name,
                   "study.pruner": cfg.pruner.name, "study.storage": mask(storage_url_)}
-        parent = tracker.parent_run(exp_id, cfg.name, params)
+        parent = tracker.parent_run(exp_id, cfg.name, params, uid)
         study.set_user_attr(EXPERIMENT_ATTR, exp_id)
         study.set_user_attr(PARENT_ATTR, parent)
         study.set_user_attr(TRACKING_ATTR, mask(tracker.uri))
-    return StudyRecorder(tracker, cfg.name, exp_id, parent, cfg.path)
+    return StudyRecorder(tracker, cfg.name, exp_id, parent, cfg.path, uid)
 
 
 class Prepared(NamedTuple):
@@ -393,6 +439,7 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
     check_reachable(tracker.uri, wait=opts.wait)
     tracker.check_access()
     storage = open_storage(url, opts.heartbeat, tracker, wait=opts.wait)
+    check_name_free(cfg, storage, tracker)  # makes a local MLflow store (or finds it broken) before the study
     study = create(cfg, storage)
     return Prepared(study, storage, recorder_for(study, cfg, tracker, url), tracker, url)
 
@@ -433,7 +480,7 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
         recorder.summary(study, trials)
         try:
             if status == "FINISHED":  # an interrupted run exits at once; `study report` draws the plots later
-                paths = report.write(study, cfg.objectives, opts.artifacts / cfg.name / "plots", recorder)
+                paths = report.write(study, cfg.objectives, opts.artifacts / study_folder(study) / "plots", recorder)
                 for path in paths:
                     tracker.log_artifact(recorder.parent_id, path, "plots")
             if status != "FINISHED" or not any(t.state == TrialState.RUNNING for t in trials):

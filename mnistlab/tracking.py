@@ -7,10 +7,12 @@ experiment with one parent run; each trained trial is a child run of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
+import sqlite3
 import subprocess
 import sys
 import time
@@ -24,10 +26,13 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mnistlab.errors import UserError
+from mnistlab.locks import creating
 
 PARENT_TAG = "mnistlab.parent"  # "true" on a study's parent run
 STUDY_TAG = "mnistlab.study"
 TRIAL_TAG = "mnistlab.trial"
+STUDY_ID_TAG = "mnistlab.study_id"  # on a study's experiment, parent and child runs: which study of that name
+STORAGE_TAG = "mnistlab.storage"  # on a study's experiment: its storage, password masked
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s")
 SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
 
@@ -81,6 +86,27 @@ def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
             time.sleep(2)
             continue
         raise UserError(f"MLflow server {mask(uri)} answered its health check with an error")
+
+
+def _check_migrated(database: Path) -> None:
+    """UserError naming the remedy when an interrupted creation or upgrade of an MLflow SQLite store
+    left it half-migrated (Alembic's ``_alembic_tmp_*`` tables); MLflow would fail on it later."""
+    if not database.is_file() or database.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as con:
+            tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            left = [t for t in tables if t.startswith("_alembic_tmp_")]
+            runs = con.execute("SELECT count(*) FROM runs").fetchone()[0] if left and "runs" in tables else 0
+    except sqlite3.Error:  # not a state this check knows; MLflow's own error says what is wrong
+        return
+    if not left:
+        return
+    broken = f"MLflow store {database} is half-migrated (table {left[0]} left by an interrupted creation or upgrade)"
+    if not runs:
+        raise UserError(f"{broken} and holds no runs: delete {database} and run the command again")
+    raise UserError(f"{broken} and holds {runs:,} runs: restore it from a backup, or copy it aside, drop the "
+                    f"_alembic_tmp_ tables and run `mlflow db upgrade sqlite:///{database}`")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -196,15 +222,29 @@ class Tracker:
                 os.environ.setdefault(key, value)
             from mlflow import MlflowClient
 
-            self._client = _Guarded(MlflowClient(self.uri), self)
+            database = self._sqlite_file()
+            if database is None:
+                client = MlflowClient(self.uri)
+            else:  # processes starting together in a fresh folder would migrate the new store at once
+                with creating(database):
+                    _check_migrated(database)
+                    client = MlflowClient(self.uri)
+                    client.search_experiments(max_results=1)  # makes or migrates the store, under the lock
+            self._client = _Guarded(client, self)
         return self._client
+
+    def _sqlite_file(self) -> Path | None:
+        if urlsplit(self.uri).scheme != "sqlite":
+            return None
+        path = self.uri.split("sqlite:///", 1)[-1]
+        return None if path in ("", ":memory:") else Path(path)
 
     def known(self) -> bool:
         """False for a local store that does not exist yet (using it would create it)."""
         parts = urlsplit(self.uri)
         if parts.scheme == "sqlite":
-            path = self.uri.split("sqlite:///", 1)[-1]
-            return path in ("", ":memory:") or Path(path).is_file()
+            database = self._sqlite_file()
+            return database is None or database.is_file()
         if parts.scheme == "file":
             return Path(parts.path).is_dir()
         return True
@@ -236,39 +276,68 @@ class Tracker:
         return True
 
     # -- experiments and runs ------------------------------------------------------------
-    def experiment(self, name: str) -> str:
-        """The id of the experiment called ``name``, created if missing (race-safe)."""
+    def experiment(self, name: str, study_id: str | None = None, storage: str = "") -> str:
+        """The id of the experiment called ``name``, created if missing (race-safe).
+
+        With ``study_id`` the experiment is that study's: made with its id, or claimed when no
+        study holds it yet; UserError when another study of that name holds it.
+        """
         from mlflow.exceptions import MlflowException
 
+        tags = {STUDY_ID_TAG: study_id, STORAGE_TAG: storage} if study_id else None
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                self.client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except MlflowException:  # another worker created it first
-            found = self.client.get_experiment_by_name(name)
-            if found is None:
-                raise
-            return found.experiment_id
+        if found is None:
+            try:
+                return self.client.create_experiment(name, tags=tags)
+            except MlflowException:  # another worker created it first
+                found = self.client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+        if found.lifecycle_stage == "deleted":
+            self.client.restore_experiment(found.experiment_id)
+        if study_id:
+            holder = self.holder(name)
+            if holder is None:  # made by `mnistlab train`, or by hand: this study takes it
+                for key, value in (tags or {}).items():
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
+                holder = self.holder(name)
+            if holder is not None and holder[0] != study_id:
+                raise self.taken(name, holder[1])
+        return found.experiment_id
 
-    def find_parent(self, experiment_id: str, study: str) -> str | None:
+    def holder(self, name: str) -> tuple[str, str] | None:
+        """The study that holds the experiment ``name``: (its id, its storage); the id is "" for a
+        study made before study ids (a parent run without one). None when no study holds it."""
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            return None
+        if found.tags.get(STUDY_ID_TAG):
+            return found.tags[STUDY_ID_TAG], found.tags.get(STORAGE_TAG, "unknown")
+        older = self.client.search_runs(
+            [found.experiment_id], f"tags.`{PARENT_TAG}` = 'true' AND tags.`{STUDY_TAG}` = '{name}'", max_results=1)
+        return ("", older[0].data.params.get("study.storage", "unknown")) if older else None
+
+    def taken(self, name: str, storage: str) -> UserError:
+        return UserError(f"study {name!r}: MLflow at {mask(self.uri)} already holds another study named {name!r} "
+                         f"(in storage {storage}); rename this study, or give it its own --tracking-uri")
+
+    def find_parent(self, experiment_id: str, study: str, study_id: str | None = None) -> str | None:
         """The oldest parent run of a study: every worker agrees on it."""
-        runs = self.client.search_runs(
-            [experiment_id], f"tags.`{PARENT_TAG}` = 'true' AND tags.`{STUDY_TAG}` = '{study}'",
-            order_by=["attributes.start_time ASC"], max_results=5)
+        query = f"tags.`{PARENT_TAG}` = 'true' AND tags.`{STUDY_TAG}` = '{study}'"
+        if study_id:
+            query += f" AND tags.`{STUDY_ID_TAG}` = '{study_id}'"
+        runs = self.client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=5)
         return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
 
-    def parent_run(self, experiment_id: str, study: str, params: dict[str, Any]) -> str:
+    def parent_run(self, experiment_id: str, study: str, params: dict[str, Any], study_id: str | None = None) -> str:
         """Get or create the study's one parent run."""
-        existing = self.find_parent(experiment_id, study)
+        existing = self.find_parent(experiment_id, study, study_id)
         if existing is not None:
             return existing
-        run = self.client.create_run(experiment_id, run_name=study,
-                                     tags={PARENT_TAG: "true", STUDY_TAG: study})
+        tags = {PARENT_TAG: "true", STUDY_TAG: study, **({STUDY_ID_TAG: study_id} if study_id else {})}
+        run = self.client.create_run(experiment_id, run_name=study, tags=tags)
         self.log_params(run.info.run_id, params)
-        winner = self.find_parent(experiment_id, study)
+        winner = self.find_parent(experiment_id, study, study_id)
         if winner != run.info.run_id:  # lost a race with another worker: keep one parent
             self.client.delete_run(run.info.run_id)
         return winner or run.info.run_id
@@ -358,6 +427,22 @@ class Tracker:
         """(step, value) pairs of one metric of a run."""
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
+    def log_missing_epochs(self, run_id: str, history: list[Any]) -> list[int]:
+        """Log the epochs of ``history`` a run lacks, metric by metric (a present value is never
+        logged twice); returns the epochs that were missing from any metric."""
+        from mlflow.entities import Metric
+
+        now, missing, batch = int(time.time() * 1000), set(), []
+        for key in EPOCH_METRICS:
+            have = {step for step, _ in self.metric_history(run_id, key)}
+            for m in history:
+                if m.epoch not in have:
+                    batch.append(Metric(key, float(getattr(m, key)), now, m.epoch))
+                    missing.add(m.epoch)
+        for start in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics a batch
+            self.client.log_batch(run_id, metrics=batch[start : start + 1000])
+        return sorted(missing)
+
     def download_checkpoints(self, run_id: str, into: Path) -> Path | None:
         """The ``checkpoints/`` artifacts of a run, downloaded into ``into``; None if it has none."""
         try:
@@ -404,8 +489,9 @@ class RunLog:
         self.tracker.log_epoch(self.run_id, m)
         self.logged.add(m.epoch)
 
-    def _backfill(self, history: list[Any]) -> None:
-        """Epochs restored from a checkpoint were run before this run existed: log them once."""
+    def log_missing(self, history: list[Any]) -> None:
+        """Log the epochs of ``history`` this run has not logged: those restored from a checkpoint
+        ran before the run existed."""
         for m in history:
             if m.epoch not in self.logged:
                 self.epoch(m)
@@ -429,7 +515,7 @@ class RunLog:
 
     def complete(self, result: Any) -> None:
         """FINISHED, with the test figures and the checkpoints."""
-        self._backfill(result.history)
+        self.log_missing(result.history)
         final = {"test_acc": result.test_acc, "test_loss": result.test_loss, **_score_metrics(result.history)}
         if result.best_epoch:  # a refit has no validation split and so no best epoch
             final.update(best_val_acc=result.best_val_acc, best_epoch=result.best_epoch)
@@ -439,7 +525,7 @@ class RunLog:
 
     def end(self, exc: BaseException, history: list[Any]) -> None:
         """KILLED for a pruned or interrupted trial, FAILED with the reason otherwise."""
-        self._backfill(history)
+        self.log_missing(history)
         if type(exc).__name__ == "TrialPruned":
             self._close("KILLED", {"mnistlab.pruned_at_epoch": history[-1].epoch if history else 0,
                                    **self._artifacts()})
@@ -486,13 +572,15 @@ def yaml_text(raw: dict[str, Any]) -> str:
 class StudyRecorder:
     """Nests each trained trial's run under the study's parent run and keeps its summary live."""
 
-    def __init__(self, tracker: Tracker, study: str, experiment_id: str, parent_id: str, study_file: Path) -> None:
+    def __init__(self, tracker: Tracker, study: str, experiment_id: str, parent_id: str, study_file: Path,
+                 study_id: str | None = None) -> None:
         self.tracker, self.study, self.experiment_id = tracker, study, experiment_id
         self.parent_id, self.study_file = parent_id, study_file
         self.marked: dict[str, str] = {}  # run id -> its mnistlab.rank tag as last set by this process
+        self.tags = {STUDY_TAG: study, **({STUDY_ID_TAG: study_id} if study_id else {})}
 
     def start(self, trial: Any, cfg: Any, n_params: int, checkpoint_dir: Path, device: str) -> RunLog:
-        tags = {STUDY_TAG: self.study, TRIAL_TAG: str(trial.number)}
+        tags = {**self.tags, TRIAL_TAG: str(trial.number)}
         if trial.user_attrs.get("mlflow_run_id"):  # a retry: link the run of the attempt that died
             tags["mnistlab.retry_of_run"] = trial.user_attrs["mlflow_run_id"]
         if "repeat_of" in trial.user_attrs:  # a seed repeat: link the configuration it confirms
@@ -518,7 +606,7 @@ class StudyRecorder:
         import types
 
         a = trial.user_attrs
-        tags = {STUDY_TAG: self.study, TRIAL_TAG: str(trial.number), "mnistlab.backfilled": "true"}
+        tags = {**self.tags, TRIAL_TAG: str(trial.number), "mnistlab.backfilled": "true"}
         run = RunLog.start(self.tracker, self.experiment_id, f"trial-{trial.number}", cfg, a["param_count"],
                            a.get("device", "cpu"), checkpoint_dir, tags, params=dict(trial.params),
                            parent=self.parent_id, files={"study": self.study_file} if self.study_file.is_file() else {})

@@ -69,6 +69,13 @@ class Result:
 OnEpoch = Callable[[EpochMetrics], None]
 
 
+def restored_history(checkpoint_dir: Path) -> list[EpochMetrics]:
+    """The epochs ``train(..., resume=True)`` takes over from ``checkpoint_dir``: those recorded in
+    its newest intact checkpoint (none when there is no such checkpoint)."""
+    good = checkpoint.latest_good(checkpoint_dir) if checkpoint_dir.is_dir() else None
+    return [EpochMetrics(**m) for m in checkpoint.load_state(good)["history"]] if good is not None else []
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when present, else CPU."""
     if name == "auto":

@@ -143,6 +143,13 @@ def pg_url(pg_database: Callable[[], str]) -> str:
     return pg_database()
 
 
+def trial_dir(artifacts: Path, number: int, study: str = "smoke") -> Path:
+    """Trial ``number``'s checkpoint folder under ``artifacts``: ``NAME-<study id>/trial-N``, or
+    ``NAME/trial-N`` as studies made before study ids have it (and while nothing exists yet)."""
+    found = sorted(artifacts.glob(f"{study}-*/trial-{number}")) or [artifacts / study / f"trial-{number}"]
+    return found[0]
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`mnistlab ARGS` in a real subprocess, as a user runs it."""

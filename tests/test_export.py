@@ -153,6 +153,41 @@ def test_export_refuses_a_non_empty_folder_and_an_unwritable_one(finished: dict,
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def files_under(root: Path) -> set[str]:
+    """Every file and folder under ``root`` (SQLite's transient -wal/-shm files aside)."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if not p.name.endswith(("-wal", "-shm"))}
+
+
+def test_force_replaces_an_earlier_export_and_nothing_else(finished: dict, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    env = copy_study(finished, tmp_path)
+    root = Path(env["root"])
+    earlier = tmp_path / "earlier"
+    shutil.copytree(finished["export"], earlier)
+    (tmp_path / "link").symlink_to(earlier, target_is_directory=True)
+    mixed = tmp_path / "mixed"  # an export with a file of the user's beside it
+    shutil.copytree(finished["export"], mixed)
+    (mixed / "notes.txt").write_text("mine")
+    before = files_under(tmp_path)
+    s = study.load("smoke", study.open_storage(env["MNISTLAB_STORAGE"], heartbeat=None))
+    choice = export.pick(s, ("val_acc",))
+    monkeypatch.chdir(root)
+    for target in (root, Path("."), tmp_path, root / "artifacts", root / "mlruns", tmp_path / "link", mixed):
+        with pytest.raises(UserError, match="^export folder .*(--force replaces only|symbolic link)"):
+            export.export(choice, s, target, force=True)
+    assert files_under(tmp_path) == before
+    for target in (".", "artifacts", str(tmp_path / "link")):
+        proc = run_cli("best", str(SMOKE), "--export", target, "--force", "--no-register", env=env, cwd=root)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.startswith("error: export folder") and len(proc.stderr.strip().splitlines()) == 1
+    assert files_under(tmp_path) == before
+    proc = run_cli("best", str(SMOKE), "--export", str(earlier), "--force", "--no-register", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((earlier / "config.json").read_text())["exported_at"] != json.loads(
+        (finished["export"] / "config.json").read_text())["exported_at"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".earlier.")]  # no temporary left
+
+
 def copy_study(finished: dict, tmp_path: Path) -> dict[str, str]:
     """The finished study's stores and checkpoints, copied so a test may damage them."""
     root = tmp_path / "stores"

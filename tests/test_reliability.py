@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop
+from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop, trial_dir
 from mnistlab import study
 from mnistlab.objective import trained
 
@@ -30,11 +31,16 @@ def start_worker(*extra: str, env: dict[str, str] | None = None) -> subprocess.P
                             env={**os.environ, **(env or {})})
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(path: Callable[[], Path], proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the file ``path()`` names exists (its folder is known only once the study is)."""
     deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline and proc.poll() is None:
+    while not path().exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    assert path.exists(), proc.communicate()
+    assert path().exists(), proc.communicate()
+
+
+def last_checkpoint(number: int = 0, artifacts: Path = Path("mnistlab-artifacts")) -> Callable[[], Path]:
+    return lambda: trial_dir(artifacts.resolve(), number) / "last.pt"
 
 
 def check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -49,7 +55,7 @@ def uninterrupted_weights(tmp_path: Path) -> dict[str, torch.Tensor]:
                    f"sqlite:///{clean / 'optuna.db'}", "--tracking-uri", f"sqlite:///{clean / 'mlflow.db'}",
                    "--artifacts", str(clean / "artifacts"))
     assert proc.returncode == 0, proc.stderr
-    return load_file(str(clean / "artifacts" / "smoke" / "trial-0" / "best.safetensors"))
+    return load_file(str(trial_dir(clean / "artifacts", 0) / "best.safetensors"))
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -58,8 +64,7 @@ def test_sigkill_mid_epoch_is_found_repaired_and_resumed_to_the_same_weights(
     storage = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     env = {"MNISTLAB_STORAGE": storage}
     worker = start_worker("--n-trials", "1", env=env)
-    first = tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0" / "last.pt"
-    wait_for(first, worker)
+    wait_for(last_checkpoint(), worker)
     time.sleep(0.3)  # into epoch 2
     worker.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
@@ -79,7 +84,7 @@ def test_sigkill_mid_epoch_is_found_repaired_and_resumed_to_the_same_weights(
     s = study.load("smoke", study.open_storage(storage, heartbeat=None))
     dead, retry = s.trials
     assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE and retry.params == dead.params
-    resumed_weights = load_file(str(tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0" / "best.safetensors"))
+    resumed_weights = load_file(str(trial_dir(tmp_path / "mnistlab-artifacts", 0) / "best.safetensors"))
     clean = uninterrupted_weights(tmp_path)
     assert resumed_weights.keys() == clean.keys()
     assert all(torch.equal(resumed_weights[k], clean[k]) for k in clean)  # bit for bit on the CPU
@@ -88,7 +93,7 @@ def test_sigkill_mid_epoch_is_found_repaired_and_resumed_to_the_same_weights(
 
 def test_sigterm_saves_records_and_exits_within_seconds(tmp_path: Path, mlflow_db: str) -> None:
     worker = start_worker("--n-trials", "1")
-    wait_for(tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0" / "last.pt", worker)
+    wait_for(last_checkpoint(), worker)
     worker.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     out, err = worker.communicate(timeout=60)
@@ -117,8 +122,8 @@ def test_a_full_disk_fails_the_trial_cleanly_and_the_study_continues(tmp_path: P
     would refuse the write); the storage and MLflow are servers, so only checkpoints are written."""
     env = {"MNISTLAB_STORAGE": pg_url, "MLFLOW_TRACKING_URI": mlflow_server}
     worker = start_worker("--n-trials", "2", env=env)
-    folder = tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0"
-    wait_for(folder / "last.pt", worker)
+    wait_for(last_checkpoint(), worker)
+    folder = trial_dir(tmp_path / "mnistlab-artifacts", 0)
     before = (folder / "last.pt").read_bytes()
     resource.prlimit(worker.pid, resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
     out, err = worker.communicate(timeout=300)
@@ -193,7 +198,7 @@ def test_a_long_mlflow_outage_keeps_training_and_repair_sends_what_was_kept(tmp_
     env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
     worker = start_worker("--n-trials", "2", env=env)
     try:
-        wait_for(tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0" / "last.pt", worker)
+        wait_for(last_checkpoint(), worker)
         stop(server)
         down = time.monotonic()
         out, err = worker.communicate(timeout=600)
@@ -217,3 +222,92 @@ def test_a_long_mlflow_outage_keeps_training_and_repair_sends_what_was_kept(tmp_
         assert final.returncode == 0, final.stdout
     finally:
         stop(server)
+
+
+def test_commands_starting_together_in_a_fresh_folder_create_each_store_once(tmp_path: Path) -> None:
+    """Three `study create` at the same instant in an empty folder: optuna.db and mlflow.db are each
+    made once, whole (without the creation lock their migrations collide)."""
+    cmd = [sys.executable, "-m", "mnistlab", "study", "create", str(SMOKE)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], results
+    assert not [err for _, err in results if "Traceback" in err or "error:" in err], results
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    assert "runs" in tables and not [t for t in tables if t.startswith("_alembic_tmp")]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["mnistlab.parent"] == "true"
+    s = study.load("smoke", study.open_storage(None, heartbeat=None))
+    assert len(s.trials) == 1 and s.trials[0].state == TrialState.WAITING  # the base trial, enqueued once
+
+
+def test_a_half_migrated_mlflow_store_is_refused_in_one_line_with_the_remedy(tmp_path: Path, mlflow_db: str) -> None:
+    """What an interrupted MLflow migration leaves behind: a `_alembic_tmp_*` table."""
+    import sqlite3
+
+    import optuna
+
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:
+        con.execute("CREATE TABLE _alembic_tmp_runs (run_uuid VARCHAR(32))")
+    proc = run_cli("study", "create", str(SMOKE))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "half-migrated" in proc.stderr and "_alembic_tmp_runs" in proc.stderr
+    assert f"delete {tmp_path / 'mlflow.db'}" in proc.stderr  # it holds no runs: making it anew loses nothing
+    assert optuna.get_all_study_names(study.open_storage(None, heartbeat=None)) == []  # no study was created
+
+
+def test_a_resumed_trial_that_is_pruned_logs_its_restored_epochs_and_repair_backfills(
+        tmp_path: Path, mlflow_db: str) -> None:
+    """Trial 1 (hopeless) is interrupted after epoch 1, resumed, and pruned at epoch 2: its run holds
+    both epochs. A run that lacks the restored epoch (as older versions left it) is mended by --repair."""
+    from mlflow import MlflowClient
+
+    from mnistlab import space
+
+    path = tmp_path / "prune.yaml"
+    path.write_text(f"""
+name: smoke
+base: {ROOT / 'experiments' / 'eva4-s4.yaml'}
+max_params: 20000
+pruner: {{name: median, n_startup_trials: 1, n_warmup_steps: 2}}
+sampler: {{name: random, seed: 3}}
+enqueue_base: false
+space:
+  train.lr: {{type: float, low: 0.00001, high: 0.2, log: true}}
+""")
+    s = study.create(space.load_study(path), study.open_storage(None, heartbeat=None))
+    s.enqueue_trial({"train.lr": 0.1})
+    s.enqueue_trial({"train.lr": 0.00001})
+    cmd = [sys.executable, "-m", "mnistlab", "study", "run", str(path), *SLOW, "--n-trials", "2"]
+    worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(last_checkpoint(1), worker)
+    worker.send_signal(signal.SIGTERM)
+    worker.communicate(timeout=60)
+    assert worker.returncode == 128 + signal.SIGTERM
+    resumed = run_cli("study", "run", str(path), *SLOW, "--n-trials", "2", "--verbose")
+    assert resumed.returncode == 0 and "Resuming from" in resumed.stdout, resumed.stderr
+    retry = study.load("smoke", study.open_storage(None, heartbeat=None)).trials[-1]
+    assert retry.state == TrialState.PRUNED and retry.user_attrs["root_trial"] == 1
+    assert retry.user_attrs["pruned_at_epoch"] == 2
+    client = MlflowClient(mlflow_db)
+    run_id = retry.user_attrs["mlflow_run_id"]
+    for key in ("val_acc", "train_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
+    assert check().returncode == 0
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:  # the run as older versions recorded it
+        con.execute("DELETE FROM metrics WHERE run_uuid = ? AND step = 1", (run_id,))
+    found = check()
+    assert found.returncode == 1 and "val_acc has 1 values for 2 epochs" in found.stdout, found.stdout
+    repaired = check("--repair")
+    assert repaired.returncode == 0 and "logged epochs [1]" in repaired.stdout, repaired.stdout
+    for key in ("val_acc", "train_loss", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2], key
+    assert check().returncode == 0

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, trial_dir
 from mnistlab import objective as objective_mod
 from mnistlab import space, study
 from mnistlab.errors import UserError
@@ -95,7 +95,10 @@ def test_bad_study_files_exit_2_and_create_nothing(tmp_path: Path, body: str, me
     (["study", "run", str(SMOKE), "--storage", "postgresql://nobody:secret@127.0.0.1:1/x"], "cannot open"),
     (["study", "run", str(SMOKE), "--n-trials", "-1"], "Invalid value for '--n-trials'"),
     (["study", "run", str(SMOKE), "--tracking-uri", "http://127.0.0.1:1"], "unreachable"),
-    (["study", "status", "--name", "nope"], "no study named 'nope'"),
+    (["study", "status", "--name", "nope"], "optuna.db: no such database"),
+    (["study", "check", "--name", "nope"], "optuna.db: no such database"),
+    (["best", "--name", "nope"], "optuna.db: no such database"),
+    (["study", "list"], "optuna.db: no such database"),
 ])
 def test_bad_cli_input_exit_2_and_create_nothing(tmp_path: Path, args: list[str], message: str) -> None:
     proc = run_cli(*args)
@@ -103,7 +106,7 @@ def test_bad_cli_input_exit_2_and_create_nothing(tmp_path: Path, args: list[str]
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "secret" not in proc.stderr  # passwords are masked
     assert not (tmp_path / "mlflow.db").exists()
-    assert not (tmp_path / "optuna.db").exists() or args[1] == "status"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # read-only commands make no database, nor a lock
 
 
 def trained_numbers(s: optuna.Study) -> list[int]:
@@ -166,11 +169,13 @@ def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, mlflow_d
     args = [sys.executable, "-m", "mnistlab", "study", "run", str(SMOKE), "--epochs", "3", "--limit-train", "3000",
             "--limit-eval", "300", "--heartbeat", "1", "--n-trials", "1", "--verbose"]
     worker = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    checkpoint = tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0" / "last.pt"
+    def checkpoint() -> Path:
+        return trial_dir(tmp_path / "mnistlab-artifacts", 0) / "last.pt"
+
     deadline = time.monotonic() + 300
-    while not checkpoint.exists() and time.monotonic() < deadline and worker.poll() is None:
+    while not checkpoint().exists() and time.monotonic() < deadline and worker.poll() is None:
         time.sleep(0.2)
-    assert checkpoint.exists(), worker.communicate()[0]
+    assert checkpoint().exists(), worker.communicate()[0]
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     time.sleep(4)  # past the grace period of 3 heartbeats
@@ -212,3 +217,40 @@ space:
     s = study.load("s", study.open_storage(None, heartbeat=None))
     sampled = [tuple(sorted(t.params.items())) for t in s.trials]
     assert len(sampled) == 4 and len(set(sampled)) == 4, sampled
+
+
+def test_a_study_folder_is_keyed_by_its_id_and_an_older_study_keeps_its_own(tmp_path: Path) -> None:
+    storage = study.open_storage(f"sqlite:///{tmp_path / 'k.db'}", heartbeat=None)
+    made = study.create(space.load_study(SMOKE), storage)
+    uid = made.user_attrs[study.ID_ATTR]
+    assert len(uid) == 32 and study.study_folder(made) == f"smoke-{uid[:8]}"
+    assert study.create(space.load_study(SMOKE), storage).user_attrs[study.ID_ATTR] == uid  # set once
+    older = optuna.create_study(storage=storage, study_name="older")  # as made before study ids
+    assert study.study_folder(older) == "older"
+
+
+def test_same_named_studies_in_two_storages_keep_their_own_checkpoints_and_runs(tmp_path: Path,
+                                                                                mlflow_db: str) -> None:
+    tiny = ["--epochs", "1", "--limit-train", "300", "--limit-eval", "100", "--threads", "1", "--n-trials", "1"]
+    first, second = (f"sqlite:///{tmp_path / name}" for name in ("a.db", "b.db"))
+    assert run_cli("study", "run", str(SMOKE), *tiny, "--storage", first).returncode == 0
+    a = study.load("smoke", study.open_storage(first, heartbeat=None)).trials[0]
+    last = Path(a.user_attrs["checkpoint_dir"]) / "last.pt"
+    written = last.stat().st_mtime_ns
+    taken = run_cli("study", "run", str(SMOKE), *tiny, "--storage", second)
+    assert taken.returncode == 2, taken.stdout + taken.stderr
+    assert len(taken.stderr.strip().splitlines()) == 1 and "another study named 'smoke'" in taken.stderr
+    assert "a.db" in taken.stderr  # where that other study lives
+    assert optuna.get_all_study_names(study.open_storage(second, heartbeat=None)) == []  # nothing created
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_db)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert len([r for r in runs if r.data.tags.get("mnistlab.parent") == "true"]) == 1
+    apart = run_cli("study", "run", str(SMOKE), *tiny, "--storage", second,
+                    "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}")
+    assert apart.returncode == 0, apart.stderr
+    b = study.load("smoke", study.open_storage(second, heartbeat=None)).trials[0]
+    assert Path(b.user_attrs["checkpoint_dir"]).parent != last.parent.parent
+    assert last.stat().st_mtime_ns == written  # the first study's checkpoints untouched
+    assert run_cli("study", "check", "--name", "smoke", "--storage", first).returncode == 0
