@@ -271,7 +271,7 @@ def test_refit_runs_under_the_parent_and_the_export_is_the_refit(tmp_path: Path,
         assert r.data.tags["mnistlab.refit_of_trial"] == str(picked) and r.info.status == "FINISHED"
         assert "test_acc" in r.data.metrics and "val_acc" not in r.data.metrics  # the test set read once
         assert [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")] == [1, 2]
-    seed1 = tmp_path / "mnistlab-artifacts" / "p" / f"refit-{picked}" / "seed-1"
+    seed1 = Path(s.trials[picked].user_attrs["checkpoint_dir"]).parent / f"refit-{picked}" / "seed-1"
     exported, refitted = load_file(str(tmp_path / "model" / "model.safetensors")), load_file(
         str(seed1 / "best.safetensors"))
     assert exported.keys() == refitted.keys() and all((exported[k] == refitted[k]).all() for k in exported)
@@ -353,7 +353,8 @@ def test_an_interrupted_refit_resumes_to_the_same_weights(tmp_path: Path, data_d
     assert run_cli("study", "run", str(path), *fast).returncode == 0
     args = [sys.executable, "-m", "mnistlab", "best", str(path), "--refit", "--seeds", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last = tmp_path / "mnistlab-artifacts" / "p" / "refit-0" / "seed-1" / "last.pt"
+    trial = study.load("p", study.open_storage(None, heartbeat=None)).trials[0]
+    last = Path(trial.user_attrs["checkpoint_dir"]).parent / "refit-0" / "seed-1" / "last.pt"
     deadline = time.monotonic() + 300
     while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
