@@ -81,7 +81,7 @@ def enqueue_missing(study: optuna.Study, confirm: Confirm, base_seed: int) -> in
 
 def check_possible(trials: list[FrozenTrial], confirm: Confirm) -> None:
     """Refuse a confirmation that asks for more finalists than the search has."""
-    n = len([g for g in tr.groups(trials) if confirm.max_params is None or g.params <= confirm.max_params])
+    n = len(finalists(trials, Confirm(top_k=10**9, seeds=confirm.seeds, max_params=confirm.max_params)))
     if n < confirm.top_k:
         within = f" with at most {confirm.max_params:,} params" if confirm.max_params else ""
         raise UserError(f"confirm.top_k is {confirm.top_k} but the search has {n} completed configurations"

@@ -473,6 +473,8 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
         status, code = "FAILED", 2
         failure = UserError(f"stopped by an I/O error ({exc}); finished trials and checkpoints are intact and "
                             "the trial in progress is queued to resume: fix the cause and run the same command")
+    except UserError as exc:  # e.g. a confirmation asking for more finalists than the search has
+        status, code, failure = "FAILED", 2, exc
     finally:
         _restore_signals(previous)
     if not worker:
@@ -484,7 +486,7 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
                 for path in paths:
                     tracker.log_artifact(recorder.parent_id, path, "plots")
             if status != "FINISHED" or not any(t.state == TrialState.RUNNING for t in trials):
-                tracker.finish(recorder.parent_id, "KILLED" if status != "FINISHED" else status)
+                tracker.finish(recorder.parent_id, status)
         except Exception as exc:  # every trial is recorded in the storage and on disk already
             warnings.warn(f"MLflow unreachable at the end of the study ({type(exc).__name__}); the parent run is "
                           "not finished: run `mnistlab study check --repair` when it is back", stacklevel=2)

@@ -377,3 +377,19 @@ def test_an_interrupted_refit_resumes_to_the_same_weights(tmp_path: Path, data_d
     runs = MlflowClient(mlflow_db).search_runs([study.load("p", study.open_storage(None, heartbeat=None)).user_attrs[
         "mlflow_experiment_id"]], "tags.`mnistlab.refit` = 'true'")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
+
+
+@pytest.mark.slow
+def test_a_confirmation_the_search_cannot_fill_is_one_line_and_ends_the_parent(tmp_path: Path, data_dir: Path,
+                                                                             mlflow_db: str) -> None:
+    body = SMALL.replace("n_trials: 3", "n_trials: 2").split("space:")[0] + (
+        "space:\n  model.dropout: {type: categorical, choices: [0.05]}\nconfirm: {top_k: 2, seeds: 2}\n")
+    path = study_file(tmp_path, body)  # both trials sample the one configuration there is
+    proc = run_cli("study", "run", str(path), *FAST)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: confirm.top_k is 2 but the search has 1 completed "
+                                                    "configurations; lower top_k or run more trials")
+    from mlflow import MlflowClient
+
+    s = study.load("p", study.open_storage(None, heartbeat=None))
+    assert MlflowClient(mlflow_db).get_run(s.user_attrs["mlflow_parent_run_id"]).info.status == "FAILED"
