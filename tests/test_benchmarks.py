@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 
-def test_gpu_script_runs_every_part_on_the_cpu(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_gpu_script_runs_every_part_on_the_cpu(tmp_path: Path, data_dir: Path) -> None:
     out = tmp_path / "gpu.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--no-compile",
            "--batches", "2", "--warmup", "1", "--repeats", "1", "--epochs", "1", "--limit-train", "256",
@@ -38,6 +41,7 @@ def test_gpu_script_runs_every_part_on_the_cpu(tmp_path: Path) -> None:
     assert "served at >= 90% of one worker's rate" in proc.stdout
 
 
+@pytest.mark.slow
 def test_gpu_script_refuses_bad_arguments() -> None:
     for bad in (["--parts", "speed"], ["--workers", "0,2"]):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), *bad],

@@ -37,7 +37,9 @@ def test_data_prepare_and_info(capsys: pytest.CaptureFixture, data_dir: Path) ->
     assert code == 0 and "sha256: " in out and str(data_dir) in out
 
 
-def test_train_prints_a_summary_and_writes_the_run_folder(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_train_prints_a_summary_and_writes_the_run_folder(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                          data_dir: Path) -> None:
     code, out, _ = cli(capsys, "train", EXP, "--epochs", "1", "--limit-train", "2000", "--limit-eval", "500",
                        "--output", "run", "train.batch_size=64", "train.lr=0.05")
     assert code == 0, out
@@ -49,6 +51,7 @@ def test_train_prints_a_summary_and_writes_the_run_folder(capsys: pytest.Capture
     assert "batch_size: 64" in (tmp_path / "run" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), [
     (["frobnicate"], "No such command 'frobnicate'"),
     (["train", EXP, "--epochs", "-1"], "train.epochs must be >= 1"),
@@ -66,6 +69,7 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
     assert "Traceback" not in proc.stderr and not Path("runs").exists()
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback() -> None:
     proc = run_cli("--debug", "train", "missing.yaml")
     assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -20,6 +20,8 @@ from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop
 from mnistlab import study
 from mnistlab.objective import trained
 
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data_dir")]
+
 SMOKE = ROOT / "studies" / "smoke.yaml"
 SLOW = ["--epochs", "3", "--limit-train", "3000", "--limit-eval", "300", "--threads", "1", "--heartbeat", "1"]
 

@@ -143,6 +143,7 @@ def compose_env(service: str) -> dict[str, str]:
     return {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
 
 
+@pytest.mark.slow
 def test_the_stack_topology_runs_natively(tmp_path: Path, pg_database: Any, data_dir: Path) -> None:
     """PostgreSQL + mlflow server (PostgreSQL backend, proxied artifacts) + create + 3 workers."""
     optuna_db, mlflow_db = pg_database(), pg_database()
@@ -195,6 +196,8 @@ def assert_consistent(storage_url: str, tracking_uri: str, n_trained: int) -> No
         assert "checkpoints/best.safetensors" in stored and "checkpoints/last.pt" in stored
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
 def test_authenticated_mlflow_and_no_secret_leaks(tmp_path: Path, mlflow_db: str) -> None:
     """The auth variant: MLflow basic auth, admin password from the environment, Host guard."""
     import urllib.error
@@ -289,6 +292,8 @@ class DelayedProxy:
             self.server.close()
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
 def test_a_worker_waits_for_a_database_that_is_not_up_yet(tmp_path: Path, pg_url: str, mlflow_db: str) -> None:
     from urllib.parse import urlsplit
 
@@ -312,6 +317,7 @@ def test_a_worker_waits_for_a_database_that_is_not_up_yet(tmp_path: Path, pg_url
     assert "trained 1/1" in out
 
 
+@pytest.mark.slow
 def test_a_wrong_database_name_or_user_fails_at_once(tmp_path: Path, pg_url: str) -> None:
     for url, message in ((pg_url.rsplit("/", 1)[0] + "/no_such_db", 'database "no_such_db" does not exist'),
                          (pg_url.replace("postgres@", "nobody:pw@"), 'role "nobody" does not exist')):

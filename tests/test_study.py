@@ -70,6 +70,7 @@ space:
     assert calls == []  # no data, no model, no optimiser
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("body", "message"), [
     ("max_params: 1000\nspace: {model.widht: {type: int, low: 1, high: 2}}", "unknown config name 'model.widht'"),
     ("max_params: 1000\nspace: {model.dropout: {type: float, low: 0.5, high: 0.1}}", "low 0.5 > high 0.1"),
@@ -90,6 +91,7 @@ def test_bad_study_files_exit_2_and_create_nothing(tmp_path: Path, body: str, me
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), [
     (["study", "run", str(SMOKE), "--storage", "redis://x"], "storage URL 'redis://x'"),
     (["study", "run", str(SMOKE), "--storage", "postgresql://nobody:secret@127.0.0.1:1/x"], "cannot open"),
@@ -110,6 +112,8 @@ def trained_numbers(s: optuna.Study) -> list[int]:
     return [t.number for t in s.get_trials() if objective_mod.trained(t)]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
 def test_a_real_study_completes_and_resumes(tmp_path: Path) -> None:
     proc = run_cli("study", "run", str(SMOKE), *FAST)
     assert proc.returncode == 0, proc.stderr
@@ -146,6 +150,8 @@ def run_cli_optuna(*args: str) -> str:
                           check=True).stdout
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
 def test_two_workers_on_postgresql_train_exactly_n_trials(pg_url: str) -> None:
     proc = run_cli("study", "run", str(SMOKE), *FAST, "--storage", pg_url, "--workers", "2", "--n-trials", "4")
     assert proc.returncode == 0, proc.stderr
@@ -156,6 +162,8 @@ def test_two_workers_on_postgresql_train_exactly_n_trials(pg_url: str) -> None:
     assert not [t for t in s.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
 def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, mlflow_db: str) -> None:
     """SIGKILL mid-trial: heartbeats mark it failed, a retry with its params resumes from its epoch."""
     import signal
@@ -194,6 +202,8 @@ def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, mlflow_d
     assert sorted(steps) == [1, 2, 3]  # epoch 1 came from the checkpoint, logged once
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
 def test_a_continued_study_does_not_replay_its_seed(tmp_path: Path) -> None:
     """A seeded sampler restarted on the same study would suggest its first samples again."""
     path = study_file(tmp_path, """

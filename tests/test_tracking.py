@@ -18,6 +18,8 @@ from mnistlab import config, data, space, study
 from mnistlab.model import build_model
 from mnistlab.train import evaluate
 
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data_dir")]
+
 EXP = ROOT / "experiments" / "eva4-s4.yaml"
 
 

@@ -39,6 +39,7 @@ def final_weights(directory: Path) -> dict[str, torch.Tensor]:
     return checkpoint.load_state(directory / "last.pt")["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [["train.schedule=onecycle", "data.augment=true"],
                                     ["train.optimizer=adamw", "train.lr=0.003", "train.schedule=step",
                                      "train.step_epochs=1", "train.label_smoothing=0.1"]],
