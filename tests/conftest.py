@@ -158,6 +158,26 @@ def pg_url(pg_database: Callable[[], str]) -> str:
     return pg_database()
 
 
+def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`mnistlab ARGS` in this process, through the real entry point: exit code, stdout, stderr."""
+    from mnistlab.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code: int, err: str, message: str) -> None:
+    """Bad input is exit code 2 and one line on stderr, `error: ...`, naming the problem; no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`mnistlab ARGS` in a real subprocess, as a user runs it."""

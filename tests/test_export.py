@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli, one_line_error, run_cli
 from mnistlab import export, study
 from mnistlab.errors import UserError
 
@@ -275,14 +275,13 @@ def test_pick_rules_for_two_objectives(tmp_path: Path) -> None:
         export.pick(s, both, max_params=4_000)
 
 
-@pytest.mark.slow
-def test_pick_one_objective_and_no_completed_trials(tmp_path: Path) -> None:
+def test_pick_one_objective_and_no_completed_trials(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     s = recorded_study(tmp_path, [(99.1, 9_000), (99.3, 15_000), (99.3, 11_000)], objectives=1)
     assert export.pick(s, ("val_acc",)).trial.number == 2  # a tie goes to the smaller network
     empty = optuna.create_study(storage=f"sqlite:///{tmp_path / 'e.db'}", study_name="e")
     with pytest.raises(UserError, match="no completed trials"):
         export.pick(empty, ("val_acc",))
-    proc = run_cli("best", "--name", "e", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
-    assert proc.returncode == 2 and "study 'e' has no completed trials" in proc.stderr
-    proc = run_cli("best", "--name", "missing", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
-    assert proc.returncode == 2 and "no study named 'missing'" in proc.stderr
+    code, _, err = cli(capsys, "best", "--name", "e", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
+    one_line_error(code, err, "study 'e' has no completed trials")
+    code, _, err = cli(capsys, "best", "--name", "missing", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
+    one_line_error(code, err, "no study named 'missing'")

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli, one_line_error, run_cli
 from mnistlab import objective as objective_mod
 from mnistlab import space, study
 from mnistlab.errors import UserError
@@ -70,7 +70,6 @@ space:
     assert calls == []  # no data, no model, no optimiser
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("body", "message"), [
     ("max_params: 1000\nspace: {model.widht: {type: int, low: 1, high: 2}}", "unknown config name 'model.widht'"),
     ("max_params: 1000\nspace: {model.dropout: {type: float, low: 0.5, high: 0.1}}", "low 0.5 > high 0.1"),
@@ -84,14 +83,13 @@ space:
     ("max_params: 1000\nn_trails: 3\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
      "unknown key 'n_trails'"),
 ])
-def test_bad_study_files_exit_2_and_create_nothing(tmp_path: Path, body: str, message: str) -> None:
-    proc = run_cli("study", "run", str(study_file(tmp_path, body)))
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_bad_study_files_exit_2_and_create_nothing(capsys: pytest.CaptureFixture, tmp_path: Path, body: str,
+                                                   message: str) -> None:
+    code, _, err = cli(capsys, "study", "run", str(study_file(tmp_path, body)))
+    one_line_error(code, err, message)
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), [
     (["study", "run", str(SMOKE), "--storage", "redis://x"], "storage URL 'redis://x'"),
     (["study", "run", str(SMOKE), "--storage", "postgresql://nobody:secret@127.0.0.1:1/x"], "cannot open"),
@@ -99,11 +97,11 @@ def test_bad_study_files_exit_2_and_create_nothing(tmp_path: Path, body: str, me
     (["study", "run", str(SMOKE), "--tracking-uri", "http://127.0.0.1:1"], "unreachable"),
     (["study", "status", "--name", "nope"], "no study named 'nope'"),
 ])
-def test_bad_cli_input_exit_2_and_create_nothing(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = run_cli(*args)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert "secret" not in proc.stderr  # passwords are masked
+def test_bad_cli_input_exit_2_and_create_nothing(capsys: pytest.CaptureFixture, tmp_path: Path, args: list[str],
+                                                 message: str) -> None:
+    code, _, err = cli(capsys, *args)
+    one_line_error(code, err, message)
+    assert "secret" not in err  # passwords are masked
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "optuna.db").exists() or args[1] == "status"
 
