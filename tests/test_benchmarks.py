@@ -26,9 +26,10 @@ def test_gpu_script_runs_every_part_on_the_cpu(tmp_path: Path, data_dir: Path) -
     assert figures["device"] == "cpu"
 
     throughput = figures["throughput"]
-    assert set(throughput["median_images_per_s"]) == {"reference", "mnistlab"}  # no CUDA-only or compiled paths
-    assert all(v > 0 for v in throughput["median_images_per_s"].values())
-    assert throughput["ratio_to_reference"]["reference"] == 1.0
+    median = throughput["median_images_per_s"]
+    assert set(median) == {"reference", "mnistlab"}  # no CUDA-only or compiled paths
+    assert all(v > 0 for v in median.values())
+    assert throughput["ratio_to_reference"]["mnistlab"] == pytest.approx(median["mnistlab"] / median["reference"])
 
     epochs = figures["epochs"]
     assert set(epochs) == {"plain"}
@@ -36,10 +37,13 @@ def test_gpu_script_runs_every_part_on_the_cpu(tmp_path: Path, data_dir: Path) -
     assert 0.0 < epochs["plain"]["test_acc"] <= 100.0 and len(epochs["plain"]["seconds_per_epoch"]) == 1
 
     workers = figures["workers"]
-    assert sorted(workers["rows"], key=int) == ["1", "2"]
-    assert len(workers["rows"]["2"]["rates"]) == 2 and all(r > 0 for r in workers["rows"]["2"]["rates"])
-    assert workers["rows"]["1"]["per_worker_vs_one"] == 1.0 and workers["served"] in (1, 2)
-    assert "served at >= 90% of one worker's rate" in proc.stdout
+    rows = workers["rows"]
+    assert sorted(rows, key=int) == ["1", "2"]
+    assert len(rows["2"]["rates"]) == 2 and all(r > 0 for r in rows["2"]["rates"])
+    two_vs_one = rows["2"]["per_worker_images_per_s"] / rows["1"]["per_worker_images_per_s"]
+    assert rows["2"]["per_worker_vs_one"] == pytest.approx(two_vs_one)
+    assert workers["served"] == (2 if two_vs_one >= 0.9 else 1)
+    assert f"served at >= 90% of one worker's rate: up to {workers['served']} workers" in proc.stdout
 
 
 @pytest.mark.parametrize(("bad", "message"), [(["--parts", "speed"], "unknown part 'speed'"),
