@@ -162,46 +162,6 @@ def test_two_workers_on_postgresql_train_exactly_n_trials(pg_url: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("data_dir")
-def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, mlflow_db: str) -> None:
-    """SIGKILL mid-trial: heartbeats mark it failed, a retry with its params resumes from its epoch."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    args = [sys.executable, "-m", "mnistlab", "study", "run", str(SMOKE), "--epochs", "3", "--limit-train", "3000",
-            "--limit-eval", "300", "--heartbeat", "1", "--n-trials", "1", "--verbose"]
-    worker = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    checkpoint = tmp_path / "mnistlab-artifacts" / "smoke" / "trial-0" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and time.monotonic() < deadline and worker.poll() is None:
-        time.sleep(0.2)
-    assert checkpoint.exists(), worker.communicate()[0]
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    time.sleep(4)  # past the grace period of 3 heartbeats
-    proc = run_cli("study", "run", str(SMOKE), "--epochs", "3", "--limit-train", "3000", "--limit-eval", "300",
-                   "--heartbeat", "1", "--n-trials", "1", "--verbose")
-    assert proc.returncode == 0, proc.stderr
-    assert "Resuming from" in proc.stdout and "after epoch" in proc.stdout
-    s = study.load("smoke", study.open_storage(None, heartbeat=None))
-    dead, retry = s.trials
-    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
-    assert retry.params == dead.params and retry.user_attrs["root_trial"] == 0
-    assert retry.user_attrs["epochs_run"] == 3
-    from mlflow import MlflowClient
-
-    client = MlflowClient(mlflow_db)
-    dead_run = client.get_run(dead.user_attrs["mlflow_run_id"])
-    retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
-    assert dead_run.info.status == "FAILED" and "heartbeats" in dead_run.data.tags["mnistlab.fail_reason"]
-    assert retry_run.data.tags["mnistlab.retry_of_run"] == dead_run.info.run_id
-    steps = [m.step for m in client.get_metric_history(retry_run.info.run_id, "val_acc")]
-    assert sorted(steps) == [1, 2, 3]  # epoch 1 came from the checkpoint, logged once
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("data_dir")
 def test_a_continued_study_does_not_replay_its_seed(tmp_path: Path) -> None:
     """A seeded sampler restarted on the same study would suggest its first samples again."""
     path = study_file(tmp_path, """
