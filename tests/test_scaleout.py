@@ -28,6 +28,9 @@ from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop
 from mnistlab import study
 from mnistlab.objective import trained
 
+# All in the full tier: servers, workers, and docker-compose run as a program several times.
+pytestmark = pytest.mark.slow
+
 SMOKE = ROOT / "studies" / "smoke.yaml"
 FAST = ["--epochs", "1", "--limit-train", "1000", "--limit-eval", "500", "--threads", "1"]
 MLFLOW_CLIENT_ENV = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
@@ -143,7 +146,6 @@ def compose_env(service: str) -> dict[str, str]:
     return {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
 
 
-@pytest.mark.slow
 def test_the_stack_topology_runs_natively(tmp_path: Path, pg_database: Any, data_dir: Path) -> None:
     """PostgreSQL + mlflow server (PostgreSQL backend, proxied artifacts) + create + 3 workers."""
     optuna_db, mlflow_db = pg_database(), pg_database()
@@ -196,7 +198,6 @@ def assert_consistent(storage_url: str, tracking_uri: str, n_trained: int) -> No
         assert "checkpoints/best.safetensors" in stored and "checkpoints/last.pt" in stored
 
 
-@pytest.mark.slow
 @pytest.mark.usefixtures("data_dir")
 def test_authenticated_mlflow_and_no_secret_leaks(tmp_path: Path, mlflow_db: str) -> None:
     """The auth variant: MLflow basic auth, admin password from the environment, Host guard."""
@@ -292,7 +293,6 @@ class DelayedProxy:
             self.server.close()
 
 
-@pytest.mark.slow
 @pytest.mark.usefixtures("data_dir")
 def test_a_worker_waits_for_a_database_that_is_not_up_yet(tmp_path: Path, pg_url: str, mlflow_db: str) -> None:
     from urllib.parse import urlsplit
@@ -323,7 +323,6 @@ def test_a_worker_waits_for_a_database_that_is_not_up_yet(tmp_path: Path, pg_url
     assert "retrying for up to 120 s" in err and "trained 1/1" in out
 
 
-@pytest.mark.slow
 def test_a_wrong_database_name_or_user_fails_at_once(tmp_path: Path, pg_url: str) -> None:
     for url, message in ((pg_url.rsplit("/", 1)[0] + "/no_such_db", 'database "no_such_db" does not exist'),
                          (pg_url.replace("postgres@", "nobody:pw@"), 'role "nobody" does not exist')):
