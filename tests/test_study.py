@@ -26,7 +26,7 @@ def study_file(tmp_path: Path, body: str, name: str = "s") -> Path:
 def test_objective_through_a_fixed_trial(data_dir: Path, tmp_path: Path) -> None:
     cfg = space.load_study(SMOKE)
     params = {"model.dropout": 0.0, "train.lr": 0.1, "model.widths.1": 16, "model.widths.3": 12}
-    obj = objective_mod.Objective(cfg, extra={"train.epochs": 1, "data.limit_train": 2000},
+    obj = objective_mod.Objective(cfg, extra={"train.epochs": 1, "data.limit_train": 2000, "data.limit_eval": 1000},
                                   data_dir=data_dir, artifacts=tmp_path)
     trial = optuna.trial.FixedTrial(params)
     value = obj(trial)
