@@ -14,11 +14,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from mnistlab import data
 
 ROOT = Path(__file__).resolve().parent.parent
+
 PG_ADMIN = os.environ.get("MNISTLAB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+# One torch thread for what trains in this process: on a busy 2-core machine OpenMP's second thread
+# mostly waits for a core (the fast tier's trainer and study tests: 16 s with one thread, 26-30 s with two).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
