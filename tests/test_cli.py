@@ -1,4 +1,4 @@
-"""The `mnistlab` command as a user meets it: real subprocesses and the in-process entry point."""
+"""The `mnistlab` command as a user meets it: the in-process entry point, and a real process where that matters."""
 
 from __future__ import annotations
 
@@ -7,21 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli, one_line_error, run_cli
 from mnistlab.cli import main
+from mnistlab.errors import UserError
 from test_model import REFERENCE
 
 EXP = str(ROOT / "experiments" / "eva4-s4.yaml")
-
-
-def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_model_summary_prints_the_reference_table(capsys: pytest.CaptureFixture) -> None:
@@ -37,7 +28,9 @@ def test_data_prepare_and_info(capsys: pytest.CaptureFixture, data_dir: Path) ->
     assert code == 0 and "sha256: " in out and str(data_dir) in out
 
 
-def test_train_prints_a_summary_and_writes_the_run_folder(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_train_prints_a_summary_and_writes_the_run_folder(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                          data_dir: Path) -> None:
     code, out, _ = cli(capsys, "train", EXP, "--epochs", "1", "--limit-train", "2000", "--limit-eval", "500",
                        "--output", "run", "train.batch_size=64", "train.lr=0.05")
     assert code == 0, out
@@ -58,14 +51,29 @@ def test_train_prints_a_summary_and_writes_the_run_folder(capsys: pytest.Capture
     (["train", EXP, "model.widths=[8,8,8]"], "model.paddings has 6 entries but model.widths has 3"),
     (["data", "info", "--data-dir", "nowhere"], "no data cache"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
+    code, _, err = cli(capsys, *args)
+    one_line_error(code, err, message)
+    assert not Path("runs").exists()
+
+
+def test_debug_raises_instead_of_one_line() -> None:
+    with pytest.raises(UserError, match="missing.yaml: no such file"):
+        main(["--debug", "train", "missing.yaml"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "message"), [
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["train", "missing.yaml"], "missing.yaml: no such file"),
+])
+def test_a_real_process_prints_one_line_and_exits_2(args: list[str], message: str) -> None:
+    """What a shell sees: nothing else on stderr (no warnings at import, no traceback)."""
     proc = run_cli(*args)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr and not Path("runs").exists()
+    one_line_error(proc.returncode, proc.stderr, message)
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback() -> None:
     proc = run_cli("--debug", "train", "missing.yaml")
     assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT
 from mnistlab import config, space
@@ -14,8 +15,13 @@ from mnistlab.errors import UserError
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_experiment_parses(path: Path) -> None:
     cfg = config.load(path)
-    assert cfg.name
-    assert config.from_dict(cfg.to_dict()) == cfg  # round trip through the logged form
+    assert cfg.name == path.stem  # its MLflow experiment and run folders: named as the file, not the default
+    logged = cfg.to_dict()
+    written = yaml.safe_load(path.read_text())
+    for section, values in written.items():  # every value the file sets arrives unchanged, none dropped
+        shown = {k: logged[section][k] for k in values} if isinstance(values, dict) else logged[section]
+        assert shown == values, section
+    assert config.from_dict(logged) == cfg  # round trip through the logged form
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.name)

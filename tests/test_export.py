@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli, one_line_error, run_cli
 from mnistlab import export, study
 from mnistlab.errors import UserError
 
@@ -21,10 +21,10 @@ SMOKE = ROOT / "studies" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Path | str]:
+def finished(tmp_path_factory: pytest.TempPathFactory, mnist_cache: Path) -> dict[str, Path | str]:
     """A short real study (2 trained trials of 1 epoch) with its stores, exported once."""
     root = tmp_path_factory.mktemp("finished")
-    env = {"MNISTLAB_DATA_DIR": str(data_dir), "MNISTLAB_STORAGE": f"sqlite:///{root / 'optuna.db'}",
+    env = {"MNISTLAB_DATA_DIR": str(mnist_cache), "MNISTLAB_STORAGE": f"sqlite:///{root / 'optuna.db'}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     common = ["--artifacts", str(root / "artifacts")]
     proc = run_cli("study", "run", str(SMOKE), "--n-trials", "2", "--epochs", "1", "--limit-train", "1000",
@@ -40,6 +40,7 @@ def env_of(finished: dict) -> dict[str, str]:
     return {k: str(v) for k, v in finished.items() if k.isupper()}
 
 
+@pytest.mark.slow
 def test_export_writes_every_format_verified(finished: dict) -> None:
     out = finished["export"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -89,6 +90,7 @@ print(json.dumps({"acc": acc, "loaded": loaded}))
 """
 
 
+@pytest.mark.slow
 def test_each_file_loads_in_a_fresh_process_without_the_training_code(finished: dict, data_dir: Path) -> None:
     out = finished["export"]
     proc = subprocess.run([sys.executable, "-c", LOADER, str(out), str(data_dir / "mnist-uint8.npz")],
@@ -101,6 +103,7 @@ def test_each_file_loads_in_a_fresh_process_without_the_training_code(finished: 
     assert not [m for m in result["loaded"] if m.startswith(("optuna", "mlflow"))]
 
 
+@pytest.mark.slow
 def test_the_registry_alias_resolves_and_predicts_digits(finished: dict, data_dir: Path) -> None:
     script = r"""
 import json, sys
@@ -125,6 +128,7 @@ print(json.dumps({"digits": digits.tolist(), "mnistlab": [m for m in sys.modules
     assert set(result["digits"]) <= set(range(10)) and result["mnistlab"] == []  # serving needs no mnistlab
 
 
+@pytest.mark.slow
 def test_evaluate_re_measures_and_refuses_an_altered_export(finished: dict, tmp_path: Path) -> None:
     proc = run_cli("evaluate", str(finished["export"]), env=env_of(finished))
     recorded = json.loads((finished["export"] / "config.json").read_text())["test_acc"]
@@ -141,6 +145,7 @@ def test_evaluate_re_measures_and_refuses_an_altered_export(finished: dict, tmp_
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_export_refuses_a_non_empty_folder_and_an_unwritable_one(finished: dict, tmp_path: Path) -> None:
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -215,6 +220,7 @@ def best_checkpoint(env: dict[str, str]) -> tuple[Path, str]:
     return Path(best.user_attrs["checkpoint_dir"]), best.user_attrs["mlflow_run_id"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["bitflip", "truncate", "zero"])
 def test_a_corrupt_checkpoint_is_refused_and_nothing_is_written(finished: dict, tmp_path: Path, damage: str) -> None:
     env = copy_study(finished, tmp_path)
@@ -235,6 +241,7 @@ def test_a_corrupt_checkpoint_is_refused_and_nothing_is_written(finished: dict, 
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
+@pytest.mark.slow
 def test_weights_that_do_not_fit_their_config_are_refused(finished: dict, tmp_path: Path) -> None:
     env = copy_study(finished, tmp_path)
     folder, _ = best_checkpoint(env)
@@ -246,6 +253,7 @@ def test_weights_that_do_not_fit_their_config_are_refused(finished: dict, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_missing_local_checkpoint_comes_from_mlflow_and_a_missing_one_everywhere_is_refused(
         finished: dict, tmp_path: Path) -> None:
     env = copy_study(finished, tmp_path)
@@ -264,6 +272,7 @@ def test_a_missing_local_checkpoint_comes_from_mlflow_and_a_missing_one_everywhe
     assert not (tmp_path / "out2").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_export_leaves_no_folder(finished: dict, tmp_path: Path) -> None:
     """The test set cannot be read half-way through the export: no folder, no temporary."""
     bad_cache = tmp_path / "bad-cache"
@@ -301,13 +310,13 @@ def test_pick_rules_for_two_objectives(tmp_path: Path) -> None:
         export.pick(s, both, max_params=4_000)
 
 
-def test_pick_one_objective_and_no_completed_trials(tmp_path: Path) -> None:
+def test_pick_one_objective_and_no_completed_trials(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     s = recorded_study(tmp_path, [(99.1, 9_000), (99.3, 15_000), (99.3, 11_000)], objectives=1)
     assert export.pick(s, ("val_acc",)).trial.number == 2  # a tie goes to the smaller network
     empty = optuna.create_study(storage=f"sqlite:///{tmp_path / 'e.db'}", study_name="e")
     with pytest.raises(UserError, match="no completed trials"):
         export.pick(empty, ("val_acc",))
-    proc = run_cli("best", "--name", "e", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
-    assert proc.returncode == 2 and "study 'e' has no completed trials" in proc.stderr
-    proc = run_cli("best", "--name", "missing", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
-    assert proc.returncode == 2 and "no study named 'missing'" in proc.stderr
+    code, _, err = cli(capsys, "best", "--name", "e", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
+    one_line_error(code, err, "study 'e' has no completed trials")
+    code, _, err = cli(capsys, "best", "--name", "missing", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
+    one_line_error(code, err, "no study named 'missing'")

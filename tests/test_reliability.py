@@ -18,8 +18,10 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop, trial_dir
-from mnistlab import study
+from mnistlab import checkpoint, study
 from mnistlab.objective import trained
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data_dir")]
 
 SMOKE = ROOT / "studies" / "smoke.yaml"
 SLOW = ["--epochs", "3", "--limit-train", "3000", "--limit-eval", "300", "--threads", "1", "--heartbeat", "1"]
@@ -58,37 +60,78 @@ def uninterrupted_weights(tmp_path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(trial_dir(clean / "artifacts", 0) / "best.safetensors"))
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_sigkill_mid_epoch_is_found_repaired_and_resumed_to_the_same_weights(
-        tmp_path: Path, mlflow_db: str, backend: str, request: pytest.FixtureRequest) -> None:
+def wait_until_into_epoch_2(storage_url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until trial 0 is RUNNING and has reported epoch 1: its checkpoint is on disk, epoch 2 has begun."""
+    wait_for(last_checkpoint(), proc, timeout)  # the study and trial 0 exist from here on
+    s = study.load("smoke", study.open_storage(storage_url, heartbeat=None))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        trial = s.get_trials(deepcopy=False)[0]
+        if trial.state == TrialState.RUNNING and 1 in trial.intermediate_values:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"trial 0 never reached epoch 2 (worker exit code {proc.poll()}): {proc.communicate()}")
+
+
+def wait_until_stale(storage_url: str, timeout: float = 60) -> None:
+    """Until the storage counts trial 0 as stale: no heartbeat for the grace period (3 heartbeats of 1 s)."""
+    storage = study.open_storage(storage_url, heartbeat=1)
+    study_id = storage.get_study_id_from_name("smoke")
+    deadline = time.monotonic() + timeout
+    while not storage._get_stale_trial_ids(study_id):  # what fail_stale_trials reads, without failing anything
+        assert time.monotonic() < deadline, "trial 0's heartbeat never went stale"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("backend", "recovery"), [("sqlite", "repair"), ("postgresql", "repair"),
+                                                   ("sqlite", "next worker")])
+def test_sigkill_mid_epoch_is_recovered_and_resumed_to_the_same_weights(
+        tmp_path: Path, mlflow_db: str, backend: str, recovery: str, request: pytest.FixtureRequest) -> None:
+    """SIGKILL in epoch 2; `study check --repair` or the next worker's heartbeat check fails the trial and
+    queues a retry with its params, which resumes from its checkpoint to the weights of an uninterrupted run."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     env = {"MNISTLAB_STORAGE": storage}
     worker = start_worker("--n-trials", "1", env=env)
-    wait_for(last_checkpoint(), worker)
-    time.sleep(0.3)  # into epoch 2
+    wait_until_into_epoch_2(storage, worker)
+    folder = trial_dir(tmp_path / "mnistlab-artifacts", 0)
     worker.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     worker.wait()
-    found = check(env=env)
-    assert found.returncode == 1 and "trial 0: RUNNING" in found.stdout, found.stdout + found.stderr
-    time.sleep(3.5)  # past the grace period of 3 heartbeats
-    repaired = check("--repair", env=env)
-    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
-    assert "repaired  trial 0: RUNNING without a heartbeat" in repaired.stdout
-    assert "parent run" in repaired.stdout and "ended FINISHED" in repaired.stdout
+    saved = checkpoint.load_state(checkpoint.latest_good(folder))["epoch"]
+    assert saved in (1, 2)  # killed mid-trial
+    if recovery == "repair":
+        found = check(env=env)
+        assert found.returncode == 1 and "trial 0: RUNNING" in found.stdout, found.stdout + found.stderr
+        wait_until_stale(storage)
+        repaired = check("--repair", env=env)
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        assert "repaired  trial 0: RUNNING without a heartbeat" in repaired.stdout
+        assert "parent run" in repaired.stdout and "ended FINISHED" in repaired.stdout
+    else:
+        wait_until_stale(storage)  # the next worker fails the stale trial itself and runs its retry
     resumed = run_cli("study", "run", str(SMOKE), *SLOW, "--n-trials", "1", "--verbose", env=env)
     assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming from" in resumed.stdout and "after epoch 1" in resumed.stdout
+    assert "Resuming from" in resumed.stdout and f"after epoch {saved}" in resumed.stdout, resumed.stdout
     resume_seconds = time.monotonic() - killed_at
     assert check(env=env).returncode == 0
     s = study.load("smoke", study.open_storage(storage, heartbeat=None))
     dead, retry = s.trials
     assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE and retry.params == dead.params
+    assert retry.user_attrs["root_trial"] == 0 and retry.user_attrs["epochs_run"] == 3
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_db)
+    dead_run = client.get_run(dead.user_attrs["mlflow_run_id"])
+    retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert dead_run.info.status == "FAILED" and "heartbeats" in dead_run.data.tags["mnistlab.fail_reason"]
+    assert retry_run.data.tags["mnistlab.retry_of_run"] == dead_run.info.run_id
+    steps = [m.step for m in client.get_metric_history(retry_run.info.run_id, "val_acc")]
+    assert sorted(steps) == [1, 2, 3]  # the epochs from the checkpoint are logged once
     resumed_weights = load_file(str(trial_dir(tmp_path / "mnistlab-artifacts", 0) / "best.safetensors"))
     clean = uninterrupted_weights(tmp_path)
     assert resumed_weights.keys() == clean.keys()
     assert all(torch.equal(resumed_weights[k], clean[k]) for k in clean)  # bit for bit on the CPU
-    print(f"SIGKILL to a finished, resumed trial: {resume_seconds:.1f} s")
+    print(f"SIGKILL to a finished, resumed trial ({recovery}): {resume_seconds:.1f} s")
 
 
 def test_sigterm_saves_records_and_exits_within_seconds(tmp_path: Path, mlflow_db: str) -> None:

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, run_cli, trial_dir
+from conftest import ROOT, cli, one_line_error, run_cli
 from mnistlab import objective as objective_mod
 from mnistlab import space, study
 from mnistlab.errors import UserError
@@ -26,7 +26,7 @@ def study_file(tmp_path: Path, body: str, name: str = "s") -> Path:
 def test_objective_through_a_fixed_trial(data_dir: Path, tmp_path: Path) -> None:
     cfg = space.load_study(SMOKE)
     params = {"model.dropout": 0.0, "train.lr": 0.1, "model.widths.1": 16, "model.widths.3": 12}
-    obj = objective_mod.Objective(cfg, extra={"train.epochs": 1, "data.limit_train": 2000},
+    obj = objective_mod.Objective(cfg, extra={"train.epochs": 1, "data.limit_train": 2000, "data.limit_eval": 1000},
                                   data_dir=data_dir, artifacts=tmp_path)
     trial = optuna.trial.FixedTrial(params)
     value = obj(trial)
@@ -83,10 +83,10 @@ space:
     ("max_params: 1000\nn_trails: 3\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
      "unknown key 'n_trails'"),
 ])
-def test_bad_study_files_exit_2_and_create_nothing(tmp_path: Path, body: str, message: str) -> None:
-    proc = run_cli("study", "run", str(study_file(tmp_path, body)))
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_bad_study_files_exit_2_and_create_nothing(capsys: pytest.CaptureFixture, tmp_path: Path, body: str,
+                                                   message: str) -> None:
+    code, _, err = cli(capsys, "study", "run", str(study_file(tmp_path, body)))
+    one_line_error(code, err, message)
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -100,11 +100,11 @@ def test_bad_study_files_exit_2_and_create_nothing(tmp_path: Path, body: str, me
     (["best", "--name", "nope"], "optuna.db: no such database"),
     (["study", "list"], "optuna.db: no such database"),
 ])
-def test_bad_cli_input_exit_2_and_create_nothing(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = run_cli(*args)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert "secret" not in proc.stderr  # passwords are masked
+def test_bad_cli_input_exit_2_and_create_nothing(capsys: pytest.CaptureFixture, tmp_path: Path, args: list[str],
+                                                 message: str) -> None:
+    code, _, err = cli(capsys, *args)
+    one_line_error(code, err, message)
+    assert "secret" not in err  # passwords are masked
     assert not (tmp_path / "mlflow.db").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # read-only commands make no database, nor a lock
 
@@ -113,6 +113,8 @@ def trained_numbers(s: optuna.Study) -> list[int]:
     return [t.number for t in s.get_trials() if objective_mod.trained(t)]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
 def test_a_real_study_completes_and_resumes(tmp_path: Path) -> None:
     proc = run_cli("study", "run", str(SMOKE), *FAST)
     assert proc.returncode == 0, proc.stderr
@@ -149,6 +151,8 @@ def run_cli_optuna(*args: str) -> str:
                           check=True).stdout
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
 def test_two_workers_on_postgresql_train_exactly_n_trials(pg_url: str) -> None:
     proc = run_cli("study", "run", str(SMOKE), *FAST, "--storage", pg_url, "--workers", "2", "--n-trials", "4")
     assert proc.returncode == 0, proc.stderr
@@ -159,46 +163,8 @@ def test_two_workers_on_postgresql_train_exactly_n_trials(pg_url: str) -> None:
     assert not [t for t in s.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
 
-def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, mlflow_db: str) -> None:
-    """SIGKILL mid-trial: heartbeats mark it failed, a retry with its params resumes from its epoch."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    args = [sys.executable, "-m", "mnistlab", "study", "run", str(SMOKE), "--epochs", "3", "--limit-train", "3000",
-            "--limit-eval", "300", "--heartbeat", "1", "--n-trials", "1", "--verbose"]
-    worker = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    def checkpoint() -> Path:
-        return trial_dir(tmp_path / "mnistlab-artifacts", 0) / "last.pt"
-
-    deadline = time.monotonic() + 300
-    while not checkpoint().exists() and time.monotonic() < deadline and worker.poll() is None:
-        time.sleep(0.2)
-    assert checkpoint().exists(), worker.communicate()[0]
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    time.sleep(4)  # past the grace period of 3 heartbeats
-    proc = run_cli("study", "run", str(SMOKE), "--epochs", "3", "--limit-train", "3000", "--limit-eval", "300",
-                   "--heartbeat", "1", "--n-trials", "1", "--verbose")
-    assert proc.returncode == 0, proc.stderr
-    assert "Resuming from" in proc.stdout and "after epoch" in proc.stdout
-    s = study.load("smoke", study.open_storage(None, heartbeat=None))
-    dead, retry = s.trials
-    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
-    assert retry.params == dead.params and retry.user_attrs["root_trial"] == 0
-    assert retry.user_attrs["epochs_run"] == 3
-    from mlflow import MlflowClient
-
-    client = MlflowClient(mlflow_db)
-    dead_run = client.get_run(dead.user_attrs["mlflow_run_id"])
-    retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
-    assert dead_run.info.status == "FAILED" and "heartbeats" in dead_run.data.tags["mnistlab.fail_reason"]
-    assert retry_run.data.tags["mnistlab.retry_of_run"] == dead_run.info.run_id
-    steps = [m.step for m in client.get_metric_history(retry_run.info.run_id, "val_acc")]
-    assert sorted(steps) == [1, 2, 3]  # epoch 1 came from the checkpoint, logged once
-
-
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
 def test_a_continued_study_does_not_replay_its_seed(tmp_path: Path) -> None:
     """A seeded sampler restarted on the same study would suggest its first samples again."""
     path = study_file(tmp_path, """

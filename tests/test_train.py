@@ -21,7 +21,7 @@ def small(*overrides: str) -> config.ExperimentConfig:
 
 
 def test_one_epoch_on_a_subset_learns(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cfg = small("train.epochs=1")
+    cfg = small("train.epochs=1", "data.limit_train=2000")
     seen: list[EpochMetrics] = []
     result = train(cfg, data.load(cfg.data, "cpu", data_dir), seen.append, checkpoint_dir=tmp_path / "ck")
     assert [m.epoch for m in seen] == [1]
@@ -39,6 +39,7 @@ def final_weights(directory: Path) -> dict[str, torch.Tensor]:
     return checkpoint.load_state(directory / "last.pt")["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [["train.schedule=onecycle", "data.augment=true"],
                                     ["train.optimizer=adamw", "train.lr=0.003", "train.schedule=step",
                                      "train.step_epochs=1", "train.label_smoothing=0.1"]],
