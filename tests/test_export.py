@@ -163,6 +163,8 @@ def files_under(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if not p.name.endswith(("-wal", "-shm"))}
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
 def test_force_replaces_an_earlier_export_and_nothing_else(finished: dict, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     env = copy_study(finished, tmp_path)

@@ -195,6 +195,8 @@ def test_a_study_folder_is_keyed_by_its_id_and_an_older_study_keeps_its_own(tmp_
     assert study.study_folder(older) == "older"
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
 def test_same_named_studies_in_two_storages_keep_their_own_checkpoints_and_runs(tmp_path: Path,
                                                                                 mlflow_db: str) -> None:
     tiny = ["--epochs", "1", "--limit-train", "300", "--limit-eval", "100", "--threads", "1", "--n-trials", "1"]
