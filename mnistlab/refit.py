@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,12 +222,13 @@ def for_choice(choice: Any, study: Any, max_params: int, n_seeds: int, artifacts
 
     check_seeds(n_seeds)
     trial = choice.trial
-    cfg, _, _ = ex.trial_weights(trial, tracker, artifacts / ".download")
+    with tempfile.TemporaryDirectory() as scratch:  # the trial's checkpoint, if it has to come from MLflow
+        cfg, _, _ = ex.trial_weights(trial, tracker, Path(scratch))
     attrs = study.user_attrs
     recorder = None
     if tracker is not None and attrs.get(st.PARENT_ATTR) and attrs.get(st.EXPERIMENT_ATTR):
         recorder = StudyRecorder(tracker, study.study_name, attrs[st.EXPERIMENT_ATTR], attrs[st.PARENT_ATTR],
-                                 Path(str(attrs.get("study_file", ""))))
+                                 Path(str(attrs.get("study_file", ""))), attrs.get(st.ID_ATTR))
     previous = st._stop_on_signals()
     try:
         done = run(trial, cfg, n_seeds, max_params, artifacts, recorder, data_dir, verbose)

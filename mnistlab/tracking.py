@@ -594,7 +594,7 @@ class StudyRecorder:
 
     def start_refit(self, trial: int, cfg: Any, n_params: int, folder: Path, device: str) -> RunLog:
         """The run of one refit seed, under the parent, tagged with the trial it refits."""
-        tags = {STUDY_TAG: self.study, "mnistlab.refit": "true", "mnistlab.refit_of_trial": str(trial),
+        tags = {**self.tags, "mnistlab.refit": "true", "mnistlab.refit_of_trial": str(trial),
                 "mnistlab.seed": str(cfg.train.seed)}
         return RunLog.start(self.tracker, self.experiment_id, f"refit-{trial}-seed-{cfg.train.seed}", cfg, n_params,
                             device, folder, tags, parent=self.parent_id,
