@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     parser.add_argument("--limit-train", type=int, default=None, help="first N training images (a dry run)")
     parser.add_argument("--out", type=Path, default=Path("selection.json"))
+    parser.add_argument("--analyse-only", action="store_true", help="print the analysis of --out; train nothing")
     args = parser.parse_args()
     if args.seeds < 2 or args.epochs < 3 or args.threads < 1:
         parser.error("need --seeds >= 2, --epochs >= 3, --threads >= 1")
@@ -151,6 +152,8 @@ def main() -> None:
         chosen = {k: v for k, v in chosen.items() if k in args.only}
     runs: dict[str, list[dict[str, Any]]] = json.loads(args.out.read_text())["runs"] if args.out.is_file() else {}
     loaded = {}
+    if args.analyse_only:
+        chosen = {}
     for name, raw in chosen.items():
         if args.limit_train:
             raw["data"]["limit_train"] = args.limit_train
@@ -169,7 +172,8 @@ def main() -> None:
     if len(complete) < 2:
         return
     result = analyse(complete)
-    args.out.write_text(json.dumps({"runs": runs, "analysis": result}, indent=1) + "\n")
+    if not args.analyse_only:
+        args.out.write_text(json.dumps({"runs": runs, "analysis": result}, indent=1) + "\n")
     print(f"\n{'score':<12} {'bias':>7} {'rmse':>7} {'tau':>6} {'regret':>7} {'test':>7}")
     for rule in RULES:
         r = result[rule]

@@ -136,9 +136,8 @@ def describe(choice: Choice) -> str:
     total = int(a.get(trials_mod.VAL_TOTAL, data.SIZES["val"]))
     lines.append(f"best trial: {t.number} ({choice.rule})")
     lines.append(f"  params:          {g.params:,}")
-    lines.append(f"  validation:      {g.describe()} (score: mean of the last "
-                 f"{trials_mod.score_epochs(int(a.get('epochs_run') or 1))} epoch(s) on {total:,} validation images; "
-                 "± one standard error)")
+    lines.append(f"  validation:      {g.describe()} (score: the last epoch's accuracy on "
+                 f"{total:,} validation images; ± one standard error)")
     if g.n_seeds > 1:
         per_seed = ", ".join(f"seed {m.user_attrs.get(trials_mod.SEED, _seed(m))} {trials_mod.score(m):.2f}%"
                              for m in g.members)

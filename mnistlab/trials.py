@@ -6,11 +6,12 @@ study's best trials. So every score here carries its standard error, trials with
 the best are marked as tied, and a configuration repeated with other seeds (a *seed group*:
 the original trial and its repeats) is ranked by its seed-mean score.
 
-The trial score is the mean validation accuracy of the run's last quarter of epochs (1 to
-``SCORE_EPOCHS``: the last 3 of 12 or 15, the last 2 of 8, the last of 2), not the single best
-epoch: measured on real runs (benchmarks/selection.py, README "Picks you
-can trust"), the best epoch is a maximum over noisy epochs, biased upward and no better at
-ordering configurations.
+The trial score is the validation accuracy of the run's last epoch, the weights a run ends
+with. Measured on real runs (benchmarks/selection.py, docs/picks.md): with the one-cycle recipes
+the last epoch is also the best one, so the best-epoch rule of old adds nothing there and, where
+accuracy still fluctuates, it is a maximum over noisy epochs, biased upward; a mean over the
+last epochs is biased downward by how much a configuration was still improving, which favours
+the ones that converge early.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 # Trial user attributes written by the objective and read by the pick rules.
-VAL_SCORE = "val_score"  # the ranking score: mean validation accuracy of the last SCORE_EPOCHS epochs (%)
+VAL_SCORE = "val_score"  # the ranking score: validation accuracy of the last epoch (%)
 VAL_SE = "val_se"  # its binomial standard error (%), on VAL_TOTAL images
 VAL_TOTAL = "val_total"  # validation images the score was measured on
 REPEAT_OF = "repeat_of"  # a seed repeat: the number of the trial whose configuration it repeats
@@ -32,7 +33,6 @@ SEED = "seed"  # the train.seed a seed repeat trains with
 BEST_VAL_ACC = "best_val_acc"  # the best single epoch (kept for reference; not a ranking score)
 PARAM_COUNT = "param_count"
 
-SCORE_EPOCHS = 3
 Z = 1.96  # two scores closer than Z standard errors of their difference are tied (95%)
 
 
@@ -44,16 +44,10 @@ def binomial_se(acc: float, n: int) -> float:
     return 100.0 * math.sqrt(p * (1.0 - p) / n)
 
 
-def score_epochs(n_epochs: int) -> int:
-    """How many final epochs a score averages: the last quarter of the run, 1 to SCORE_EPOCHS."""
-    return min(SCORE_EPOCHS, max(1, math.ceil(n_epochs / 4)))
-
-
 def trial_score(val_accs: Sequence[float]) -> float:
-    """The mean of the last ``score_epochs`` per-epoch validation accuracies."""
+    """A run's score from its per-epoch validation accuracies: the last epoch's."""
     accs = list(val_accs)
-    tail = accs[-score_epochs(len(accs)):]
-    return statistics.fmean(tail) if tail else float("nan")
+    return float(accs[-1]) if accs else float("nan")
 
 
 def score(t: FrozenTrial) -> float:
