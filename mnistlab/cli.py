@@ -184,6 +184,7 @@ def _study(study_file: Path | None, name: str | None, storage: str | None) -> tu
     if study_file is not None:
         cfg = space.load_study(study_file)
         name, objectives = cfg.name, cfg.objectives
+    space.check_name(name, "--name")
     store = study.open_storage(storage, heartbeat=None, create=False)
     loaded = study.load(name, store)
     return loaded, store, objectives or tuple(loaded.user_attrs.get("objectives", ["val_acc"]))
@@ -395,6 +396,13 @@ def ui(
     raise typer.Exit(serve_ui(tracking_uri, host, port))
 
 
+def _one_line(message: str, limit: int = 1000) -> str:
+    """An error as one bounded line: whatever a message echoes (a 50 MB name, a file's value),
+    the user reads one line of at most ``limit`` characters."""
+    text = " ".join(message.splitlines())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input is one line on stderr and exit code 2; --debug shows tracebacks."""
     args = sys.argv[1:] if argv is None else argv
@@ -407,14 +415,14 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except cli_errors.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
         sys.exit(2)
     except cli_errors.UsageError as exc:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        print(f"error: {_one_line(exc.format_message())}{hint}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
