@@ -448,6 +448,18 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
     return Prepared(study, storage, recorder_for(study, cfg, tracker, url), tracker, url)
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """UserError unless ``folder`` is a folder this process may write in, or can be made as one:
+    checked before the study exists, not found out by its first trial."""
+    probe = folder.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {folder}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {folder}: {probe} is not writable")
+
+
 def run(cfg: StudyConfig, opts: RunOptions) -> int:
     """`mnistlab study run`: check inputs, create or load the study, run the workers, report."""
     from mnistlab import report
@@ -455,6 +467,7 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
     if opts.n_trials is None and cfg.n_trials is None and opts.timeout is None and cfg.timeout is None \
             and cfg.target is None:
         raise UserError(f"{cfg.path}: give n_trials, timeout or target (or --n-trials / --timeout)")
+    check_writable(opts.artifacts, "--artifacts")
     study, storage, recorder, tracker, url = prepare(cfg, opts)
     worker = "MNISTLAB_WORKER" in os.environ
     if not worker:

@@ -158,6 +158,14 @@ def test_safe_names_pass_and_an_unsafe_name_in_a_storage_is_shown_but_refused(tm
     assert not (tmp_path / "mnistlab-artifacts").exists() and not (tmp_path.parent / "escape").exists()
 
 
+def test_an_artifacts_folder_that_cannot_be_written_is_refused_before_the_study_exists(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    code, _, err = cli(capsys, "study", "run", str(SMOKE), "--artifacts", "afile/sub", *FAST)
+    assert code == 2 and "--artifacts" in err and "is not a folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def trained_numbers(s: optuna.Study) -> list[int]:
     return [t.number for t in s.get_trials() if objective_mod.trained(t)]
 
