@@ -12,9 +12,10 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_cli import cli
 
 from conftest import ROOT, run_cli
-from mnistlab import export, study
+from mnistlab import data, export, study
 from mnistlab.errors import UserError
 
 SMOKE = ROOT / "studies" / "smoke.yaml"
@@ -139,6 +140,49 @@ def test_evaluate_re_measures_and_refuses_an_altered_export(finished: dict, tmp_
     proc = run_cli("evaluate", str(copy), env=env_of(finished))
     assert proc.returncode == 2 and "checksum does not match config.json" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_evaluate_checks_every_model_file_and_only_the_exports_own(finished: dict, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the export")
+    copy = tmp_path / "copy"
+    shutil.copytree(finished["export"], copy)
+    info = json.loads((copy / "config.json").read_text())
+    own = info["files"]
+    digest = data.sha256(outside)
+    no_acc = {k: v for k, v in info.items() if k != "test_acc"}
+    cases = [({**info, "files": {**own, "../outside.txt": digest}}, "files lists '../outside.txt', not a file of"),
+             ({**info, "files": {**own, str(outside): digest}}, "not a file of an export"),
+             ({**info, "files": {}}, "files lacks model.safetensors"),
+             ({**info, "files": {k: v for k, v in own.items() if k != "model.onnx"}}, "files lacks model.onnx"),
+             (no_acc, "test_acc must be a number; got None"), ({**info, "test_acc": "99"}, "got '99'")]
+    for content, message in cases:
+        (copy / "config.json").write_text(json.dumps(content))
+        proc = run_cli("evaluate", str(copy), env=env_of(finished))
+        assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    (copy / "config.json").write_text(json.dumps(info))
+    (copy / "model.onnx").unlink()
+    (copy / "model.onnx").symlink_to(finished["export"] / "model.onnx")
+    proc = run_cli("evaluate", str(copy), env=env_of(finished))
+    assert proc.returncode == 2 and "model.onnx: is a symbolic link" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ([1, 2], "expected a JSON object"),
+    ({"format": "mnistlab-export/1", "test_acc": 99.0, "files": ["model.onnx"]}, "files must map each model file"),
+    ({"format": "mnistlab-export/1", "files": {}}, "test_acc must be a number; got None"),
+    ({"format": "mnistlab-export/1", "test_acc": "99", "files": {}}, "test_acc must be a number; got '99'"),
+    ({"format": "mnistlab-export/1", "test_acc": float("nan"), "files": {}}, "test_acc must be a number"),
+    ({"format": ["x" * 10_000], "test_acc": 1, "files": {}}, "format ['xxx"),
+])
+def test_evaluate_on_a_malformed_config_json_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         content: object, message: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(content))
+    code, _, err = cli(capsys, "evaluate", str(tmp_path))
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and len(err) < 600
 
 
 def test_export_refuses_a_non_empty_folder_and_an_unwritable_one(finished: dict, tmp_path: Path) -> None:
