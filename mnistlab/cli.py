@@ -329,21 +329,29 @@ def best(
         try:
             refitted = rf.for_choice(choice, loaded, budget, seeds, artifacts, known, data_dir)
         except KeyboardInterrupt as exc:  # SIGTERM/SIGINT: the seed in progress keeps its last checkpoint
-            import signal
-
-            name = getattr(exc, "signame", "SIGINT")
-            print(f"interrupted by {name}: the refit in progress resumes from its last checkpoint when the same "
-                  "command runs again", file=sys.stderr, flush=True)
-            raise typer.Exit(128 + int(getattr(signal, name, signal.SIGINT))) from None
+            raise _stopped(exc, "the refit in progress resumes from its last checkpoint when the same command "
+                                "runs again") from None
         print(rf.describe(refitted))
     if export is None:
         return
-    done = ex.export(choice, loaded, export, force=force, tracker=known, data_dir=data_dir, refit=refitted)
+    try:
+        done = ex.export(choice, loaded, export, force=force, tracker=known, data_dir=data_dir, refit=refitted)
+    except KeyboardInterrupt as exc:  # the export's temporary folder is removed on the way out
+        raise _stopped(exc, f"nothing exported, {export} is as it was") from None
     formats = ", ".join(f"{k} {v:.2f}%" for k, v in done.accuracies.items())
     print(f"exported to {done.folder}: test accuracy {done.test_acc:.2f}% on {done.info['test_images']:,} "
           f"images, the same from every format ({formats})")
     if register:
         _register(tracker, loaded, done)
+
+
+def _stopped(exc: BaseException, what: str) -> typer.Exit:
+    """One line on SIGTERM/SIGINT and the shell's exit code for the signal (143, 130)."""
+    import signal
+
+    name = getattr(exc, "signame", "SIGINT")
+    print(f"interrupted by {name}: {what}", file=sys.stderr, flush=True)
+    return typer.Exit(128 + int(getattr(signal, name, signal.SIGINT)))
 
 
 def _register(tracker: Any, loaded: Any, done: Any) -> None:

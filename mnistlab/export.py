@@ -11,10 +11,13 @@ Exported TorchScript and ONNX models take pixels in [0, 1] (``uint8 / 255``) sha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -374,13 +377,17 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
            data_dir: Path | None = None, refit: Any = None) -> Exported:
     """Write the picked trial's model (or, with ``refit``, its exported refit) into ``out``:
     all of it, checked, or nothing."""
+    from mnistlab import study as st
     from mnistlab.tracking import environment
 
     out = _prepare_target(out, force)
+    _remove_stale_partials(out)
     trial = choice.trial
+    previous = st._stop_on_signals()  # SIGTERM then raises like SIGINT, so the temporary folder is removed
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), suffix=".partial", dir=out.parent))
     except OSError as exc:
+        st._restore_signals(previous)
         raise UserError(f"export folder {out}: cannot write in {out.parent} ({exc.strerror})") from None
     try:
         if refit is not None:
@@ -427,7 +434,43 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        st._restore_signals(previous)
     return Exported(out, test_acc, accuracies, info, x[:2])
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _partial_prefix(out: Path) -> str:
+    """The start of the temporary folder's name: ``.DIR.<host>-<pid>.``, so a later export can tell
+    whether the process that made it still runs."""
+    return f".{out.name}.{_host_tag()}-{os.getpid()}."
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove temporary folders of earlier exports into ``out`` that were killed (SIGKILL, a power
+    cut): only ``.DIR.<host>-<pid>.XXXXXXXX.partial`` folders of this DIR, made on this machine by a
+    process that no longer runs. Another machine's (a shared folder) and older-style names are kept:
+    whether their process runs cannot be known from here."""
+    shape = re.compile(rf"\.{re.escape(out.name)}\.([0-9a-f]{{8}})-(\d+)\.[a-z0-9_]{{8}}\.partial")
+    host = _host_tag()
+    for path in out.parent.iterdir():
+        found = shape.fullmatch(path.name)
+        if found and found.group(1) == host and not path.is_symlink() and path.is_dir() \
+                and not _running(int(found.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

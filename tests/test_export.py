@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -318,6 +321,45 @@ def test_a_failing_export_leaves_no_folder(finished: dict, tmp_path: Path) -> No
                    env={**env_of(finished), "MNISTLAB_DATA_DIR": str(bad_cache)})
     assert proc.returncode == 2 and "checksum mismatch" in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-cache"]
+
+
+def start_export(finished: dict, out: Path) -> tuple[subprocess.Popen, Path]:
+    """`mnistlab best --export OUT` in a process of its own, once its temporary folder exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "mnistlab", "best", str(SMOKE), "--export", str(out),
+                             "--no-register"], env={**os.environ, **env_of(finished)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = sorted(out.parent.glob(f".{out.name}.*.partial"))
+        if partial:
+            return proc, partial[0]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no temporary folder appeared: {proc.communicate()}")
+
+
+@pytest.mark.slow
+def test_an_interrupted_export_leaves_no_temporary_folder(finished: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc, partial = start_export(finished, out)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == [f"interrupted by SIGTERM: nothing exported, {out} is as it was"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no DIR, no .out.*.partial
+    proc, partial = start_export(finished, out)
+    proc.kill()  # SIGKILL: nothing can clean up; the next export into the same folder does
+    proc.wait()
+    assert partial.is_dir()
+    live = Path(tempfile.mkdtemp(prefix=export._partial_prefix(out), suffix=".partial", dir=tmp_path))
+    others = [tmp_path / ".out.old-style.partial", tmp_path / f".other.{partial.name[len('.out.'):]}"]
+    for folder in others:
+        folder.mkdir()
+    done = run_cli("best", str(SMOKE), "--export", str(out), "--no-register", env=env_of(finished))
+    assert done.returncode == 0, done.stderr
+    assert not partial.exists()  # its process is dead
+    assert live.is_dir() and all(f.is_dir() for f in others)  # a running export's, another DIR's, older names
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, *(f.name for f in others)])
 
 
 def recorded_study(tmp_path: Path, records: list[tuple[float, int]], objectives: int = 2) -> optuna.Study:
