@@ -184,6 +184,7 @@ def _study(study_file: Path | None, name: str | None, storage: str | None) -> tu
     if study_file is not None:
         cfg = space.load_study(study_file)
         name, objectives = cfg.name, cfg.objectives
+    space.check_name(name, "--name")
     store = study.open_storage(storage, heartbeat=None, create=False)
     loaded = study.load(name, store)
     return loaded, store, objectives or tuple(loaded.user_attrs.get("objectives", ["val_acc"]))
@@ -328,21 +329,29 @@ def best(
         try:
             refitted = rf.for_choice(choice, loaded, budget, seeds, artifacts, known, data_dir)
         except KeyboardInterrupt as exc:  # SIGTERM/SIGINT: the seed in progress keeps its last checkpoint
-            import signal
-
-            name = getattr(exc, "signame", "SIGINT")
-            print(f"interrupted by {name}: the refit in progress resumes from its last checkpoint when the same "
-                  "command runs again", file=sys.stderr, flush=True)
-            raise typer.Exit(128 + int(getattr(signal, name, signal.SIGINT))) from None
+            raise _stopped(exc, "the refit in progress resumes from its last checkpoint when the same command "
+                                "runs again") from None
         print(rf.describe(refitted))
     if export is None:
         return
-    done = ex.export(choice, loaded, export, force=force, tracker=known, data_dir=data_dir, refit=refitted)
+    try:
+        done = ex.export(choice, loaded, export, force=force, tracker=known, data_dir=data_dir, refit=refitted)
+    except KeyboardInterrupt as exc:  # the export's temporary folder is removed on the way out
+        raise _stopped(exc, f"nothing exported, {export} is as it was") from None
     formats = ", ".join(f"{k} {v:.2f}%" for k, v in done.accuracies.items())
     print(f"exported to {done.folder}: test accuracy {done.test_acc:.2f}% on {done.info['test_images']:,} "
           f"images, the same from every format ({formats})")
     if register:
         _register(tracker, loaded, done)
+
+
+def _stopped(exc: BaseException, what: str) -> typer.Exit:
+    """One line on SIGTERM/SIGINT and the shell's exit code for the signal (143, 130)."""
+    import signal
+
+    name = getattr(exc, "signame", "SIGINT")
+    print(f"interrupted by {name}: {what}", file=sys.stderr, flush=True)
+    return typer.Exit(128 + int(getattr(signal, name, signal.SIGINT)))
 
 
 def _register(tracker: Any, loaded: Any, done: Any) -> None:
@@ -395,6 +404,13 @@ def ui(
     raise typer.Exit(serve_ui(tracking_uri, host, port))
 
 
+def _one_line(message: str, limit: int = 1000) -> str:
+    """An error as one bounded line: whatever a message echoes (a 50 MB name, a file's value),
+    the user reads one line of at most ``limit`` characters."""
+    text = " ".join(message.splitlines())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input is one line on stderr and exit code 2; --debug shows tracebacks."""
     args = sys.argv[1:] if argv is None else argv
@@ -407,14 +423,14 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except cli_errors.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
         sys.exit(2)
     except cli_errors.UsageError as exc:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        print(f"error: {_one_line(exc.format_message())}{hint}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
         print("error: aborted", file=sys.stderr)

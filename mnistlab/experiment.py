@@ -68,7 +68,12 @@ def run_experiment(
     """Train one experiment, writing config.yaml, metrics.csv, summary.json and checkpoints.
 
     With a tracker, the run is also one MLflow run in the experiment named after the config.
+    A run folder that holds anything is continued with ``resume`` and otherwise refused, never
+    written over.
     """
+    if not resume and output.is_dir() and any(output.iterdir()):
+        raise UserError(f"run folder {output}: exists and is not empty (use --resume to continue that run, or "
+                        "choose another --output)")
     if tracker is not None:
         check_reachable(tracker.uri)
     try:

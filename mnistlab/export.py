@@ -11,9 +11,13 @@ Exported TorchScript and ONNX models take pixels in [0, 1] (``uint8 / 255``) sha
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -29,7 +33,7 @@ import torch
 from mnistlab import checkpoint, data
 from mnistlab import trials as trials_mod
 from mnistlab.config import ExperimentConfig, from_dict
-from mnistlab.errors import UserError
+from mnistlab.errors import UserError, clip
 from mnistlab.model import build_model, count_params, summary
 
 FORMAT = "mnistlab-export/1"
@@ -314,6 +318,8 @@ class Exported:
 
 
 OWN_FILES = frozenset({WEIGHTS, CONFIG, TORCHSCRIPT, ONNX, CARD, CURVES})
+MODEL_FILES = (WEIGHTS, TORCHSCRIPT, ONNX)  # in every export, with their SHA-256 in config.json
+HASHED = frozenset({*MODEL_FILES, CURVES})  # the only names config.json's "files" may list
 
 
 def _prepare_target(given: Path, force: bool) -> Path:
@@ -370,13 +376,17 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
            data_dir: Path | None = None, refit: Any = None) -> Exported:
     """Write the picked trial's model (or, with ``refit``, its exported refit) into ``out``:
     all of it, checked, or nothing."""
+    from mnistlab import study as st
     from mnistlab.tracking import environment
 
     out = _prepare_target(out, force)
+    _remove_stale_partials(out)
     trial = choice.trial
+    previous = st._stop_on_signals()  # SIGTERM then raises like SIGINT, so the temporary folder is removed
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), suffix=".partial", dir=out.parent))
     except OSError as exc:
+        st._restore_signals(previous)
         raise UserError(f"export folder {out}: cannot write in {out.parent} ({exc.strerror})") from None
     try:
         if refit is not None:
@@ -390,7 +400,7 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
         test_acc = accuracies["safetensors"]
         a = trial.user_attrs
         curves = refit is None and _learning_curves(trial, tracker, tmp / CURVES)
-        files = [WEIGHTS, TORCHSCRIPT, ONNX] + ([CURVES] if curves else [])
+        files = [*MODEL_FILES] + ([CURVES] if curves else [])
         info = {
             "format": FORMAT,
             "study": study.study_name,
@@ -423,7 +433,43 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        st._restore_signals(previous)
     return Exported(out, test_acc, accuracies, info, x[:2])
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _partial_prefix(out: Path) -> str:
+    """The start of the temporary folder's name: ``.DIR.<host>-<pid>.``, so a later export can tell
+    whether the process that made it still runs."""
+    return f".{out.name}.{_host_tag()}-{os.getpid()}."
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove temporary folders of earlier exports into ``out`` that were killed (SIGKILL, a power
+    cut): only ``.DIR.<host>-<pid>.XXXXXXXX.partial`` folders of this DIR, made on this machine by a
+    process that no longer runs. Another machine's (a shared folder) and older-style names are kept:
+    whether their process runs cannot be known from here."""
+    shape = re.compile(rf"\.{re.escape(out.name)}\.([0-9a-f]{{8}})-(\d+)\.[a-z0-9_]{{8}}\.partial")
+    host = _host_tag()
+    for path in out.parent.iterdir():
+        found = shape.fullmatch(path.name)
+        if found and found.group(1) == host and not path.is_symlink() and path.is_dir() \
+                and not _running(int(found.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -570,20 +616,8 @@ def model_card(info: dict[str, Any], cfg: ExperimentConfig, accuracies: dict[str
 def evaluate_folder(folder: Path, data_dir: Path | None = None) -> dict[str, Any]:
     """Re-measure an exported model from its files alone; UserError on a bad or altered export."""
     folder = folder.resolve()
-    try:
-        info = json.loads((folder / CONFIG).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{folder}: no {CONFIG}; not an mnistlab export") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{folder / CONFIG}: unreadable ({exc})") from None
-    if info.get("format") != FORMAT:
-        raise UserError(f"{folder / CONFIG}: format {info.get('format')!r}, expected {FORMAT!r}")
-    for name, digest in info.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            raise UserError(f"{path}: missing")
-        if data.sha256(path) != digest:
-            raise UserError(f"{path}: checksum does not match {CONFIG} (altered or corrupt)")
+    info = _export_info(folder)
+    _check_files(folder, info["files"])
     cfg = from_dict(info.get("config"), f"{folder / CONFIG}")
     x, y = test_pixels(data_dir)
     try:
@@ -594,3 +628,46 @@ def evaluate_folder(folder: Path, data_dir: Path | None = None) -> dict[str, Any
         raise UserError(f"{folder}: cannot load the model ({type(exc).__name__}: {str(exc)[:200]})") from None
     accuracies = agreement(out, y)
     return {"info": info, "accuracies": accuracies, "test_images": int(len(y))}
+
+
+def _export_info(folder: Path) -> dict[str, Any]:
+    """config.json of an export, its shape checked: what evaluate reads from it is all there."""
+    where = folder / CONFIG
+    try:
+        info = json.loads(where.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{folder}: no {CONFIG}; not an mnistlab export") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{where}: unreadable ({clip(str(exc))})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{where}: expected a JSON object; not an mnistlab export")
+    if info.get("format") != FORMAT:
+        raise UserError(f"{where}: format {clip(info.get('format'))}, expected {FORMAT!r}")
+    acc = info.get("test_acc")
+    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not math.isfinite(acc):
+        raise UserError(f"{where}: test_acc must be a number; got {clip(acc)}")
+    if not isinstance(info.get("files"), dict):
+        raise UserError(f"{where}: files must map each model file to its SHA-256")
+    return info
+
+
+def _check_files(folder: Path, files: dict[str, Any]) -> None:
+    """Every model file of the export, and nothing else, against its SHA-256.
+
+    Only the export's own file names are accepted, so a config.json cannot point evaluate at a
+    path outside the folder, and each model file must be listed, so none escapes the check."""
+    where = folder / CONFIG
+    strangers = sorted(set(files) - HASHED, key=str)
+    if strangers:
+        raise UserError(f"{where}: files lists {clip(strangers[0])}, not a file of an export")
+    missing = [name for name in MODEL_FILES if name not in files]
+    if missing:
+        raise UserError(f"{where}: files lacks {missing[0]}; every model file must have its SHA-256")
+    for name, digest in files.items():
+        path = folder / name
+        if path.is_symlink():  # its checksum would vouch for a file outside the export
+            raise UserError(f"{path}: is a symbolic link; an export holds plain files")
+        if not path.is_file():
+            raise UserError(f"{path}: missing")
+        if not isinstance(digest, str) or data.sha256(path) != digest:
+            raise UserError(f"{path}: checksum does not match {CONFIG} (altered or corrupt)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +19,32 @@ import optuna
 
 from mnistlab import config as config_mod
 from mnistlab.config import ExperimentConfig
-from mnistlab.errors import UserError
+from mnistlab.errors import UserError, clip
 from mnistlab.model import count_params
 
 # The metrics a study may optimise, with their directions. The test set is never one of them.
 OBJECTIVES = {"val_acc": "maximize", "params": "minimize", "val_loss": "minimize"}
 SAMPLERS = ("tpe", "random", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
+
+# A study's name becomes a folder under the artifacts folder, an MLflow experiment and a registry
+# model: only characters that are plain in all three, never a path ("/", "..", a leading dot), and
+# short enough that NAME-<id8> fits every file system and MLflow's name and param limits.
+NAME_RULE = "1 to 100 ASCII letters, digits, '-', '_' or '.', starting with a letter or a digit"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def safe_name(name: Any) -> bool:
+    """Whether ``name`` follows the study name rule (NAME_RULE)."""
+    return isinstance(name, str) and _SAFE_NAME.fullmatch(name) is not None
+
+
+def check_name(name: Any, where: str) -> str:
+    """``name`` if it is a safe study name; else UserError saying the rule (for study files,
+    ``--name`` and names found in a storage alike)."""
+    if not safe_name(name):
+        raise UserError(f"{where}: study name {clip(name)} is not allowed; a study name is {NAME_RULE}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -139,7 +159,7 @@ def load_study(path: str | Path) -> StudyConfig:
     for key in ("name", "base", "space", "max_params"):
         if key not in raw:
             raise UserError(f"{where}: missing key {key!r}")
-    name = _typed(raw["name"], str, "name", where)
+    name = check_name(raw["name"], where)
     base_path = (p.parent / _typed(raw["base"], str, "base", where)).resolve()
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
@@ -263,7 +283,7 @@ def _section(cls: type, raw: Any, key: str, where: str) -> Any:
 
 def _typed(value: Any, tp: type, key: str, where: str) -> Any:
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise UserError(f"{where}: {key} must be {tp.__name__}; got {value!r}")
+        raise UserError(f"{where}: {key} must be {tp.__name__}; got {clip(value)}")
     return value
 
 

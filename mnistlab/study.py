@@ -25,10 +25,10 @@ import optuna
 from optuna.trial import TrialState
 
 from mnistlab import trials as tr
-from mnistlab.errors import Interrupted, UserError
+from mnistlab.errors import Interrupted, UserError, clip
 from mnistlab.locks import creating
 from mnistlab.objective import Objective, StudyFull, best_trial, search_trained, state_label
-from mnistlab.space import StudyConfig, make_pruner, make_sampler, worker_salt
+from mnistlab.space import StudyConfig, check_name, make_pruner, make_sampler, safe_name, worker_salt
 from mnistlab.tracking import mask
 
 # Heartbeats and the retry callback are marked experimental; they are what makes workers crash-safe.
@@ -250,10 +250,14 @@ def check_name_free(cfg: StudyConfig, storage: optuna.storages.BaseStorage, trac
 
 
 def load(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    """An existing study by name; UserError listing the ones there are."""
+    """An existing study by name; UserError listing the ones there are.
+
+    A name that breaks the study name rule is refused even where a storage holds it (made by
+    plain Optuna or an older mnistlab): it would become a path under the artifacts folder."""
+    check_name(name, "study")
     names = optuna.get_all_study_names(storage)
     if name not in names:
-        known = ", ".join(names) or "none"
+        known = ", ".join(_shown(n) for n in names) or "none"
         raise UserError(f"no study named {name!r} in this storage (studies: {known})")
     return optuna.load_study(study_name=name, storage=storage)
 
@@ -444,6 +448,18 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
     return Prepared(study, storage, recorder_for(study, cfg, tracker, url), tracker, url)
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """UserError unless ``folder`` is a folder this process may write in, or can be made as one:
+    checked before the study exists, not found out by its first trial."""
+    probe = folder.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {folder}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {folder}: {probe} is not writable")
+
+
 def run(cfg: StudyConfig, opts: RunOptions) -> int:
     """`mnistlab study run`: check inputs, create or load the study, run the workers, report."""
     from mnistlab import report
@@ -451,6 +467,7 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
     if opts.n_trials is None and cfg.n_trials is None and opts.timeout is None and cfg.timeout is None \
             and cfg.target is None:
         raise UserError(f"{cfg.path}: give n_trials, timeout or target (or --n-trials / --timeout)")
+    check_writable(opts.artifacts, "--artifacts")
     study, storage, recorder, tracker, url = prepare(cfg, opts)
     worker = "MNISTLAB_WORKER" in os.environ
     if not worker:
@@ -584,10 +601,17 @@ def list_studies(storage: optuna.storages.BaseStorage) -> Any:
         trials = study.get_trials(deepcopy=False)
         best = best_trial(trials)
         states = [t.state.name for t in trials]
-        rows.append({"study": summary.study_name, "objectives": ",".join(study.user_attrs.get("objectives", [])),
+        objectives = ",".join(study.user_attrs.get("objectives", []))
+        rows.append({"study": _shown(summary.study_name), "objectives": objectives,
                      "trials": len(trials), "complete": states.count("COMPLETE"),
                      "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
                      "running": states.count("RUNNING"),
                      "best_val_acc": best.user_attrs["best_val_acc"] if best else None,
                      "best_trial": best.number if best else None})
     return pd.DataFrame(rows)
+
+
+def _shown(name: str) -> str:
+    """A name from a storage as a listing shows it: a name that breaks the rule is quoted, cut short
+    and marked, since no command will act on it."""
+    return name if safe_name(name) else f"{clip(name, 60)} (unsafe name, refused)"

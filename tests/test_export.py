@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -14,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import ROOT, cli, one_line_error, run_cli
-from mnistlab import export, study
+from mnistlab import data, export, study
 from mnistlab.errors import UserError
 
 SMOKE = ROOT / "studies" / "smoke.yaml"
@@ -143,6 +146,49 @@ def test_evaluate_re_measures_and_refuses_an_altered_export(finished: dict, tmp_
     proc = run_cli("evaluate", str(copy), env=env_of(finished))
     assert proc.returncode == 2 and "checksum does not match config.json" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_evaluate_checks_every_model_file_and_only_the_exports_own(finished: dict, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the export")
+    copy = tmp_path / "copy"
+    shutil.copytree(finished["export"], copy)
+    info = json.loads((copy / "config.json").read_text())
+    own = info["files"]
+    digest = data.sha256(outside)
+    no_acc = {k: v for k, v in info.items() if k != "test_acc"}
+    cases = [({**info, "files": {**own, "../outside.txt": digest}}, "files lists '../outside.txt', not a file of"),
+             ({**info, "files": {**own, str(outside): digest}}, "not a file of an export"),
+             ({**info, "files": {}}, "files lacks model.safetensors"),
+             ({**info, "files": {k: v for k, v in own.items() if k != "model.onnx"}}, "files lacks model.onnx"),
+             (no_acc, "test_acc must be a number; got None"), ({**info, "test_acc": "99"}, "got '99'")]
+    for content, message in cases:
+        (copy / "config.json").write_text(json.dumps(content))
+        proc = run_cli("evaluate", str(copy), env=env_of(finished))
+        assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    (copy / "config.json").write_text(json.dumps(info))
+    (copy / "model.onnx").unlink()
+    (copy / "model.onnx").symlink_to(finished["export"] / "model.onnx")
+    proc = run_cli("evaluate", str(copy), env=env_of(finished))
+    assert proc.returncode == 2 and "model.onnx: is a symbolic link" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ([1, 2], "expected a JSON object"),
+    ({"format": "mnistlab-export/1", "test_acc": 99.0, "files": ["model.onnx"]}, "files must map each model file"),
+    ({"format": "mnistlab-export/1", "files": {}}, "test_acc must be a number; got None"),
+    ({"format": "mnistlab-export/1", "test_acc": "99", "files": {}}, "test_acc must be a number; got '99'"),
+    ({"format": "mnistlab-export/1", "test_acc": float("nan"), "files": {}}, "test_acc must be a number"),
+    ({"format": ["x" * 10_000], "test_acc": 1, "files": {}}, "format ['xxx"),
+])
+def test_evaluate_on_a_malformed_config_json_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         content: object, message: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(content))
+    code, _, err = cli(capsys, "evaluate", str(tmp_path))
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and len(err) < 600
 
 
 @pytest.mark.slow
@@ -285,6 +331,45 @@ def test_a_failing_export_leaves_no_folder(finished: dict, tmp_path: Path) -> No
                    env={**env_of(finished), "MNISTLAB_DATA_DIR": str(bad_cache)})
     assert proc.returncode == 2 and "checksum mismatch" in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-cache"]
+
+
+def start_export(finished: dict, out: Path) -> tuple[subprocess.Popen, Path]:
+    """`mnistlab best --export OUT` in a process of its own, once its temporary folder exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "mnistlab", "best", str(SMOKE), "--export", str(out),
+                             "--no-register"], env={**os.environ, **env_of(finished)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = sorted(out.parent.glob(f".{out.name}.*.partial"))
+        if partial:
+            return proc, partial[0]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no temporary folder appeared: {proc.communicate()}")
+
+
+@pytest.mark.slow
+def test_an_interrupted_export_leaves_no_temporary_folder(finished: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc, partial = start_export(finished, out)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == [f"interrupted by SIGTERM: nothing exported, {out} is as it was"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no DIR, no .out.*.partial
+    proc, partial = start_export(finished, out)
+    proc.kill()  # SIGKILL: nothing can clean up; the next export into the same folder does
+    proc.wait()
+    assert partial.is_dir()
+    live = Path(tempfile.mkdtemp(prefix=export._partial_prefix(out), suffix=".partial", dir=tmp_path))
+    others = [tmp_path / ".out.old-style.partial", tmp_path / f".other.{partial.name[len('.out.'):]}"]
+    for folder in others:
+        folder.mkdir()
+    done = run_cli("best", str(SMOKE), "--export", str(out), "--no-register", env=env_of(finished))
+    assert done.returncode == 0, done.stderr
+    assert not partial.exists()  # its process is dead
+    assert live.is_dir() and all(f.is_dir() for f in others)  # a running export's, another DIR's, older names
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, *(f.name for f in others)])
 
 
 def recorded_study(tmp_path: Path, records: list[tuple[float, int]], objectives: int = 2) -> optuna.Study:

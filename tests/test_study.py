@@ -109,6 +109,62 @@ def test_bad_cli_input_exit_2_and_create_nothing(capsys: pytest.CaptureFixture, 
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # read-only commands make no database, nor a lock
 
 
+BAD_NAMES = ["../../../x", "/tmp/x", "..", ".hidden", "", "a/b", "a'b", "a b", "x\ny", "é", "-x",
+             "n" * 101, "n" * 256, "n" * 501]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=lambda n: repr(n[:12]) + f"/{len(n)}")
+def test_unsafe_study_names_are_refused_before_anything_is_created(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                  name: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: {name!r}\nbase: {ROOT / 'experiments' / 'eva4-s4.yaml'}\nmax_params: 20000\n"
+                    "n_trials: 1\nspace: {train.lr: {type: float, low: 0.01, high: 0.1}}\n"
+                    "overrides: {train.epochs: 1, data.limit_train: 200, data.limit_eval: 100}\n")
+    for command in ("run", "create"):
+        code, _, err = cli(capsys, "study", command, str(path))
+        assert code == 2 and err.startswith("error: ") and "study name" in err, err
+        assert len(err.strip().splitlines()) == 1
+    for command in (["study", "status"], ["study", "check"], ["study", "report"], ["best"]):
+        code, _, err = cli(capsys, *command, "--name", name)
+        assert code == 2 and "study name" in err and "is not allowed" in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no storage, store, lock or folder
+
+
+def test_a_huge_or_odd_name_is_not_echoed_whole(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for value in ("x" * 1_000_000, "[" + ", ".join(["[1, 2, 3]"] * 5_000) + "]"):
+        path = tmp_path / "s.yaml"
+        path.write_text(f"name: {value}\nbase: x.yaml\nmax_params: 1\nspace: {{}}\n")
+        code, _, err = cli(capsys, "study", "run", str(path))
+        assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+        assert len(err) < 600, len(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_safe_names_pass_and_an_unsafe_name_in_a_storage_is_shown_but_refused(tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    for name in ("a", "Study_1.2-b", "9" * 100):
+        assert space.check_name(name, "here") == name
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="../escape", storage=url)  # plain Optuna accepts any name
+    optuna.create_study(study_name="fine", storage=url)
+    code, out, _ = cli(capsys, "study", "list")
+    assert code == 0 and "fine" in out and "'../escape' (unsafe name, refused)" in out, out
+    with pytest.raises(UserError, match="study name '../escape' is not allowed"):
+        study.load("../escape", study.open_storage(url, heartbeat=None))
+    code, _, err = cli(capsys, "study", "report", "--name", "../escape")
+    assert code == 2 and "is not allowed" in err
+    assert not (tmp_path / "mnistlab-artifacts").exists() and not (tmp_path.parent / "escape").exists()
+
+
+def test_an_artifacts_folder_that_cannot_be_written_is_refused_before_the_study_exists(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    code, _, err = cli(capsys, "study", "run", str(SMOKE), "--artifacts", "afile/sub", *FAST)
+    assert code == 2 and "--artifacts" in err and "is not a folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def trained_numbers(s: optuna.Study) -> list[int]:
     return [t.number for t in s.get_trials() if objective_mod.trained(t)]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, cli
 from mnistlab import checkpoint, config, data
 from mnistlab.errors import UserError
 from mnistlab.train import EpochMetrics, train
@@ -116,3 +116,16 @@ def test_a_malicious_pickle_checkpoint_is_never_unpickled(tmp_path: Path) -> Non
     with pytest.raises(UserError, match="unreadable checkpoint"):
         checkpoint.load_state(last)
     assert not marker.exists()
+
+
+def test_train_refuses_an_existing_run_folder_without_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("an earlier run's config")
+    (run / "checkpoints" / "last.pt").write_bytes(b"an earlier run's weights")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, _, err = cli(capsys, "train", str(EXP), "--epochs", "1", "--limit-train", "500", "--limit-eval", "200",
+                       "--output", "run", "--no-track")
+    assert code == 2 and err.startswith("error: run folder run: exists and is not empty (use --resume"), err
+    assert len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
