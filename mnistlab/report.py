@@ -103,8 +103,13 @@ def learning_curves(done: list[optuna.trial.FrozenTrial], recorder: Any, path: P
         points = recorder.metric_history(run_id, "val_acc") if run_id else sorted(t.intermediate_values.items())
         if points:
             steps, values = zip(*sorted(points), strict=True)
-            ax.plot(steps, values, marker=".", label=f"trial {t.number}")
-    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=f"Learning curves of the top {len(best)}")
+            line = ax.plot(steps, values, marker=".", label=f"trial {t.number}")[0]
+            n = int(t.user_attrs.get(tr.VAL_TOTAL, 10_000))
+            band = [tr.binomial_se(v, n) for v in values]  # ± one standard error of each epoch's accuracy
+            ax.fill_between(steps, [v - b for v, b in zip(values, band, strict=True)],
+                            [v + b for v, b in zip(values, band, strict=True)], color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%, ± 1 s.e.)",
+           title=f"Learning curves of the top {len(best)}")
     _integer_x(ax)
     ax.legend()
     return _save(fig, path)
