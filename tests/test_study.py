@@ -82,6 +82,20 @@ space:
     ("space: {train.lr: {type: float, low: 0.1, high: 0.2}}", "missing key 'max_params'"),
     ("max_params: 1000\nn_trails: 3\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
      "unknown key 'n_trails'"),
+    ("max_params: 9000\nobjectives: 3\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
+     "objectives must be a list of metric names"),
+    ("max_params: 9000\nobjectives: [[val_acc]]\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
+     "objectives must be a list of metric names"),
+    ("max_params: 99000\noverrides: {model.width_mult: .inf}\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
+     "'.inf' is not a finite number"),
+    ("max_params: 9000\npruner: {name: hyperband, reduction_factor: 0}\nn_trials: 1\n"
+     "space: {train.lr: {type: float, low: 0.1, high: 0.2}}", "pruner.reduction_factor must be 2..1000; got 0"),
+    ("max_params: 9000\nsampler: {name: tpe, seed: 1180591620717411303424}\n"
+     "space: {train.lr: {type: float, low: 0.1, high: 0.2}}", "sampler.seed must be 0..4294967295"),
+    ("max_params: 9000\nspace: {train.lr: {type: float, low: 0.1, high: 1" + "0" * 400 + "}}",
+     "high must be a number within ±1e+12"),
+    ("max_params: 9000\nname: t\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
+     "key 'name' appears twice"),
 ])
 def test_bad_study_files_exit_2_and_create_nothing(capsys: pytest.CaptureFixture, tmp_path: Path, body: str,
                                                    message: str) -> None:
