@@ -388,11 +388,13 @@ def ui(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5000,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the UI to the network.")] = "127.0.0.1",
     tracking_uri: TrackingUri = None,
+    auth: Annotated[bool, typer.Option(help="Require a login: MLflow's basic-auth app, set up as in "
+                                            "docker-compose.auth.yml.")] = False,
 ) -> None:
     """Start the MLflow web UI over mnistlab's tracking store and print its address."""
     from mnistlab.tracking import serve_ui
 
-    raise typer.Exit(serve_ui(tracking_uri, host, port))
+    raise typer.Exit(serve_ui(tracking_uri, host, port, auth))
 
 
 MAX_ERROR_CHARS = 2000  # a message quoting a hostile input stays readable (values in it are cut to 200)

@@ -19,7 +19,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
 import optuna
 from optuna.trial import TrialState
@@ -29,7 +28,7 @@ from mnistlab.errors import Interrupted, UserError
 from mnistlab.locks import creating
 from mnistlab.objective import Objective, StudyFull, best_trial, search_trained, state_label
 from mnistlab.space import StudyConfig, make_pruner, make_sampler, worker_salt
-from mnistlab.tracking import mask
+from mnistlab.tracking import mask, quote_userinfo, split_url
 
 # Heartbeats and the retry callback are marked experimental; they are what makes workers crash-safe.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -70,7 +69,8 @@ class RunOptions:
 def storage_url(url: str | None) -> str:
     """``--storage``, else ``$MNISTLAB_STORAGE``, else ``optuna.db`` in the working folder."""
     url = url or os.environ.get("MNISTLAB_STORAGE") or f"sqlite:///{Path('optuna.db').resolve()}"
-    parts = urlsplit(url)
+    url = quote_userinfo(url)
+    parts = split_url(url, "storage URL")
     if parts.scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql") or not (parts.path or parts.netloc):
         raise UserError(f"storage URL {mask(url)!r}: expected sqlite:///FILE or postgresql://USER@HOST/DB")
     return url
@@ -136,9 +136,9 @@ def _connect(url: str, kwargs: dict[str, Any], hb: dict[str, Any], wait: float) 
                 continue
             if time.monotonic() >= deadline or not any(sign in detail.lower() for sign in TRANSIENT):
                 waited = f" after waiting {wait:.0f} s" if told else ""
-                raise UserError(f"storage {mask(url)}: cannot open ({detail}){waited}") from None
+                raise UserError(mask(f"storage {url}: cannot open ({detail}){waited}", url)) from None
             if not told:
-                print(f"waiting for the storage {mask(url)} ({detail}); retrying for up to {wait:.0f} s",
+                print(mask(f"waiting for the storage {url} ({detail}); retrying for up to {wait:.0f} s", url),
                       file=sys.stderr, flush=True)
                 told = True
             time.sleep(2)
@@ -351,16 +351,28 @@ def _confirmation(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objec
 
 
 def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int) -> list[str]:
-    """The `mnistlab study run` arguments of one worker process of ``opts``."""
+    """The `mnistlab study run` arguments of one worker process of ``opts``.
+
+    The storage URL and tracking URI are not among them: they may hold a password, and any
+    user of the machine can read a process's arguments (``ps``); see worker_env.
+    """
     args = [str(cfg.path), "--workers", "1", "--threads", str(threads), "--heartbeat", str(opts.heartbeat),
             "--artifacts", str(opts.artifacts), "--wait", str(opts.wait)]
-    flags = {"--n-trials": opts.n_trials, "--timeout": opts.timeout, "--storage": opts.storage,
-             "--device": opts.device, "--epochs": opts.epochs, "--limit-train": opts.limit_train,
-             "--limit-eval": opts.limit_eval, "--tracking-uri": opts.tracking_uri, "--data-dir": opts.data_dir}
+    flags = {"--n-trials": opts.n_trials, "--timeout": opts.timeout, "--device": opts.device, "--epochs": opts.epochs,
+             "--limit-train": opts.limit_train, "--limit-eval": opts.limit_eval, "--data-dir": opts.data_dir}
     for flag, value in flags.items():
         if value is not None:
             args += [flag, str(value)]
     return args + (["--verbose"] if opts.verbose else [])
+
+
+def worker_env(opts: RunOptions, index: int) -> dict[str, str]:
+    """The environment of worker ``index``: the storage and tracking URI travel here, where only
+    the same user can read them, resolved as this process resolved them."""
+    from mnistlab.tracking import resolve_uri
+
+    return dict(os.environ, MNISTLAB_WORKER=str(index), MNISTLAB_STORAGE=storage_url(opts.storage),
+                MLFLOW_TRACKING_URI=resolve_uri(opts.tracking_uri))
 
 
 def spawn_workers(cfg: StudyConfig, opts: RunOptions) -> int:
@@ -371,7 +383,7 @@ def spawn_workers(cfg: StudyConfig, opts: RunOptions) -> int:
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
     procs = []
     for i in range(opts.workers):
-        env = dict(os.environ, MNISTLAB_WORKER=str(i))
+        env = worker_env(opts, i)
         if n_gpu:
             env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpu)  # one GPU per worker, round robin
         cmd = [sys.executable, "-m", "mnistlab", "study", "run", *worker_args(cfg, opts, threads)]

@@ -86,3 +86,63 @@ def test_help_shows_where_defaults_come_from(capsys: pytest.CaptureFixture) -> N
     text = " ".join(out.replace("│", " ").split())
     for shown in ("MNISTLAB_STORAGE", "sqlite:///optuna.db", "MLFLOW_TRACKING_URI", "MNISTLAB_DATA_DIR"):
         assert shown in text, shown
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://user:S3cretPw@db:5432/optuna",
+    "postgresql://user:S3cr@tPw@db:5432/optuna",  # an '@' in the password
+    "postgresql://user@db/optuna?password=S3cretPw&sslmode=require",
+    "postgresql+psycopg2://db/optuna?sslmode=require&PASSWORD=S3cretPw",
+    "mysql://db/optuna?passwd=S3cretPw;charset=utf8",
+    "mysql://db/optuna?pwd=S3cretPw",
+    "https://server/?token=S3cretPw",
+    "https://server/?api_key=S3cretPw&x=1",
+    "azure://acct/c?sig=S3cretPw",
+    "postgresql://user:S3cretPw@[::1/optuna",  # not even a valid URL
+])
+def test_mask_hides_every_credential_form(url: str) -> None:
+    from mnistlab.tracking import mask
+
+    assert "S3cr" not in mask(url) and "***" in mask(url)
+    assert "S3cr" not in mask(f"error: cannot open {url} (details)")
+
+
+def test_mask_hides_secrets_from_the_environment_and_pieces_of_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mnistlab.tracking import mask
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "EnvS3cret")
+    assert mask("401: bad credentials admin:EnvS3cret") == "401: bad credentials admin:***"
+    # a driver that splits user:hunter@rose@host at the first '@' reports the host "rose@host"
+    assert mask('could not translate host name "rose1@host"', "postgresql://u:hunter2@rose1@host/db") \
+        == 'could not translate host name "***@host"'
+
+
+@pytest.mark.parametrize("storage", [
+    "postgresql://nobody@127.0.0.1:1/x?password=S3cretPw",
+    "postgresql://nobody:S3cr@tPw@127.0.0.1:1/x",  # the driver connects to 127.0.0.1, not to "tPw@127.0.0.1"
+])
+def test_a_storage_password_never_reaches_the_error_line(capsys: pytest.CaptureFixture, storage: str) -> None:
+    code, out, err = cli(capsys, "study", "run", str(ROOT / "studies" / "smoke.yaml"), "--storage", storage)
+    one_line_error(code, err, "cannot open (connection")
+    assert "S3cr" not in err + out and "tPw" not in err + out
+
+
+@pytest.mark.parametrize(("flag", "url", "message"), [
+    ("--storage", "postgresql://u:S3cretPw@[::1/optuna", "storage URL 'postgresql://u:***@[::1/optuna': not a valid"),
+    ("--storage", "postgresql://u@db:port/optuna", "not a valid URL (Port could not be cast"),
+    ("--tracking-uri", "http://[::1:5000", "tracking URI 'http://[::1:5000': not a valid URL"),
+])
+def test_a_malformed_url_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path, flag: str, url: str,
+                                     message: str) -> None:
+    code, _, err = cli(capsys, "study", "run", str(ROOT / "studies" / "smoke.yaml"), flag, url)
+    one_line_error(code, err, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ui_warns_only_beyond_loopback_without_a_login() -> None:
+    from mnistlab.tracking import exposure_warning
+
+    assert exposure_warning("127.0.0.1", auth=False) is None and exposure_warning("::1", auth=False) is None
+    assert exposure_warning("0.0.0.0", auth=True) is None
+    for host in ("0.0.0.0", "::", "10.0.0.5"):
+        assert "has no login" in exposure_warning(host, auth=False) and "--auth" in exposure_warning(host, auth=False)

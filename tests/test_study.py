@@ -236,3 +236,32 @@ def test_same_named_studies_in_two_storages_keep_their_own_checkpoints_and_runs(
     assert Path(b.user_attrs["checkpoint_dir"]).parent != last.parent.parent
     assert last.stat().st_mtime_ns == written  # the first study's checkpoints untouched
     assert run_cli("study", "check", "--name", "smoke", "--storage", first).returncode == 0
+
+
+def test_a_query_password_is_masked_in_the_banner_and_in_mlflow(capsys: pytest.CaptureFixture, pg_url: str,
+                                                                 mlflow_db: str) -> None:
+    secret = "QueryS3cret"
+    storage = f"{pg_url}?password={secret}"  # trust auth accepts any password
+    code, out, err = cli(capsys, "study", "create", str(SMOKE), "--storage", storage)
+    assert code == 0, err
+    assert secret not in out + err and "password=***" in out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_db)
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    recorded = [*experiment.tags.values(), *(v for r in runs for v in [*r.data.params.values(),
+                                                                          *r.data.tags.values()])]
+    assert recorded and not [v for v in recorded if secret in v]
+    assert any("password=***" in v for v in recorded)  # study.storage, masked
+    assert secret not in str(study.load("smoke", study.open_storage(storage, heartbeat=None)).user_attrs)
+
+
+def test_workers_get_the_storage_and_tracking_uri_through_the_environment(tmp_path: Path) -> None:
+    storage, tracking = "postgresql://u:WorkerS3cret@db/optuna", "postgresql://u:WorkerS3cret@db/mlflow"
+    opts = study.RunOptions(storage=storage, tracking_uri=tracking, workers=2, artifacts=tmp_path)
+    args = study.worker_args(space.load_study(SMOKE), opts, threads=1)
+    assert not [a for a in args if "WorkerS3cret" in a or a in ("--storage", "--tracking-uri")]
+    env = study.worker_env(opts, 1)
+    assert env["MNISTLAB_STORAGE"] == storage and env["MLFLOW_TRACKING_URI"] == tracking
+    assert env["MNISTLAB_WORKER"] == "1"
