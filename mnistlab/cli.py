@@ -132,7 +132,10 @@ def study_run(
                                                               "(over-budget configs do not count).")] = None,
     timeout: Annotated[float | None, typer.Option(min=1, help="Stop starting trials after S seconds.")] = None,
     storage: Storage = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine (one GPU each).")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine (one GPU each); at most its "
+                                                     "cores (or GPUs) and what its memory holds.")] = 1,
+    allow_oversubscribe: Annotated[bool, typer.Option(
+        envvar="MNISTLAB_ALLOW_OVERSUBSCRIBE", help="Start --workers beyond the cores or memory anyway.")] = False,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N for every trial.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
     limit_train: Annotated[int | None, typer.Option(min=1, help="Train on the first N images.")] = None,
@@ -152,7 +155,8 @@ def study_run(
     opts = study.RunOptions(n_trials=n_trials, timeout=timeout, storage=storage, workers=workers, device=device,
                             epochs=epochs, limit_train=limit_train, limit_eval=limit_eval,
                             tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),
-                            heartbeat=heartbeat, threads=threads, verbose=verbose, wait=wait)
+                            heartbeat=heartbeat, threads=threads, verbose=verbose, wait=wait,
+                            allow_oversubscribe=allow_oversubscribe)
     code = study.run(cfg, opts)
     if code:
         raise typer.Exit(code)

@@ -265,3 +265,18 @@ def test_workers_get_the_storage_and_tracking_uri_through_the_environment(tmp_pa
     env = study.worker_env(opts, 1)
     assert env["MNISTLAB_STORAGE"] == storage and env["MLFLOW_TRACKING_URI"] == tracking
     assert env["MNISTLAB_WORKER"] == "1"
+
+
+def test_more_workers_than_the_machine_holds_are_refused_before_anything_starts(capsys: pytest.CaptureFixture,
+                                                                               tmp_path: Path) -> None:
+    import os
+
+    too_many = len(os.sched_getaffinity(0)) + 1
+    code, _, err = cli(capsys, "study", "run", str(SMOKE), "--workers", str(too_many), "--device", "cpu")
+    one_line_error(code, err, f"--workers {too_many}: this machine has {too_many - 1} CPU cores")
+    assert "--allow-oversubscribe" in err and "MNISTLAB_ALLOW_OVERSUBSCRIBE=1" in err
+    code, _, err = cli(capsys, "study", "run", str(SMOKE), "--workers", "100000")
+    one_line_error(code, err, "--workers 100000:")
+    assert list(tmp_path.iterdir()) == []  # no storage, no MLflow store, no process started
+    study.check_workers(study.RunOptions(workers=100000, allow_oversubscribe=True))  # the override
+    study.check_workers(study.RunOptions(workers=1))
