@@ -29,6 +29,7 @@ from mnistlab.locks import creating
 from mnistlab.objective import Objective, StudyFull, best_trial, search_trained, state_label
 from mnistlab.space import StudyConfig, make_pruner, make_sampler, worker_salt
 from mnistlab.tracking import mask, quote_userinfo, split_url
+from mnistlab.train import Diverged
 
 # Heartbeats and the retry callback are marked experimental; they are what makes workers crash-safe.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -309,6 +310,10 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+# Trials that end without stopping the study: not needed any more, or diverged (FAIL with their reason).
+CAUGHT = (StudyFull, Diverged)
+
+
 def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any = None) -> None:
     """One worker's loop: Optuna's own optimize, stopped by the study's trial count or target."""
     import torch
@@ -328,7 +333,7 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
     if n_trials is not None and sum(map(search_trained, study.get_trials(deepcopy=False))) >= n_trials:
         print(f"study {cfg.name!r} already has {n_trials} trained trials; raise --n-trials to search more")
     else:
-        study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=(StudyFull,), callbacks=[progress])
+        study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=CAUGHT, callbacks=[progress])
     if cfg.confirm is not None:
         _confirmation(study, cfg, opts, objective, progress)
 
@@ -339,7 +344,7 @@ def _confirmation(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objec
     from mnistlab import confirm
 
     def run_one() -> None:
-        study.optimize(objective, n_trials=1, catch=(StudyFull,), callbacks=[progress])
+        study.optimize(objective, n_trials=1, catch=CAUGHT, callbacks=[progress])
 
     def stale() -> None:
         if opts.heartbeat:
@@ -537,6 +542,8 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
                             "the trial in progress is queued to resume: fix the cause and run the same command")
     except UserError as exc:  # e.g. a confirmation asking for more finalists than the search has
         status, code, failure = "FAILED", 2, exc
+    except Exception as exc:  # a bug: the parent run still ends (FAILED) before its traceback shows
+        status, code, failure = "FAILED", 1, exc
     finally:
         _restore_signals(previous)
     if not worker:

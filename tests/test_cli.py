@@ -146,3 +146,32 @@ def test_ui_warns_only_beyond_loopback_without_a_login() -> None:
     assert exposure_warning("0.0.0.0", auth=True) is None
     for host in ("0.0.0.0", "::", "10.0.0.5"):
         assert "has no login" in exposure_warning(host, auth=False) and "--auth" in exposure_warning(host, auth=False)
+
+
+TINY = ["--epochs", "1", "--limit-train", "300", "--limit-eval", "100", "--no-track"]
+
+
+@pytest.mark.slow
+def test_train_that_diverges_is_one_line(capsys: pytest.CaptureFixture, data_dir: Path) -> None:
+    code, _, err = cli(capsys, "train", EXP, *TINY, "--output", "run", "train.lr=1.0e+30")
+    one_line_error(code, err, "run: training diverged at epoch 1: the loss became nan")
+    assert not (Path("run") / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_train_on_a_full_disk_is_one_line(data_dir: Path, tmp_path: Path) -> None:
+    """A file-size limit below a checkpoint's size stands in for a full disk (EFBIG instead of ENOSPC)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", "mnistlab", "train", EXP, *TINY, "--output", "run"],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    one_line_error(proc.returncode, proc.stderr, "run: cannot write the run's files (File too large)")
+    assert "--resume" in proc.stderr
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith(".tmp")]

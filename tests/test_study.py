@@ -280,3 +280,27 @@ def test_more_workers_than_the_machine_holds_are_refused_before_anything_starts(
     assert list(tmp_path.iterdir()) == []  # no storage, no MLflow store, no process started
     study.check_workers(study.RunOptions(workers=100000, allow_oversubscribe=True))  # the override
     study.check_workers(study.RunOptions(workers=1))
+
+
+@pytest.mark.slow
+def test_diverged_trials_fail_with_their_reason_and_the_study_ends(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                                     data_dir: Path, mlflow_db: str) -> None:
+    path = study_file(tmp_path, """
+max_params: 20000
+n_trials: 2
+enqueue_base: false
+overrides: {train.lr: 1.0e+30}
+space: {model.dropout: {type: float, low: 0.0, high: 0.1}}
+""")
+    code, out, err = cli(capsys, "study", "run", str(path), "--epochs", "1", "--limit-train", "300",
+                         "--limit-eval", "100", "--threads", "1")
+    assert code == 0, err
+    s = study.load("s", study.open_storage(None, heartbeat=None))
+    assert [t.state for t in s.trials] == [TrialState.FAIL, TrialState.FAIL]  # not COMPLETE with NaN
+    assert all(t.user_attrs["reason"].startswith("Diverged: training diverged at epoch 1") for t in s.trials)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_db)
+    runs = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FINISHED"]  # two trials, the parent
+    assert cli(capsys, "study", "check", str(path))[0] == 0
