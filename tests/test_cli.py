@@ -175,3 +175,110 @@ def test_train_on_a_full_disk_is_one_line(data_dir: Path, tmp_path: Path) -> Non
     one_line_error(proc.returncode, proc.stderr, "run: cannot write the run's files (File too large)")
     assert "--resume" in proc.stderr
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def _malformed_studies() -> list[tuple[str, bytes]]:
+    """Study files broken in every way a hostile or careless hand breaks them, generated from a valid one."""
+    import random
+
+    import yaml
+
+    base = {"name": "prop", "base": EXP, "max_params": 20000, "n_trials": 2,
+            "space": {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}}}
+    long = "x" * 20_000
+    wrong = {  # key -> values that key must refuse
+        "name": [3, [1, 2], {"a": 1}, None, True],
+        "base": [3, [EXP], "missing.yaml", long],
+        "max_params": ["many", 1.5, -1, 0, True, 10**30 * -1],
+        "n_trials": ["x", 0, -3, 1.5, float("inf")],
+        "timeout": ["x", -1, float("nan"), float("-inf")],
+        "target": ["x", -5, float("inf")],
+        "objectives": [3, [["val_acc"]], {"a": 1}, "nope", [1], [], ["val_acc", "val_acc"], [long]],
+        "sampler": [1, ["tpe"], {"name": 3}, {"seed": -1}, {"seed": 2**70}, {"name": long}, {"n_startup_trials": -1}],
+        "pruner": [{"name": "hyperband", "reduction_factor": r} for r in (0, 1, -2, "x", 2**70)]
+        + [{"name": "hyperband", "min_resource": 0}, {"name": "median", "n_warmup_steps": -1}, 7],
+        "enqueue_base": ["yes", 1, None],
+        "confirm": ["x", {"top_k": 0}, {"seeds": 1}, {"seeds": 10**6}, {"max_params": -1}, {"bogus": 1}],
+        "space": [{}, [], 3, long, {"train.lr": 3}, {"train.lr": {"type": "float", "low": float("nan"), "high": 1}},
+                  {"train.lr": {"type": "float", "low": 0, "high": float("inf")}},
+                  {"train.lr": {"type": "float", "low": 0.1, "high": 10**400}},
+                  {"train.lr": {"type": "float", "low": 0.1, "high": 0.2, "step": float("inf")}},
+                  {"train.lr": {"type": "int", "low": 1.5, "high": 3}},
+                  {"model.widths.1": {"type": "int", "low": 2**40, "high": 2**41}},
+                  {"train.lr": {"type": "categorical", "choices": []}},
+                  {"model.head": {"type": "categorical", "choices": [[1], {"a": 1}]}},
+                  {long: {"type": "float", "low": 0.1, "high": 0.2}}],
+        "overrides": [3, {"train.lr": -1}, {"train.lr": "x"}, {"train.lr": float("inf")},
+                      {"train.weight_decay": float("nan")}, {"data.rotate_deg": float("inf")},
+                      {"model.width_mult": float("inf")}, {"model.width_mult": 1e6}, {"model.widths": "x"},
+                      {"model.widths": [0, 1, 1, 1, 1, 1]}, {"model.widths": [2**40] * 6},
+                      {"train.threads": 10**9}, {"train.seed": 2**70}, {"train.seed": -1},
+                      {"model.paddings": [0, 0, 0, 0, 0, 10**8]}, {"train.epochs": 10**30 * -1},
+                      {"model.widths": list(range(1, 200))}, {long: 1}, {"train.device": long}],
+    }
+    cases = []
+    for key, values in wrong.items():
+        for i, value in enumerate(values):
+            cases.append((f"{key}-{i}", yaml.safe_dump({**base, key: value}, width=10**6).encode()))
+    valid = yaml.safe_dump(base).encode()
+    rng = random.Random(14)
+    bomb = b"".join(b"%s: &%s [%s]\n" % (n, n, b", ".join([b"*" + p if p else b"lol"] * 9))
+                    for p, n in zip([b"", b"a", b"b", b"c", b"d", b"e"], [b"a", b"b", b"c", b"d", b"e", b"f"],
+                                    strict=True))
+    for key in ("name", "base", "objectives", "space", "overrides", "sampler"):
+        cases.append((f"bomb-{key}", bomb.replace(b"a: &a", b"x-a: &a", 0) + valid.replace(
+            key.encode() + b":", b"old-" + key.encode() + b":") + key.encode() + b": *f\n"))
+    cases += [
+        ("latin-1", valid.replace(b"prop", "pröp".encode("latin-1"))),
+        ("utf-16", valid.decode().encode("utf-16")),
+        ("nul", valid + b"\x00\n"),
+        ("binary", bytes(rng.randrange(256) for _ in range(2000))),
+        ("empty", b""),
+        ("list", b"- 1\n- 2\n"),
+        ("deep", b"space: " + b"[" * 500 + b"]" * 500 + b"\n"),
+        ("huge", valid + b"#" + b"x" * 2_000_000 + b"\n"),
+        ("dup-top", valid + b"name: again\n"),
+        ("dup-nested", valid.replace(b"type: float", b"type: float\n    type: int")),
+        ("inf-text", valid.replace(b"0.1", b".inf")),
+        ("nan-text", valid.replace(b"0.01", b".NaN")),
+        ("big-int-text", valid.replace(b"20000", b"9" * 5000)),
+        ("unclosed", valid + b"overrides: {train.lr: [1, 2\n"),
+        ("tab", valid + b"\tmax_params: 3\n"),
+        ("python-tag", valid + b"evil: !!python/object/apply:os.system ['true']\n"),
+    ]
+    for i in range(20):  # random byte flips of the valid file, kept only where they break it
+        raw = bytearray(valid)
+        for _ in range(3):
+            raw[rng.randrange(len(raw))] = rng.choice(b"{}[]:&*!%@`\"'\xff\x00-?|>#,")
+        cases.append((f"flip-{i}", bytes(raw)))
+    return cases
+
+
+def test_malformed_study_files_are_one_bounded_error_and_create_nothing(capsys: pytest.CaptureFixture,
+                                                                       tmp_path: Path) -> None:
+    """Property: whatever is wrong with a study file, `study run` answers exit 2 and one `error:` line
+    of bounded length, in bounded time and memory, with no traceback and nothing created."""
+    import resource
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cases = _malformed_studies()
+    assert len(cases) > 120
+    for name, text in cases:
+        path = folder / f"{name}.yaml"
+        path.write_bytes(text)
+        start = time.monotonic()
+        code, out, err = cli(capsys, "study", "run", str(path))
+        seconds = time.monotonic() - start
+        if code == 0 and name.startswith("flip-"):  # a flip that left a valid file: not a malformed case
+            continue
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, code, err[:500])
+        assert "Traceback" not in err + out, name
+        assert len(lines[0]) <= 2000 + len("error: "), (name, len(lines[0]))
+        assert seconds < 3, (name, seconds)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in"], (name, list(tmp_path.iterdir()))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024  # ru_maxrss is KiB
+    assert grown_mb < 300, grown_mb
