@@ -134,8 +134,9 @@ def study_run(
     storage: Storage = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine (one GPU each); at most its "
                                                      "cores (or GPUs) and what its memory holds.")] = 1,
-    allow_oversubscribe: Annotated[bool, typer.Option(
-        envvar="MNISTLAB_ALLOW_OVERSUBSCRIBE", help="Start --workers beyond the cores or memory anyway.")] = False,
+    oversubscribe: Annotated[bool, typer.Option(
+        "--oversubscribe", envvar="MNISTLAB_OVERSUBSCRIBE",
+        help="Start --workers beyond the cores or memory anyway.")] = False,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N for every trial.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
     limit_train: Annotated[int | None, typer.Option(min=1, help="Train on the first N images.")] = None,
@@ -156,7 +157,7 @@ def study_run(
                             epochs=epochs, limit_train=limit_train, limit_eval=limit_eval,
                             tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),
                             heartbeat=heartbeat, threads=threads, verbose=verbose, wait=wait,
-                            allow_oversubscribe=allow_oversubscribe)
+                            oversubscribe=oversubscribe)
     code = study.run(cfg, opts)
     if code:
         raise typer.Exit(code)

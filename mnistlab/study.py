@@ -59,7 +59,7 @@ class RunOptions:
     threads: int = 0  # torch threads per worker; 0 splits the cores among the workers
     verbose: bool = False  # per-epoch lines and bars
     wait: float = 0.0  # seconds to wait for the storage and the MLflow server to come up
-    allow_oversubscribe: bool = False  # start --workers beyond the cores (or memory) of this machine anyway
+    oversubscribe: bool = False  # start --workers beyond the cores (or memory) of this machine anyway
 
     def extra(self) -> dict[str, Any]:
         """CLI overrides applied to every trial's config."""
@@ -393,7 +393,7 @@ def check_workers(opts: RunOptions) -> None:
     The workers' memory itself is not limited (an address-space limit breaks CUDA, which reserves
     far more than it uses); too many of them are refused instead.
     """
-    if opts.workers <= 1 or opts.allow_oversubscribe:
+    if opts.workers <= 1 or opts.oversubscribe:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = _gpus(opts.device)
@@ -407,8 +407,8 @@ def check_workers(opts: RunOptions) -> None:
            f"{opts.workers} workers need about {opts.workers * WORKER_MEMORY / 2**30:.0f} GB, "
            f"{memory / 2**30:.1f} GB is available")
     raise UserError(f"--workers {opts.workers}: {why}; more workers than that slow every trial or run out of memory. "
-                    f"Use --workers {max(1, min(most, fits))} or fewer, or --allow-oversubscribe "
-                    "(env MNISTLAB_ALLOW_OVERSUBSCRIBE=1) to start them anyway")
+                    f"Use --workers {max(1, min(most, fits))} or fewer, or --oversubscribe "
+                    "(env MNISTLAB_OVERSUBSCRIBE=1) to start them anyway")
 
 
 def _gpus(device: str | None) -> int:

@@ -52,10 +52,12 @@ def resolve_uri(uri: str | None = None) -> str:
 
 # Query parameters that carry credentials in SQLAlchemy, libpq, MySQL and cloud storage URLs
 # (password, passwd, pwd, token, api_key, secret, sslpassword, sas signatures, ...).
-_SECRET_QUERY = re.compile(r"(?i)([?&;][\w.-]*(?:pass(?:word|wd)?|pwd|token|secret|key|credential|auth|sig)[\w.-]*)"
-                           r"=([^&;#\s'\"]*)")
+# Names are bounded (64 characters each side) to keep matching linear on hostile text.
+_SECRET_QUERY = re.compile(r"(?i)([?&;][\w.-]{0,64}(?:pass(?:word|wd)?|pwd|token|secret|key|credential|auth|sig)"
+                           r"[\w.-]{0,64})=([^&;#\s'\"]*)")
 # user:password@ after a scheme; the password may itself hold '@' or ':' (up to the last '@').
-_USERINFO = re.compile(r"([a-z][\w+.-]*://[^:/@\s'\"]*):([^\s/?#'\"]*)@", re.IGNORECASE)
+# The look-behind starts a match only where a scheme can start: linear time on a long word.
+_USERINFO = re.compile(r"((?<![\w+.-])[a-z][\w+.-]*://[^:/@\s'\"]*):([^\s/?#'\"]*)@", re.IGNORECASE)
 # Variables whose values are secrets mnistlab, MLflow or a database driver reads.
 SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD",
               "MYSQL_PWD", "POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",

@@ -282,3 +282,16 @@ def test_malformed_study_files_are_one_bounded_error_and_create_nothing(capsys: 
         assert sorted(p.name for p in tmp_path.iterdir()) == ["in"], (name, list(tmp_path.iterdir()))
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024  # ru_maxrss is KiB
     assert grown_mb < 300, grown_mb
+
+
+@pytest.mark.parametrize("text", ["x" * 20_000, "a?" + "password" * 3000, "http://" + "u" * 20_000 + ":" + "p" * 20_000,
+                                  "a:" * 20_000 + "@"])
+def test_mask_is_fast_on_hostile_text(text: str) -> None:
+    """Every error line passes through mask: it must not take quadratic time on a long echoed value."""
+    import time
+
+    from mnistlab.tracking import mask
+
+    start = time.monotonic()
+    mask(text, text)
+    assert time.monotonic() - start < 0.5

@@ -274,11 +274,11 @@ def test_more_workers_than_the_machine_holds_are_refused_before_anything_starts(
     too_many = len(os.sched_getaffinity(0)) + 1
     code, _, err = cli(capsys, "study", "run", str(SMOKE), "--workers", str(too_many), "--device", "cpu")
     one_line_error(code, err, f"--workers {too_many}: this machine has {too_many - 1} CPU cores")
-    assert "--allow-oversubscribe" in err and "MNISTLAB_ALLOW_OVERSUBSCRIBE=1" in err
+    assert "--oversubscribe" in err and "MNISTLAB_OVERSUBSCRIBE=1" in err
     code, _, err = cli(capsys, "study", "run", str(SMOKE), "--workers", "100000")
     one_line_error(code, err, "--workers 100000:")
     assert list(tmp_path.iterdir()) == []  # no storage, no MLflow store, no process started
-    study.check_workers(study.RunOptions(workers=100000, allow_oversubscribe=True))  # the override
+    study.check_workers(study.RunOptions(workers=100000, oversubscribe=True))  # the override
     study.check_workers(study.RunOptions(workers=1))
 
 
