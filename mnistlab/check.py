@@ -215,10 +215,9 @@ class Checker:
         from mnistlab.train import EpochMetrics
 
         folder = Path(t.user_attrs.get("checkpoint_dir", ""))
-        last = checkpoint.latest_good(folder) if folder.is_dir() else None
+        last, state, _ = checkpoint.load_latest(folder) if folder.is_dir() else (None, {}, "")
         if last is None:
             return None
-        state = checkpoint.load_state(last)
         history = [EpochMetrics(**m) for m in state["history"]]
         epochs = t.user_attrs.get("epochs_run") or t.user_attrs.get("pruned_at_epoch") or len(history)
         attrs = self.study.user_attrs

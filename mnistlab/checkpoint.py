@@ -104,6 +104,34 @@ def latest_good(directory: Path) -> Path | None:
     return None
 
 
+# What train() restores from an epoch checkpoint; one without them cannot be resumed.
+STATE_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "torch_rng", "cuda_rng", "batch_rng", "history")
+
+
+def load_latest(directory: Path, map_location: str | torch.device = "cpu") -> tuple[Path | None, dict[str, Any], str]:
+    """The newest usable epoch checkpoint: ``last.pt``, else ``prev.pt``.
+
+    Usable means checksum-verified, readable weights-only and holding every STATE_KEYS entry (a
+    sidecar can match a file that was zeroed before it was hashed). Returns (path, state, note):
+    path None and state {} when neither is usable; note says what was passed over, "" if nothing.
+    """
+    skipped = []
+    for name in (LAST, PREV):
+        path = directory / name
+        if not path.exists():
+            continue
+        try:
+            state = load_state(path, map_location)
+            missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
+            if missing:
+                raise UserError(f"{path}: not an epoch checkpoint (no {missing[0]!r})")
+        except UserError as exc:
+            skipped.append(str(exc))
+            continue
+        return path, state, "; ".join(skipped)
+    return None, {}, "; ".join(skipped)
+
+
 def save_best(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
     """Best-epoch weights as safetensors plus a JSON with the config that rebuilds them."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -121,6 +149,11 @@ def load_best(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         raise UserError(f"{meta_path}: missing or unreadable") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if not path.is_file() or sha256(path) != meta.get("sha256"):
         raise UserError(f"{path}: missing, or its checksum does not match {meta_path.name}")
-    return load_file(str(path)), meta
+    try:
+        return load_file(str(path)), meta
+    except Exception as exc:  # safetensors raises its own error type for a bad header or truncated data
+        raise UserError(f"{path}: unreadable safetensors file ({str(exc)[:200]})") from None

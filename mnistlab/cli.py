@@ -132,7 +132,11 @@ def study_run(
                                                               "(over-budget configs do not count).")] = None,
     timeout: Annotated[float | None, typer.Option(min=1, help="Stop starting trials after S seconds.")] = None,
     storage: Storage = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine (one GPU each).")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine (one GPU each); at most its "
+                                                     "cores (or GPUs) and what its memory holds.")] = 1,
+    oversubscribe: Annotated[bool, typer.Option(
+        "--oversubscribe", envvar="MNISTLAB_OVERSUBSCRIBE",
+        help="Start --workers beyond the cores or memory anyway.")] = False,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N for every trial.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
     limit_train: Annotated[int | None, typer.Option(min=1, help="Train on the first N images.")] = None,
@@ -152,7 +156,8 @@ def study_run(
     opts = study.RunOptions(n_trials=n_trials, timeout=timeout, storage=storage, workers=workers, device=device,
                             epochs=epochs, limit_train=limit_train, limit_eval=limit_eval,
                             tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),
-                            heartbeat=heartbeat, threads=threads, verbose=verbose, wait=wait)
+                            heartbeat=heartbeat, threads=threads, verbose=verbose, wait=wait,
+                            oversubscribe=oversubscribe)
     code = study.run(cfg, opts)
     if code:
         raise typer.Exit(code)
@@ -397,11 +402,24 @@ def ui(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5000,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the UI to the network.")] = "127.0.0.1",
     tracking_uri: TrackingUri = None,
+    auth: Annotated[bool, typer.Option(help="Require a login: MLflow's basic-auth app, set up as in "
+                                            "docker-compose.auth.yml.")] = False,
 ) -> None:
     """Start the MLflow web UI over mnistlab's tracking store and print its address."""
     from mnistlab.tracking import serve_ui
 
-    raise typer.Exit(serve_ui(tracking_uri, host, port))
+    raise typer.Exit(serve_ui(tracking_uri, host, port, auth))
+
+
+MAX_ERROR_CHARS = 2000  # a message quoting a hostile input stays readable (values in it are cut to 200)
+
+
+def _one_line(text: str) -> str:
+    """An error message as one bounded line with every credential masked."""
+    from mnistlab.tracking import mask
+
+    line = mask(" ".join(text.split()))
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def _one_line(message: str, limit: int = 1000) -> str:
@@ -442,5 +460,5 @@ def main(argv: list[str] | None = None) -> None:
             raise
         from mnistlab.tracking import describe_error
 
-        print(f"error: MLflow: {describe_error(exc)}", file=sys.stderr)
+        print(f"error: MLflow: {_one_line(describe_error(exc))}", file=sys.stderr)
         sys.exit(2)

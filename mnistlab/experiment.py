@@ -15,7 +15,7 @@ from mnistlab.config import ExperimentConfig
 from mnistlab.errors import UserError
 from mnistlab.model import count_params, summary
 from mnistlab.tracking import RunLog, Tracker, check_reachable, mask
-from mnistlab.train import EpochMetrics, Result, resolve_device, restored_history, train
+from mnistlab.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
 
 METRIC_FIELDS = [f for f in EpochMetrics.__dataclass_fields__]
 
@@ -107,11 +107,20 @@ def run_experiment(
     except BaseException as exc:
         if run is not None:
             run.end(exc, history)
+        if isinstance(exc, Diverged):
+            raise UserError(f"{output}: {exc}") from None
+        if isinstance(exc, OSError):  # a full disk: the checkpoint being written is a temporary file, removed
+            raise UserError(f"{output}: cannot write the run's files ({exc.strerror or exc}); the checkpoints of "
+                            f"finished epochs are intact: free space, then run again with --resume") from None
         raise
     wall = time.perf_counter() - start
     if run is not None:
         run.complete(result)
-    write_metrics_csv(output / "metrics.csv", result.history)
     figures = result_summary(cfg, result, wall)
-    (output / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
+    try:
+        write_metrics_csv(output / "metrics.csv", result.history)
+        (output / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"{output}: trained, but cannot write metrics.csv and summary.json ({exc.strerror or exc}); "
+                        "the checkpoints are intact") from None
     return figures

@@ -19,9 +19,10 @@ from mnistlab.config import ExperimentConfig
 from mnistlab.errors import Interrupted, UserError
 from mnistlab.model import count_params
 from mnistlab.space import StudyConfig
-from mnistlab.train import EpochMetrics, Result, resolve_device, restored_history, train
+from mnistlab.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+DIVERGED = "diverged"  # trial attribute: the trial failed because its loss became NaN or infinite
 
 
 class StudyFull(Exception):
@@ -132,6 +133,8 @@ def _failed(trial: optuna.Trial, exc: BaseException, root: int, run_id: str | No
         reason = f"{type(exc).__name__}: {exc}"[:1000]
     try:
         trial.set_user_attr("reason", reason)
+        if isinstance(exc, Diverged):
+            trial.set_user_attr(DIVERGED, True)
         study = getattr(trial, "study", None)
         if retryable(exc) and study is not None:
             attrs = {"root_trial": root, "retry_of_trial": trial.number}
@@ -155,8 +158,11 @@ def _suggest(trial: optuna.Trial, p: Any) -> Any:
 
 
 def trained(t: optuna.trial.FrozenTrial) -> bool:
-    """A trial that trained (or is training): not over budget, not skipped, not failed."""
-    return bool(t.user_attrs.get("trained")) and t.state in (*FINISHED, TrialState.RUNNING)
+    """A trial that trained (or is training): not over budget, not skipped, not failed, unless it
+    failed by diverging: that is an outcome of its config, and it used its slot (else a study whose
+    configs all diverge would never reach its n_trials)."""
+    states = (*FINISHED, TrialState.RUNNING) + ((TrialState.FAIL,) if t.user_attrs.get(DIVERGED) else ())
+    return bool(t.user_attrs.get("trained")) and t.state in states
 
 
 def search_trained(t: optuna.trial.FrozenTrial) -> bool:

@@ -19,7 +19,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
 import optuna
 from optuna.trial import TrialState
@@ -29,7 +28,8 @@ from mnistlab.errors import Interrupted, UserError, clip
 from mnistlab.locks import creating
 from mnistlab.objective import Objective, StudyFull, best_trial, search_trained, state_label
 from mnistlab.space import StudyConfig, check_name, make_pruner, make_sampler, safe_name, worker_salt
-from mnistlab.tracking import mask
+from mnistlab.tracking import mask, quote_userinfo, split_url
+from mnistlab.train import Diverged
 
 # Heartbeats and the retry callback are marked experimental; they are what makes workers crash-safe.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -59,6 +59,7 @@ class RunOptions:
     threads: int = 0  # torch threads per worker; 0 splits the cores among the workers
     verbose: bool = False  # per-epoch lines and bars
     wait: float = 0.0  # seconds to wait for the storage and the MLflow server to come up
+    oversubscribe: bool = False  # start --workers beyond the cores (or memory) of this machine anyway
 
     def extra(self) -> dict[str, Any]:
         """CLI overrides applied to every trial's config."""
@@ -70,7 +71,8 @@ class RunOptions:
 def storage_url(url: str | None) -> str:
     """``--storage``, else ``$MNISTLAB_STORAGE``, else ``optuna.db`` in the working folder."""
     url = url or os.environ.get("MNISTLAB_STORAGE") or f"sqlite:///{Path('optuna.db').resolve()}"
-    parts = urlsplit(url)
+    url = quote_userinfo(url)
+    parts = split_url(url, "storage URL")
     if parts.scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql") or not (parts.path or parts.netloc):
         raise UserError(f"storage URL {mask(url)!r}: expected sqlite:///FILE or postgresql://USER@HOST/DB")
     return url
@@ -136,9 +138,9 @@ def _connect(url: str, kwargs: dict[str, Any], hb: dict[str, Any], wait: float) 
                 continue
             if time.monotonic() >= deadline or not any(sign in detail.lower() for sign in TRANSIENT):
                 waited = f" after waiting {wait:.0f} s" if told else ""
-                raise UserError(f"storage {mask(url)}: cannot open ({detail}){waited}") from None
+                raise UserError(mask(f"storage {url}: cannot open ({detail}){waited}", url)) from None
             if not told:
-                print(f"waiting for the storage {mask(url)} ({detail}); retrying for up to {wait:.0f} s",
+                print(mask(f"waiting for the storage {url} ({detail}); retrying for up to {wait:.0f} s", url),
                       file=sys.stderr, flush=True)
                 told = True
             time.sleep(2)
@@ -312,6 +314,10 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+# Trials that end without stopping the study: not needed any more, or diverged (FAIL with their reason).
+CAUGHT = (StudyFull, Diverged)
+
+
 def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any = None) -> None:
     """One worker's loop: Optuna's own optimize, stopped by the study's trial count or target."""
     import torch
@@ -331,7 +337,7 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
     if n_trials is not None and sum(map(search_trained, study.get_trials(deepcopy=False))) >= n_trials:
         print(f"study {cfg.name!r} already has {n_trials} trained trials; raise --n-trials to search more")
     else:
-        study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=(StudyFull,), callbacks=[progress])
+        study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=CAUGHT, callbacks=[progress])
     if cfg.confirm is not None:
         _confirmation(study, cfg, opts, objective, progress)
 
@@ -342,7 +348,7 @@ def _confirmation(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objec
     from mnistlab import confirm
 
     def run_one() -> None:
-        study.optimize(objective, n_trials=1, catch=(StudyFull,), callbacks=[progress])
+        study.optimize(objective, n_trials=1, catch=CAUGHT, callbacks=[progress])
 
     def stale() -> None:
         if opts.heartbeat:
@@ -355,27 +361,87 @@ def _confirmation(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objec
 
 
 def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int) -> list[str]:
-    """The `mnistlab study run` arguments of one worker process of ``opts``."""
+    """The `mnistlab study run` arguments of one worker process of ``opts``.
+
+    The storage URL and tracking URI are not among them: they may hold a password, and any
+    user of the machine can read a process's arguments (``ps``); see worker_env.
+    """
     args = [str(cfg.path), "--workers", "1", "--threads", str(threads), "--heartbeat", str(opts.heartbeat),
             "--artifacts", str(opts.artifacts), "--wait", str(opts.wait)]
-    flags = {"--n-trials": opts.n_trials, "--timeout": opts.timeout, "--storage": opts.storage,
-             "--device": opts.device, "--epochs": opts.epochs, "--limit-train": opts.limit_train,
-             "--limit-eval": opts.limit_eval, "--tracking-uri": opts.tracking_uri, "--data-dir": opts.data_dir}
+    flags = {"--n-trials": opts.n_trials, "--timeout": opts.timeout, "--device": opts.device, "--epochs": opts.epochs,
+             "--limit-train": opts.limit_train, "--limit-eval": opts.limit_eval, "--data-dir": opts.data_dir}
     for flag, value in flags.items():
         if value is not None:
             args += [flag, str(value)]
     return args + (["--verbose"] if opts.verbose else [])
 
 
-def spawn_workers(cfg: StudyConfig, opts: RunOptions) -> int:
-    """Run ``opts.workers`` worker processes on this machine against one storage."""
+def worker_env(opts: RunOptions, index: int) -> dict[str, str]:
+    """The environment of worker ``index``: the storage and tracking URI travel here, where only
+    the same user can read them, resolved as this process resolved them."""
+    from mnistlab.tracking import resolve_uri
+
+    return dict(os.environ, MNISTLAB_WORKER=str(index), MNISTLAB_STORAGE=storage_url(opts.storage),
+                MLFLOW_TRACKING_URI=resolve_uri(opts.tracking_uri))
+
+
+# What one worker process holds once it trains on the CPU: torch, the MNIST tensors, a model and
+# its optimiser (about 0.3 GB before the first trial, under 1 GB while training, measured here).
+WORKER_MEMORY = 1 << 30
+
+
+def check_workers(opts: RunOptions) -> None:
+    """UserError, before anything is created, when this machine cannot hold ``opts.workers`` workers:
+    more than its cores (or GPUs, when they are used), or more than its available memory.
+
+    The workers' memory itself is not limited (an address-space limit breaks CUDA, which reserves
+    far more than it uses); too many of them are refused instead.
+    """
+    if opts.workers <= 1 or opts.oversubscribe:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpus = _gpus(opts.device)
+    most = max(cores, gpus)
+    memory = _available_memory()
+    fits = memory // WORKER_MEMORY if memory is not None else most
+    if opts.workers <= min(most, fits):
+        return
+    have = f"{cores} CPU cores" + (f" and {gpus} GPUs" if gpus else "")
+    why = (f"this machine has {have}" if opts.workers > most else
+           f"{opts.workers} workers need about {opts.workers * WORKER_MEMORY / 2**30:.0f} GB, "
+           f"{memory / 2**30:.1f} GB is available")
+    raise UserError(f"--workers {opts.workers}: {why}; more workers than that slow every trial or run out of memory. "
+                    f"Use --workers {max(1, min(most, fits))} or fewer, or --oversubscribe "
+                    "(env MNISTLAB_OVERSUBSCRIBE=1) to start them anyway")
+
+
+def _gpus(device: str | None) -> int:
+    if (device or "auto") not in ("auto", "cuda"):
+        return 0
     import torch
 
-    n_gpu = torch.cuda.device_count() if (opts.device or "auto") in ("auto", "cuda") else 0
+    return torch.cuda.device_count()
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def spawn_workers(cfg: StudyConfig, opts: RunOptions) -> int:
+    """Run ``opts.workers`` worker processes on this machine against one storage."""
+
+    n_gpu = _gpus(opts.device)
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
     procs = []
     for i in range(opts.workers):
-        env = dict(os.environ, MNISTLAB_WORKER=str(i))
+        env = worker_env(opts, i)
         if n_gpu:
             env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpu)  # one GPU per worker, round robin
         cmd = [sys.executable, "-m", "mnistlab", "study", "run", *worker_args(cfg, opts, threads)]
@@ -468,6 +534,7 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
             and cfg.target is None:
         raise UserError(f"{cfg.path}: give n_trials, timeout or target (or --n-trials / --timeout)")
     check_writable(opts.artifacts, "--artifacts")
+    check_workers(opts)
     study, storage, recorder, tracker, url = prepare(cfg, opts)
     worker = "MNISTLAB_WORKER" in os.environ
     if not worker:
@@ -492,6 +559,8 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
                             "the trial in progress is queued to resume: fix the cause and run the same command")
     except UserError as exc:  # e.g. a confirmation asking for more finalists than the search has
         status, code, failure = "FAILED", 2, exc
+    except Exception as exc:  # a bug: the parent run still ends (FAILED) before its traceback shows
+        status, code, failure = "FAILED", 1, exc
     finally:
         _restore_signals(previous)
     if not worker:

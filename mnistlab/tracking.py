@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 from mnistlab.errors import UserError
 from mnistlab.locks import creating
@@ -40,7 +41,8 @@ SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "http
 def resolve_uri(uri: str | None = None) -> str:
     """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working folder."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-    scheme = urlsplit(uri).scheme
+    uri = quote_userinfo(uri)
+    scheme = split_url(uri, "tracking URI").scheme
     if scheme == "" and not uri.startswith("databricks"):
         uri = Path(uri).resolve().as_uri()  # a bare folder is MLflow's legacy file store
     elif scheme not in SCHEMES:
@@ -48,13 +50,75 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri
 
 
-def mask(url: str) -> str:
-    """A URL with any password replaced by ***, safe to print and log."""
-    parts = urlsplit(url)
-    if parts.password is None:
+# Query parameters that carry credentials in SQLAlchemy, libpq, MySQL and cloud storage URLs
+# (password, passwd, pwd, token, api_key, secret, sslpassword, sas signatures, ...).
+# Names are bounded (64 characters each side) to keep matching linear on hostile text.
+_SECRET_QUERY = re.compile(r"(?i)([?&;][\w.-]{0,64}(?:pass(?:word|wd)?|pwd|token|secret|key|credential|auth|sig)"
+                           r"[\w.-]{0,64})=([^&;#\s'\"]*)")
+# user:password@ after a scheme; the password may itself hold '@' or ':' (up to the last '@').
+# The look-behind starts a match only where a scheme can start: linear time on a long word.
+_USERINFO = re.compile(r"((?<![\w+.-])[a-z][\w+.-]*://[^:/@\s'\"]*):([^\s/?#'\"]*)@", re.IGNORECASE)
+# Variables whose values are secrets mnistlab, MLflow or a database driver reads.
+SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD",
+              "MYSQL_PWD", "POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_CONNECTION_STRING", "MLFLOW_AUTH_ADMIN_PASSWORD")
+_MIN_SECRET = 4  # shorter fragments of a secret are left: masking every "ab" would garble the text
+
+
+def mask(text: str, *sources: str) -> str:
+    """``text`` with every credential replaced by ***, safe to print, log and record.
+
+    Masks what URLs in ``text`` carry (``user:password@`` and secret query parameters such as
+    ``?password=``), the values of the secret environment variables (SECRET_ENV), and the
+    secrets of each URL in ``sources`` wherever they appear, also in pieces: a driver that
+    splits ``user:p@ss@host`` at the first '@' reports the host "ss@host".
+    """
+    secrets = {v for name in SECRET_ENV if len(v := os.environ.get(name, "")) >= _MIN_SECRET}
+    for url in (text, *sources):
+        secrets.update(_secrets_of(url))
+    out = _USERINFO.sub(r"\1:***@", text)
+    out = _SECRET_QUERY.sub(r"\1=***", out)
+    for secret in sorted(secrets, key=len, reverse=True):
+        out = out.replace(secret, "***")
+    return out
+
+
+def split_url(url: str, what: str) -> Any:
+    """``urlsplit``, with a malformed URL (e.g. an unclosed IPv6 bracket) as one masked UserError."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises here, not later in a driver
+    except ValueError as exc:
+        raise UserError(f"{what} {mask(url)!r}: not a valid URL ({exc})") from None
+    return parts
+
+
+def quote_userinfo(url: str) -> str:
+    """``url`` with any '@' or ':' inside its password percent-encoded.
+
+    Python reads ``user:p@ss@host`` up to the last '@', SQLAlchemy up to the first (password
+    "p", host "ss@host"), so the driver would connect elsewhere and print a piece of the password.
+    """
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not sep or not at or not colon or ("@" not in password and ":" not in password):
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    return f"{scheme}://{user}:{quote(password, safe='%')}@{host}{slash}{tail}"
+
+
+def _secrets_of(url: str) -> set[str]:
+    """The credentials in a URL (raw and percent-decoded), and their '@'/':' separated pieces."""
+    from urllib.parse import unquote
+
+    found = [m.group(2) for m in _USERINFO.finditer(url)] + [m.group(2) for m in _SECRET_QUERY.finditer(url)]
+    out: set[str] = set()
+    for secret in found:
+        for form in {secret, unquote(secret)}:
+            out.add(form)
+            out.update(re.split(r"[@:]", form))
+    return {s for s in out if len(s) >= _MIN_SECRET}
 
 
 def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
@@ -119,16 +183,35 @@ def describe_error(exc: BaseException) -> str:
     return f"HTTP {code}: {first}" if code and code != 500 else first
 
 
-def serve_ui(uri: str | None, host: str, port: int) -> int:
-    """Run MLflow's server (the web UI) over a local store until interrupted; returns its exit code."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def exposure_warning(host: str, auth: bool) -> str | None:
+    """The warning for a UI bound beyond this machine without a login (None when there is no risk)."""
+    if auth or host in LOOPBACK or host.startswith("127."):
+        return None
+    return (f"warning: the MLflow UI on {host} has no login: anyone who can reach this machine can read and "
+            "change every run; add --auth (MLflow's basic-auth app) or bind 127.0.0.1")
+
+
+def serve_ui(uri: str | None, host: str, port: int, auth: bool = False) -> int:
+    """Run MLflow's server (the web UI) over a local store until interrupted; returns its exit code.
+
+    The store's URI reaches the server through MLFLOW_BACKEND_STORE_URI, not its command line,
+    which any user of the machine can read (``ps``) and which would show a database password.
+    """
     uri = resolve_uri(uri)
     if urlsplit(uri).scheme in ("http", "https"):
         print(f"the tracking server {mask(uri)} serves the MLflow UI itself: open it in a browser")
         return 0
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-           "--port", str(port), "--workers", "1"]
+    warning = exposure_warning(host, auth)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
+           *(["--app-name", "basic-auth"] if auth else [])]
     print(f"MLflow UI: http://{host}:{port}  (store {mask(uri)}; Ctrl-C stops it)", flush=True)
-    os.execv(sys.executable, cmd)  # the server takes this process over: signals reach it directly
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
+    os.execve(sys.executable, cmd, env)  # the server takes this process over: signals reach it directly
     return 1  # not reached
 
 

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -69,11 +71,17 @@ class Result:
 OnEpoch = Callable[[EpochMetrics], None]
 
 
+class Diverged(Exception):
+    """The training loss became NaN or infinite: the run cannot recover (too high a learning rate)."""
+
+
 def restored_history(checkpoint_dir: Path) -> list[EpochMetrics]:
     """The epochs ``train(..., resume=True)`` takes over from ``checkpoint_dir``: those recorded in
-    its newest intact checkpoint (none when there is no such checkpoint)."""
-    good = checkpoint.latest_good(checkpoint_dir) if checkpoint_dir.is_dir() else None
-    return [EpochMetrics(**m) for m in checkpoint.load_state(good)["history"]] if good is not None else []
+    its newest usable checkpoint (none when there is no such checkpoint)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    _, state, _ = checkpoint.load_latest(checkpoint_dir)
+    return [EpochMetrics(**m) for m in state.get("history", [])]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -209,13 +217,8 @@ def train(
         torch.set_num_threads(t.threads)
     device = data.train.x.device
     run = _Run(cfg, data, device)
-    if resume and checkpoint_dir is not None and (good := checkpoint.latest_good(checkpoint_dir)):
-        state = checkpoint.load_state(good, map_location=device)
-        if state["config"] != cfg.to_dict():
-            raise UserError(f"{good}: checkpoint of a different config; not resuming from it")
-        run.restore(state)
-        if verbose:
-            print(f"Resuming from {good} after epoch {run.epoch}")
+    if resume and checkpoint_dir is not None:
+        _resume(run, checkpoint_dir, verbose)
     result = Result(params=count_params(cfg.model), device=str(device),
                     checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
     best_state = _best_from_history(run.history, result)
@@ -224,6 +227,9 @@ def train(
     while run.epoch < t.epochs:
         start = time.perf_counter()
         train_loss, train_acc = run.train_epoch(verbose)
+        if not math.isfinite(train_loss):  # before its checkpoint: last.pt keeps the last sound epoch
+            raise Diverged(f"training diverged at epoch {run.epoch + 1}: the loss became {train_loss} "
+                           f"(train.lr {t.lr} is likely too high)")
         blind = test_once and data.val is None
         loss_sum, correct = (float("nan"), 0) if blind else evaluate(run.net, evaluation, t.eval_batch_size)
         if device.type == "cuda":
@@ -250,6 +256,21 @@ def train(
     result.history = run.history
     _finish(run, result, best_state, checkpoint_dir, verbose)
     return result
+
+
+def _resume(run: _Run, checkpoint_dir: Path, verbose: bool) -> None:
+    """Restore the newest usable checkpoint; one warning line when there are checkpoints but none usable."""
+    good, state, passed_over = checkpoint.load_latest(checkpoint_dir, map_location=run.device)
+    if good is None:
+        if passed_over:
+            print(f"warning: no usable checkpoint ({passed_over}); training starts again from epoch 0",
+                  file=sys.stderr, flush=True)
+        return
+    if state["config"] != run.cfg.to_dict():
+        raise UserError(f"{good}: checkpoint of a different config; not resuming from it")
+    run.restore(state)
+    if verbose:
+        print(f"Resuming from {good} after epoch {run.epoch}")
 
 
 def _best_from_history(history: list[EpochMetrics], result: Result) -> dict[str, torch.Tensor] | None:

@@ -86,3 +86,212 @@ def test_help_shows_where_defaults_come_from(capsys: pytest.CaptureFixture) -> N
     text = " ".join(out.replace("│", " ").split())
     for shown in ("MNISTLAB_STORAGE", "sqlite:///optuna.db", "MLFLOW_TRACKING_URI", "MNISTLAB_DATA_DIR"):
         assert shown in text, shown
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://user:S3cretPw@db:5432/optuna",
+    "postgresql://user:S3cr@tPw@db:5432/optuna",  # an '@' in the password
+    "postgresql://user@db/optuna?password=S3cretPw&sslmode=require",
+    "postgresql+psycopg2://db/optuna?sslmode=require&PASSWORD=S3cretPw",
+    "mysql://db/optuna?passwd=S3cretPw;charset=utf8",
+    "mysql://db/optuna?pwd=S3cretPw",
+    "https://server/?token=S3cretPw",
+    "https://server/?api_key=S3cretPw&x=1",
+    "azure://acct/c?sig=S3cretPw",
+    "postgresql://user:S3cretPw@[::1/optuna",  # not even a valid URL
+])
+def test_mask_hides_every_credential_form(url: str) -> None:
+    from mnistlab.tracking import mask
+
+    assert "S3cr" not in mask(url) and "***" in mask(url)
+    assert "S3cr" not in mask(f"error: cannot open {url} (details)")
+
+
+def test_mask_hides_secrets_from_the_environment_and_pieces_of_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mnistlab.tracking import mask
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "EnvS3cret")
+    assert mask("401: bad credentials admin:EnvS3cret") == "401: bad credentials admin:***"
+    # a driver that splits user:hunter@rose@host at the first '@' reports the host "rose@host"
+    assert mask('could not translate host name "rose1@host"', "postgresql://u:hunter2@rose1@host/db") \
+        == 'could not translate host name "***@host"'
+
+
+@pytest.mark.parametrize("storage", [
+    "postgresql://nobody@127.0.0.1:1/x?password=S3cretPw",
+    "postgresql://nobody:S3cr@tPw@127.0.0.1:1/x",  # the driver connects to 127.0.0.1, not to "tPw@127.0.0.1"
+])
+def test_a_storage_password_never_reaches_the_error_line(capsys: pytest.CaptureFixture, storage: str) -> None:
+    code, out, err = cli(capsys, "study", "run", str(ROOT / "studies" / "smoke.yaml"), "--storage", storage)
+    one_line_error(code, err, "cannot open (connection")
+    assert "S3cr" not in err + out and "tPw" not in err + out
+
+
+@pytest.mark.parametrize(("flag", "url", "message"), [
+    ("--storage", "postgresql://u:S3cretPw@[::1/optuna", "storage URL 'postgresql://u:***@[::1/optuna': not a valid"),
+    ("--storage", "postgresql://u@db:port/optuna", "not a valid URL (Port could not be cast"),
+    ("--tracking-uri", "http://[::1:5000", "tracking URI 'http://[::1:5000': not a valid URL"),
+])
+def test_a_malformed_url_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path, flag: str, url: str,
+                                     message: str) -> None:
+    code, _, err = cli(capsys, "study", "run", str(ROOT / "studies" / "smoke.yaml"), flag, url)
+    one_line_error(code, err, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ui_warns_only_beyond_loopback_without_a_login() -> None:
+    from mnistlab.tracking import exposure_warning
+
+    assert exposure_warning("127.0.0.1", auth=False) is None and exposure_warning("::1", auth=False) is None
+    assert exposure_warning("0.0.0.0", auth=True) is None
+    for host in ("0.0.0.0", "::", "10.0.0.5"):
+        assert "has no login" in exposure_warning(host, auth=False) and "--auth" in exposure_warning(host, auth=False)
+
+
+TINY = ["--epochs", "1", "--limit-train", "300", "--limit-eval", "100", "--no-track"]
+
+
+@pytest.mark.slow
+def test_train_that_diverges_is_one_line(capsys: pytest.CaptureFixture, data_dir: Path) -> None:
+    code, _, err = cli(capsys, "train", EXP, *TINY, "--output", "run", "train.lr=1.0e+30")
+    one_line_error(code, err, "run: training diverged at epoch 1: the loss became nan")
+    assert not (Path("run") / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_train_on_a_full_disk_is_one_line(data_dir: Path, tmp_path: Path) -> None:
+    """A file-size limit below a checkpoint's size stands in for a full disk (EFBIG instead of ENOSPC)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", "mnistlab", "train", EXP, *TINY, "--output", "run"],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    one_line_error(proc.returncode, proc.stderr, "run: cannot write the run's files (File too large)")
+    assert "--resume" in proc.stderr
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def _malformed_studies() -> list[tuple[str, bytes]]:
+    """Study files broken in every way a hostile or careless hand breaks them, generated from a valid one."""
+    import random
+
+    import yaml
+
+    base = {"name": "prop", "base": EXP, "max_params": 20000, "n_trials": 2,
+            "space": {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}}}
+    long = "x" * 20_000
+    wrong = {  # key -> values that key must refuse
+        "name": [3, [1, 2], {"a": 1}, None, True],
+        "base": [3, [EXP], "missing.yaml", long],
+        "max_params": ["many", 1.5, -1, 0, True, 10**30 * -1],
+        "n_trials": ["x", 0, -3, 1.5, float("inf")],
+        "timeout": ["x", -1, float("nan"), float("-inf")],
+        "target": ["x", -5, float("inf")],
+        "objectives": [3, [["val_acc"]], {"a": 1}, "nope", [1], [], ["val_acc", "val_acc"], [long]],
+        "sampler": [1, ["tpe"], {"name": 3}, {"seed": -1}, {"seed": 2**70}, {"name": long}, {"n_startup_trials": -1}],
+        "pruner": [{"name": "hyperband", "reduction_factor": r} for r in (0, 1, -2, "x", 2**70)]
+        + [{"name": "hyperband", "min_resource": 0}, {"name": "median", "n_warmup_steps": -1}, 7],
+        "enqueue_base": ["yes", 1, None],
+        "confirm": ["x", {"top_k": 0}, {"seeds": 1}, {"seeds": 10**6}, {"max_params": -1}, {"bogus": 1}],
+        "space": [{}, [], 3, long, {"train.lr": 3}, {"train.lr": {"type": "float", "low": float("nan"), "high": 1}},
+                  {"train.lr": {"type": "float", "low": 0, "high": float("inf")}},
+                  {"train.lr": {"type": "float", "low": 0.1, "high": 10**400}},
+                  {"train.lr": {"type": "float", "low": 0.1, "high": 0.2, "step": float("inf")}},
+                  {"train.lr": {"type": "int", "low": 1.5, "high": 3}},
+                  {"model.widths.1": {"type": "int", "low": 2**40, "high": 2**41}},
+                  {"train.lr": {"type": "categorical", "choices": []}},
+                  {"model.head": {"type": "categorical", "choices": [[1], {"a": 1}]}},
+                  {long: {"type": "float", "low": 0.1, "high": 0.2}}],
+        "overrides": [3, {"train.lr": -1}, {"train.lr": "x"}, {"train.lr": float("inf")},
+                      {"train.weight_decay": float("nan")}, {"data.rotate_deg": float("inf")},
+                      {"model.width_mult": float("inf")}, {"model.width_mult": 1e6}, {"model.widths": "x"},
+                      {"model.widths": [0, 1, 1, 1, 1, 1]}, {"model.widths": [2**40] * 6},
+                      {"train.threads": 10**9}, {"train.seed": 2**70}, {"train.seed": -1},
+                      {"model.paddings": [0, 0, 0, 0, 0, 10**8]}, {"train.epochs": 10**30 * -1},
+                      {"model.widths": list(range(1, 200))}, {long: 1}, {"train.device": long}],
+    }
+    cases = []
+    for key, values in wrong.items():
+        for i, value in enumerate(values):
+            cases.append((f"{key}-{i}", yaml.safe_dump({**base, key: value}, width=10**6).encode()))
+    valid = yaml.safe_dump(base).encode()
+    rng = random.Random(14)
+    bomb = b"".join(b"%s: &%s [%s]\n" % (n, n, b", ".join([b"*" + p if p else b"lol"] * 9))
+                    for p, n in zip([b"", b"a", b"b", b"c", b"d", b"e"], [b"a", b"b", b"c", b"d", b"e", b"f"],
+                                    strict=True))
+    for key in ("name", "base", "objectives", "space", "overrides", "sampler"):
+        cases.append((f"bomb-{key}", bomb.replace(b"a: &a", b"x-a: &a", 0) + valid.replace(
+            key.encode() + b":", b"old-" + key.encode() + b":") + key.encode() + b": *f\n"))
+    cases += [
+        ("latin-1", valid.replace(b"prop", "pröp".encode("latin-1"))),
+        ("utf-16", valid.decode().encode("utf-16")),
+        ("nul", valid + b"\x00\n"),
+        ("binary", bytes(rng.randrange(256) for _ in range(2000))),
+        ("empty", b""),
+        ("list", b"- 1\n- 2\n"),
+        ("deep", b"space: " + b"[" * 500 + b"]" * 500 + b"\n"),
+        ("huge", valid + b"#" + b"x" * 2_000_000 + b"\n"),
+        ("dup-top", valid + b"name: again\n"),
+        ("dup-nested", valid.replace(b"type: float", b"type: float\n    type: int")),
+        ("inf-text", valid.replace(b"0.1", b".inf")),
+        ("nan-text", valid.replace(b"0.01", b".NaN")),
+        ("big-int-text", valid.replace(b"20000", b"9" * 5000)),
+        ("unclosed", valid + b"overrides: {train.lr: [1, 2\n"),
+        ("tab", valid + b"\tmax_params: 3\n"),
+        ("python-tag", valid + b"evil: !!python/object/apply:os.system ['true']\n"),
+    ]
+    for i in range(20):  # random byte flips of the valid file, kept only where they break it
+        raw = bytearray(valid)
+        for _ in range(3):
+            raw[rng.randrange(len(raw))] = rng.choice(b"{}[]:&*!%@`\"'\xff\x00-?|>#,")
+        cases.append((f"flip-{i}", bytes(raw)))
+    return cases
+
+
+def test_malformed_study_files_are_one_bounded_error_and_create_nothing(capsys: pytest.CaptureFixture,
+                                                                       tmp_path: Path) -> None:
+    """Property: whatever is wrong with a study file, `study run` answers exit 2 and one `error:` line
+    of bounded length, in bounded time and memory, with no traceback and nothing created."""
+    import resource
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cases = _malformed_studies()
+    assert len(cases) > 120
+    for name, text in cases:
+        path = folder / f"{name}.yaml"
+        path.write_bytes(text)
+        start = time.monotonic()
+        code, out, err = cli(capsys, "study", "run", str(path))
+        seconds = time.monotonic() - start
+        if code == 0 and name.startswith("flip-"):  # a flip that left a valid file: not a malformed case
+            continue
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, code, err[:500])
+        assert "Traceback" not in err + out, name
+        assert len(lines[0]) <= 2000 + len("error: "), (name, len(lines[0]))
+        assert seconds < 3, (name, seconds)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in"], (name, list(tmp_path.iterdir()))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024  # ru_maxrss is KiB
+    assert grown_mb < 300, grown_mb
+
+
+@pytest.mark.parametrize("text", ["x" * 20_000, "a?" + "password" * 3000, "http://" + "u" * 20_000 + ":" + "p" * 20_000,
+                                  "a:" * 20_000 + "@"])
+def test_mask_is_fast_on_hostile_text(text: str) -> None:
+    """Every error line passes through mask: it must not take quadratic time on a long echoed value."""
+    import time
+
+    from mnistlab.tracking import mask
+
+    start = time.monotonic()
+    mask(text, text)
+    assert time.monotonic() - start < 0.5

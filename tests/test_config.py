@@ -87,3 +87,69 @@ def test_one_spelling_for_indexed_names() -> None:
     assert config.canonical("model.widths.3") == "model.widths.3"
     with pytest.raises(UserError):
         config.canonical("model.widths[x]")
+
+
+BOMB = "".join(f"{name}: &{name} [{', '.join([f'*{prev}' if prev else 'x'] * 9)}]\n"
+               for prev, name in zip(["", "a", "b", "c", "d"], ["a", "b", "c", "d", "e"], strict=True))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (b"name: \xff\xfe\n", "not UTF-8 text (byte 0xff at offset 6)"),
+    (b"train: {lr: 0.1}\ntrain: {lr: 0.2}\n", "key 'train' appears twice in one mapping"),
+    (b"train: {lr: 0.1, lr: 0.2}\n", "key 'lr' appears twice"),
+    (b"train: {lr: .inf}\n", "'.inf' is not a finite number"),
+    (b"train: {weight_decay: .nan}\n", "'.nan' is not a finite number"),
+    (b"data: {rotate_deg: -.Inf}\n", "is not a finite number"),
+    (b"train: {lr: 1" + b"0" * 400 + b"}\n", "train.lr must be a finite number"),
+    (b"train: {seed: 1" + b"0" * 5000 + b"}\n", "Exceeds the limit"),
+    ((BOMB + "model: {widths: *e}\n").encode(), "alias bomb"),
+    (b"a: " + b"[" * 3000 + b"]" * 3000, "nested more than 50 levels deep"),
+    (b"model: {width_mult: 1.0e+300}\n", "model.width_mult must be in (0, 4096]"),
+    (b"model: {widths: [16, 32, 8, 16, 16, 4000], width_mult: 2.0}\n", "times model.width_mult must stay <= 4096"),
+    (b"train: {threads: 1000000000}\n", "train.threads must be 0..1024"),
+    (b"train: {seed: 1180591620717411303424}\n", "train.seed must be 0..2**63-1"),
+    (b"model: {paddings: [0, 0, 0, 0, 0, 100000000]}\n", "model.paddings must be 0..64"),
+], ids=lambda v: v[:40].decode("utf-8", "replace") if isinstance(v, bytes) else None)
+def test_hostile_experiment_files_are_refused_in_bounded_lines(tmp_path: Path, text: bytes, message: str) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_bytes(text)
+    with pytest.raises(UserError) as err:
+        config.load(path)
+    assert message in str(err.value), str(err.value)[:500]
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert len(str(err.value)) < len(str(path)) + 400  # a value is echoed in at most 200 characters
+
+
+def test_an_alias_bomb_echoed_in_a_type_error_stays_short(tmp_path: Path) -> None:
+    """Under the node limit an alias still expands; the error repeats at most 200 characters of it."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("a: &a [" + ", ".join(["xxxxxxxxxx"] * 9) + "]\nb: &b [" + ", ".join(["*a"] * 9) + "]\n"
+                    "name: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n")  # 729 strings: under the limit
+    with pytest.raises(UserError, match="unknown key 'a'"):
+        config.load(path)
+    path.write_text("a: &a [" + ", ".join(["xxxxxxxxxx"] * 9) + "]\nb: &b [" + ", ".join(["*a"] * 9) + "]\n")
+    raw = config.read_yaml(path)
+    with pytest.raises(UserError) as err:
+        config.from_dict({"name": raw["b"]}, "exp.yaml")
+    assert "name must be a string" in str(err.value) and len(str(err.value)) < 300
+
+
+def test_an_oversized_file_is_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: x\n" + "# padding\n" * 200_000)
+    with pytest.raises(UserError, match="larger than 1,000,000 bytes"):
+        config.load(path)
+
+
+def test_anchors_and_merge_keys_within_the_limits_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("train: &t {lr: 0.02, epochs: 2}\nname: exp\n")
+    assert config.load(path).train.lr == 0.02
+    raw = config.parse_yaml("base: &b {lr: 0.1, epochs: 2}\ntrain: {<<: *b, lr: 0.3}\n")
+    assert raw["train"] == {"lr": 0.3, "epochs": 2}  # a merge key may be overridden: not a duplicate
+
+
+def test_an_override_value_is_parsed_with_the_same_limits(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x")
+    with pytest.raises(UserError, match="override 'train.lr=.inf': refused.*not a finite number"):
+        config.load(path, ["train.lr=.inf"])

@@ -84,8 +84,10 @@ def cli_parses(args: list[str]) -> None:
 def test_the_compose_stack_is_valid_and_wired(tmp_path: Path) -> None:
     cfg = resolved()
     services = cfg["services"]
-    assert set(services) == {"postgres", "mlflow", "create", "worker"}
+    assert set(services) == {"secrets", "postgres", "mlflow", "create", "worker"}
     assert set(cfg["volumes"]) == {"pgdata", "mlflow-artifacts", "checkpoints"}
+    assert services["postgres"]["depends_on"] == {"secrets": {"condition": "service_completed_successfully"}}
+    assert services["secrets"]["environment"] == {"POSTGRES_PASSWORD": "change-me-postgres"}
     assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert services["create"]["depends_on"] == {"postgres": {"condition": "service_healthy"},
                                                 "mlflow": {"condition": "service_healthy"}}
@@ -130,13 +132,48 @@ def test_the_gpu_and_auth_variants(tmp_path: Path) -> None:
     server = auth["mlflow"]
     assert server["command"][server["command"].index("--app-name") + 1] == "basic-auth"
     assert server["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == "change-me-mlflow"  # from .env.example
-    for name in ("create", "worker"):
+    for name in ("create", "worker", "secrets"):
         assert auth[name]["environment"]["MLFLOW_TRACKING_PASSWORD"] == "change-me-mlflow"
+    assert set(auth["secrets"]["environment"]) == {"POSTGRES_PASSWORD", "MLFLOW_TRACKING_PASSWORD",
+                                                   "MLFLOW_FLASK_SERVER_SECRET_KEY"}
     # Without a .env the stack refuses to start rather than run with a default password.
     bare = compose("docker-compose.yml", env_file=None)
     assert bare.returncode != 0 and "POSTGRES_PASSWORD" in bare.stderr
     bare = compose("docker-compose.yml", "docker-compose.auth.yml", env_file=None)
     assert bare.returncode != 0
+
+
+def example_env() -> dict[str, str]:
+    """The settings of .env.example, as docker compose reads them."""
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def check_secrets(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The stack's first step, docker/check-secrets.sh, as its container runs it (sh, these variables)."""
+    return subprocess.run(["sh", str(ROOT / "docker" / "check-secrets.sh")], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], **env})
+
+
+def test_the_stack_refuses_the_example_passwords() -> None:
+    """Every service waits for the secrets step, which fails on a change-me-... value of .env.example."""
+    raw = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert raw["postgres"]["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
+    assert raw["secrets"]["volumes"] == ["./docker/check-secrets.sh:/check-secrets.sh:ro"]
+    for name in ("mlflow", "create", "worker"):  # each waits on postgres, directly or through another service
+        assert raw[name]["depends_on"], name
+    example = example_env()
+    base = {"POSTGRES_PASSWORD": example["POSTGRES_PASSWORD"]}
+    auth = {k: example[k] for k in ("POSTGRES_PASSWORD", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")}
+    refused = check_secrets(base)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        "error: POSTGRES_PASSWORD: empty or still the example value from .env.example; set your own secrets in .env"]
+    refused = check_secrets({**auth, "POSTGRES_PASSWORD": "a-real-one"})
+    assert refused.returncode == 1
+    assert "MLFLOW_TRACKING_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY:" in refused.stderr
+    assert check_secrets({"POSTGRES_PASSWORD": ""}).returncode == 1
+    assert check_secrets({"POSTGRES_PASSWORD": "a-real-one"}).returncode == 0
+    assert check_secrets({k: f"real-{k}" for k in auth}).returncode == 0
 
 
 def compose_env(service: str) -> dict[str, str]:

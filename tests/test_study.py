@@ -82,6 +82,20 @@ space:
     ("space: {train.lr: {type: float, low: 0.1, high: 0.2}}", "missing key 'max_params'"),
     ("max_params: 1000\nn_trails: 3\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
      "unknown key 'n_trails'"),
+    ("max_params: 9000\nobjectives: 3\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
+     "objectives must be a list of metric names"),
+    ("max_params: 9000\nobjectives: [[val_acc]]\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
+     "objectives must be a list of metric names"),
+    ("max_params: 99000\noverrides: {model.width_mult: .inf}\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
+     "'.inf' is not a finite number"),
+    ("max_params: 9000\npruner: {name: hyperband, reduction_factor: 0}\nn_trials: 1\n"
+     "space: {train.lr: {type: float, low: 0.1, high: 0.2}}", "pruner.reduction_factor must be 2..1000; got 0"),
+    ("max_params: 9000\nsampler: {name: tpe, seed: 1180591620717411303424}\n"
+     "space: {train.lr: {type: float, low: 0.1, high: 0.2}}", "sampler.seed must be 0..4294967295"),
+    ("max_params: 9000\nspace: {train.lr: {type: float, low: 0.1, high: 1" + "0" * 400 + "}}",
+     "high must be a number within ±1e+12"),
+    ("max_params: 9000\nname: t\nspace: {train.lr: {type: float, low: 0.1, high: 0.2}}",
+     "key 'name' appears twice"),
 ])
 def test_bad_study_files_exit_2_and_create_nothing(capsys: pytest.CaptureFixture, tmp_path: Path, body: str,
                                                    message: str) -> None:
@@ -278,3 +292,71 @@ def test_same_named_studies_in_two_storages_keep_their_own_checkpoints_and_runs(
     assert Path(b.user_attrs["checkpoint_dir"]).parent != last.parent.parent
     assert last.stat().st_mtime_ns == written  # the first study's checkpoints untouched
     assert run_cli("study", "check", "--name", "smoke", "--storage", first).returncode == 0
+
+
+def test_a_query_password_is_masked_in_the_banner_and_in_mlflow(capsys: pytest.CaptureFixture, pg_url: str,
+                                                                 mlflow_db: str) -> None:
+    secret = "QueryS3cret"
+    storage = f"{pg_url}?password={secret}"  # trust auth accepts any password
+    code, out, err = cli(capsys, "study", "create", str(SMOKE), "--storage", storage)
+    assert code == 0, err
+    assert secret not in out + err and "password=***" in out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_db)
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    recorded = [*experiment.tags.values(), *(v for r in runs for v in [*r.data.params.values(),
+                                                                          *r.data.tags.values()])]
+    assert recorded and not [v for v in recorded if secret in v]
+    assert any("password=***" in v for v in recorded)  # study.storage, masked
+    assert secret not in str(study.load("smoke", study.open_storage(storage, heartbeat=None)).user_attrs)
+
+
+def test_workers_get_the_storage_and_tracking_uri_through_the_environment(tmp_path: Path) -> None:
+    storage, tracking = "postgresql://u:WorkerS3cret@db/optuna", "postgresql://u:WorkerS3cret@db/mlflow"
+    opts = study.RunOptions(storage=storage, tracking_uri=tracking, workers=2, artifacts=tmp_path)
+    args = study.worker_args(space.load_study(SMOKE), opts, threads=1)
+    assert not [a for a in args if "WorkerS3cret" in a or a in ("--storage", "--tracking-uri")]
+    env = study.worker_env(opts, 1)
+    assert env["MNISTLAB_STORAGE"] == storage and env["MLFLOW_TRACKING_URI"] == tracking
+    assert env["MNISTLAB_WORKER"] == "1"
+
+
+def test_more_workers_than_the_machine_holds_are_refused_before_anything_starts(capsys: pytest.CaptureFixture,
+                                                                               tmp_path: Path) -> None:
+    import os
+
+    too_many = len(os.sched_getaffinity(0)) + 1
+    code, _, err = cli(capsys, "study", "run", str(SMOKE), "--workers", str(too_many), "--device", "cpu")
+    one_line_error(code, err, f"--workers {too_many}: this machine has {too_many - 1} CPU cores")
+    assert "--oversubscribe" in err and "MNISTLAB_OVERSUBSCRIBE=1" in err
+    code, _, err = cli(capsys, "study", "run", str(SMOKE), "--workers", "100000")
+    one_line_error(code, err, "--workers 100000:")
+    assert list(tmp_path.iterdir()) == []  # no storage, no MLflow store, no process started
+    study.check_workers(study.RunOptions(workers=100000, oversubscribe=True))  # the override
+    study.check_workers(study.RunOptions(workers=1))
+
+
+@pytest.mark.slow
+def test_diverged_trials_fail_with_their_reason_and_the_study_ends(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                                     data_dir: Path, mlflow_db: str) -> None:
+    path = study_file(tmp_path, """
+max_params: 20000
+n_trials: 2
+enqueue_base: false
+overrides: {train.lr: 1.0e+30}
+space: {model.dropout: {type: float, low: 0.0, high: 0.1}}
+""")
+    code, out, err = cli(capsys, "study", "run", str(path), "--epochs", "1", "--limit-train", "300",
+                         "--limit-eval", "100", "--threads", "1")
+    assert code == 0, err
+    s = study.load("s", study.open_storage(None, heartbeat=None))
+    assert [t.state for t in s.trials] == [TrialState.FAIL, TrialState.FAIL]  # not COMPLETE with NaN
+    assert all(t.user_attrs["reason"].startswith("Diverged: training diverged at epoch 1") for t in s.trials)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_db)
+    runs = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FINISHED"]  # two trials, the parent
+    assert cli(capsys, "study", "check", str(path))[0] == 0

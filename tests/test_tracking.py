@@ -191,3 +191,58 @@ def test_ui_serves_the_store_on_loopback(mlflow_db: str) -> None:
         assert "Default" in names  # the same store, served over HTTP
     finally:
         stop(ui)
+
+
+def _command_lines(pid: int) -> list[str]:
+    """The command lines of a process and all its descendants, as `ps` shows them to any user."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            out.append(Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # it ended meanwhile
+            continue
+    return out
+
+
+def test_ui_keeps_the_store_password_off_every_command_line(pg_url: str) -> None:
+    from conftest import free_port
+
+    secret = "uiS3cretPw"
+    uri = pg_url.replace("postgres@", f"postgres:{secret}@")  # trust auth: any password is accepted
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "mnistlab", "ui", "--port", str(port), "--tracking-uri", uri],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = ui.stdout.readline()
+        assert first.startswith(f"MLflow UI: http://127.0.0.1:{port}") and secret not in first, first
+        seen: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            seen += _command_lines(ui.pid)
+            try:
+                names = [e.name for e in MlflowClient(f"http://127.0.0.1:{port}").search_experiments()]
+                break
+            except Exception:
+                time.sleep(1)
+        assert "Default" in names  # the server found its PostgreSQL store through the environment
+        seen += _command_lines(ui.pid)
+        assert any("mlflow" in line and "server" in line for line in seen), seen
+        assert not [line for line in seen if secret in line], seen
+    finally:
+        stop(ui)
+
+
+def test_ui_warns_when_it_listens_beyond_this_machine(mlflow_db: str) -> None:
+    from conftest import free_port
+
+    ui = subprocess.Popen([sys.executable, "-m", "mnistlab", "ui", "--host", "0.0.0.0", "--port", str(free_port())],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        warning = ui.stderr.readline()  # printed before the server starts: stopped before it listens
+    finally:
+        ui.kill()
+        ui.wait()
+    assert warning.startswith("warning: the MLflow UI on 0.0.0.0 has no login") and "--auth" in warning

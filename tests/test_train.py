@@ -129,3 +129,80 @@ def test_train_refuses_an_existing_run_folder_without_resume(tmp_path: Path, cap
     assert code == 2 and err.startswith("error: run folder run: exists and is not empty (use --resume"), err
     assert len(err.strip().splitlines()) == 1
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def rewrite(path: Path, content: bytes) -> None:
+    """Replace a file and its SHA-256 sidecar together: the checksum matches, the content is bad."""
+    path.write_bytes(content)
+    (path.parent / (path.name + ".sha256")).write_text(data.sha256(path) + "\n")
+
+
+@pytest.mark.slow
+def test_a_zeroed_last_checkpoint_with_a_matching_sidecar_falls_back_to_prev(
+        data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = small("train.epochs=2", "data.limit_train=300")
+    d = data.load(cfg.data, "cpu", data_dir)
+    train(cfg, d, checkpoint_dir=tmp_path, verbose=False)
+    rewrite(tmp_path / "last.pt", bytes((tmp_path / "last.pt").stat().st_size))
+    epochs: list[int] = []
+    train(cfg, d, lambda m: epochs.append(m.epoch), checkpoint_dir=tmp_path, resume=True)
+    assert epochs == [2]  # resumed after epoch 1, from prev.pt
+    out, err = capsys.readouterr()
+    assert f"Resuming from {tmp_path / 'prev.pt'} after epoch 1" in out and err == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["zeroed", "missing key"])
+def test_no_usable_checkpoint_restarts_with_one_warning_line(data_dir: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture, bad: str) -> None:
+    cfg = small("train.epochs=2", "data.limit_train=300")
+    d = data.load(cfg.data, "cpu", data_dir)
+    train(cfg, d, checkpoint_dir=tmp_path, verbose=False)
+    for name in ("last.pt", "prev.pt"):
+        path = tmp_path / name
+        if bad == "zeroed":
+            rewrite(path, bytes(path.stat().st_size))
+        else:  # checksum-valid, loads weights-only, lacks what a resume needs
+            state = checkpoint.load_state(path)
+            del state["optimizer"]
+            torch.save(state, path)
+            rewrite(path, path.read_bytes())
+    capsys.readouterr()
+    epochs: list[int] = []
+    train(cfg, d, lambda m: epochs.append(m.epoch), checkpoint_dir=tmp_path, resume=True, verbose=False)
+    assert epochs == [1, 2]  # from epoch 0, said so
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: no usable checkpoint (") and "epoch 0" in lines[0]
+    assert "last.pt" in lines[0] and "prev.pt" in lines[0]
+
+
+@pytest.mark.slow
+def test_bad_best_weights_are_one_line(data_dir: Path, tmp_path: Path) -> None:
+    cfg = small("train.epochs=1", "data.limit_train=300")
+    train(cfg, data.load(cfg.data, "cpu", data_dir), checkpoint_dir=tmp_path, verbose=False)
+    meta = tmp_path / "best.json"
+    good = meta.read_text()
+    meta.write_text("[1, 2]")
+    with pytest.raises(UserError, match="best.json: expected a JSON object, got list"):
+        checkpoint.load_best(tmp_path)
+    weights = tmp_path / "best.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])  # a header length beyond the file
+    meta.write_text(good.replace(json_sha(good), data.sha256(weights)))
+    with pytest.raises(UserError, match="best.safetensors: unreadable safetensors file"):
+        checkpoint.load_best(tmp_path)
+
+
+def json_sha(text: str) -> str:
+    import json
+
+    return json.loads(text)["sha256"]
+
+
+@pytest.mark.slow
+def test_a_diverging_run_fails_with_its_reason_before_checkpointing(data_dir: Path, tmp_path: Path) -> None:
+    from mnistlab.train import Diverged
+
+    cfg = small("train.epochs=2", "data.limit_train=300", "train.lr=1.0e+30")
+    with pytest.raises(Diverged, match="training diverged at epoch 1: the loss became nan"):
+        train(cfg, data.load(cfg.data, "cpu", data_dir), checkpoint_dir=tmp_path, verbose=False)
+    assert not (tmp_path / "last.pt").exists()  # no checkpoint of NaN weights
