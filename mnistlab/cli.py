@@ -395,6 +395,17 @@ def ui(
     raise typer.Exit(serve_ui(tracking_uri, host, port))
 
 
+MAX_ERROR_CHARS = 2000  # a message quoting a hostile input stays readable (values in it are cut to 200)
+
+
+def _one_line(text: str) -> str:
+    """An error message as one bounded line with every credential masked."""
+    from mnistlab.tracking import mask
+
+    line = mask(" ".join(text.split()))
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input is one line on stderr and exit code 2; --debug shows tracebacks."""
     args = sys.argv[1:] if argv is None else argv
@@ -407,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except cli_errors.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
@@ -426,5 +437,5 @@ def main(argv: list[str] | None = None) -> None:
             raise
         from mnistlab.tracking import describe_error
 
-        print(f"error: MLflow: {describe_error(exc)}", file=sys.stderr)
+        print(f"error: MLflow: {_one_line(describe_error(exc))}", file=sys.stderr)
         sys.exit(2)

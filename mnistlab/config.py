@@ -8,7 +8,9 @@ parameter and the MLflow param are the same dotted string (``model.dropout``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,31 +121,153 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentCo
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise UserError(f"override {item!r}: expected key=value, e.g. train.lr=0.02")
-        raw = set_path(raw, key.strip(), yaml.safe_load(text), where=str(path))
+            raise UserError(f"override {shown(item)}: expected key=value, e.g. train.lr=0.02")
+        raw = set_path(raw, key.strip(), _override_value(item, text), where=str(path))
     return from_dict(raw, str(path))
+
+
+def _override_value(item: str, text: str) -> Any:
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"override {shown(item)}: {_yaml_problem(exc)}") from None
+
+
+# Study and experiment files are a few hundred bytes: these bounds only stop hostile or broken
+# input (a huge file, an alias bomb that expands a 1 KB file to millions of nodes) from eating
+# memory and time before anything is checked.
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 50  # nesting; PyYAML composes recursively and would hit Python's recursion limit
+SHOWN_CHARS = 200  # the most of a value an error message repeats
+
+
+def shown(value: Any) -> str:
+    """A value's repr for an error message, at most SHOWN_CHARS characters (bounded work too)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = SHOWN_CHARS
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 20
+_SHORT.maxlevel = 4
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML document mnistlab will not read (too big, a duplicate key, a non-finite number)."""
+
+    def __init__(self, problem: str, mark: Any = None) -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter: a key twice in one mapping, .inf/.nan, and documents that
+    expand (through aliases) to more than MAX_YAML_NODES nodes or nest deeper than MAX_YAML_DEPTH
+    are refused."""
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _Refused(f"nested more than {MAX_YAML_DEPTH} levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise _Refused(f"key {shown(key)} appears twice in one mapping", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        value = super().construct_yaml_float(node)
+        if not math.isfinite(value):
+            raise _Refused(f"{shown(node.value)} is not a finite number", node.start_mark)
+        return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_yaml_map)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes the document has once every alias is expanded; memoised, so an alias bomb costs
+    time linear in its text, not in its expansion."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once instead of looping
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(n, memo) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, MAX_YAML_NODES + 1)  # saturate: big integers are work too
+    return memo[id(node)]
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document with _Loader's limits; raises yaml.YAMLError (``_Refused`` for the limits)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise _Refused(f"more than {MAX_YAML_NODES:,} values once aliases are expanded (an alias bomb?)",
+                           node.start_mark)
+        return loader.construct_document(node)
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise _Refused(str(exc)[:SHOWN_CHARS]) from None
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file, or UserError naming the file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
         raise UserError(f"{p}: no such file") from None
     except OSError as exc:
-        raise UserError(f"{p}: cannot read ({exc.strerror})") from None
+        raise UserError(f"{p}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise UserError(f"{p}: larger than {MAX_YAML_BYTES:,} bytes; not a mnistlab study or experiment file")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{p}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{p}: malformed YAML{at}") from None
+        raise UserError(f"{p}: {_yaml_problem(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{p}: expected a mapping at the top level")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    at = f" at line {mark.line + 1}" if mark else ""
+    problem = getattr(exc, "problem", None)
+    if isinstance(exc, _Refused):
+        return f"refused{at}: {problem}"
+    return f"malformed YAML{at}" + (f" ({str(problem)[:SHOWN_CHARS]})" if problem else "")
 
 
 _PIECE = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
@@ -158,7 +282,7 @@ def split_path(path: str) -> list[tuple[str, int | None]]:
             continue
         m = _PIECE.match(piece)
         if not m:
-            raise UserError(f"{path!r}: not a config name (expected e.g. model.dropout or model.widths.3)")
+            raise UserError(f"{shown(path)}: not a config name (expected e.g. model.dropout or model.widths.3)")
         parts.append((m.group(1), int(m.group(2)) if m.group(2) is not None else None))
     return parts
 
@@ -185,14 +309,14 @@ def set_path(raw: dict[str, Any], path: str, value: Any, where: str = "config") 
             else:
                 node = node.setdefault(name, {})
                 if not isinstance(node, dict):
-                    raise UserError(f"{where}: {path!r}: {name} is not a section")
+                    raise UserError(f"{where}: {shown(path)}: {name} is not a section")
             continue
         seq = node.get(name)
         if seq is None:
             seq = list(_default_at(parts[: i + 1]))
         seq = list(seq)
         if index >= len(seq):
-            raise UserError(f"{where}: {path!r}: index {index} out of range ({len(seq)} entries)")
+            raise UserError(f"{where}: {shown(path)}: index {index} out of range ({len(seq)} entries)")
         seq[index] = value
         node[name] = seq
     return out
@@ -215,13 +339,13 @@ def check_path(path: str, where: str = "config") -> None:
     for i, (name, index) in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
         if name not in fields:
-            raise UserError(f"{where}: unknown config name {path!r}")
+            raise UserError(f"{where}: unknown config name {shown(path)}")
         tp = _hints(cls)[name]
         if index is not None and typing.get_origin(tp) is not tuple:
-            raise UserError(f"{where}: {path!r}: {name} is not a list")
+            raise UserError(f"{where}: {shown(path)}: {name} is not a list")
         cls = tp
         if i == len(parts) - 1 and dataclasses.is_dataclass(cls):
-            raise UserError(f"{where}: {path!r} names a section, not a value")
+            raise UserError(f"{where}: {shown(path)} names a section, not a value")
 
 
 def _default_at(parts: list[tuple[str, int | None]]) -> Any:
@@ -242,7 +366,7 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UserError(f"{where}: unknown key {prefix + str(unknown[0])!r}")
+        raise UserError(f"{where}: unknown key {shown(prefix + str(unknown[0]))}")
     kwargs = {}
     for key, value in data.items():
         kwargs[key] = _coerce(hints[key], value, prefix + key, where)
@@ -262,30 +386,50 @@ def _coerce(tp: Any, value: Any, name: str, where: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise UserError(f"{where}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            raise UserError(f"{where}: {name} must be one of {', '.join(map(str, choices))}; got {shown(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where}: {name} must be a list; got {value!r}")
+            raise UserError(f"{where}: {name} must be a list; got {shown(value)}")
         item = typing.get_args(tp)[0]
         return tuple(_coerce(item, v, f"{name}[{i}]", where) for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{where}: {name} must be true or false; got {value!r}")
+            raise UserError(f"{where}: {name} must be true or false; got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}: {name} must be an integer; got {value!r}")
+            raise UserError(f"{where}: {name} must be an integer; got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}: {name} must be a number; got {value!r}")
-        return float(value)
+            raise UserError(f"{where}: {name} must be a number; got {shown(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):  # .inf or .nan would train to NaN and be recorded as a result
+            raise UserError(f"{where}: {name} must be a finite number; got {shown(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise UserError(f"{where}: {name} must be a string; got {value!r}")
+            raise UserError(f"{where}: {name} must be a string; got {shown(value)}")
         return value
     raise TypeError(f"unsupported config type {tp!r} for {name}")  # a bug, not bad input
+
+
+# Bounds far above any sensible MNIST network, low enough that a typo fails here rather than as
+# an allocation of gigabytes or an overflow inside torch.
+MAX_WIDTH = 4096  # channels of one conv (and the width multiplier)
+MAX_PADDING = 64  # pixels; the images are 28 wide
+MAX_THREADS = 1024
+MAX_LAYERS = 64
+
+
+def _scaled(m: ModelConfig) -> list[int]:
+    from mnistlab.model import widths
+
+    return list(widths(m))
 
 
 def validate(cfg: ExperimentConfig, where: str = "config") -> None:
@@ -296,16 +440,18 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> None:
         if not ok:
             raise UserError(f"{where}: {msg}")
 
-    need(len(m.widths) >= 1, "model.widths must not be empty")
-    need(all(w >= 1 for w in m.widths), f"model.widths must be positive; got {list(m.widths)}")
+    need(1 <= len(m.widths) <= MAX_LAYERS, f"model.widths must have 1..{MAX_LAYERS} entries")
+    need(all(w >= 1 for w in m.widths), f"model.widths must be positive; got {shown(list(m.widths))}")
     need(
         len(m.paddings) == len(m.widths),
         f"model.paddings has {len(m.paddings)} entries but model.widths has {len(m.widths)}",
     )
-    need(all(p >= 0 for p in m.paddings), "model.paddings must be >= 0")
+    need(all(0 <= p <= MAX_PADDING for p in m.paddings), f"model.paddings must be 0..{MAX_PADDING}")
     need(0 <= m.pool_after <= len(m.widths), f"model.pool_after must be 0..{len(m.widths)}")
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1); got {m.dropout}")
-    need(m.width_mult > 0, f"model.width_mult must be > 0; got {m.width_mult}")
+    need(0 < m.width_mult <= MAX_WIDTH, f"model.width_mult must be in (0, {MAX_WIDTH}]; got {m.width_mult}")
+    need(all(w <= MAX_WIDTH for w in _scaled(m)),
+         f"model.widths times model.width_mult must stay <= {MAX_WIDTH} channels; got {shown(_scaled(m))}")
     need(t.epochs >= 1, f"train.epochs must be >= 1; got {t.epochs}")
     need(t.batch_size >= 1, f"train.batch_size must be >= 1; got {t.batch_size}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
@@ -315,9 +461,10 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> None:
     need(t.step_epochs >= 1, "train.step_epochs must be >= 1")
     need(0 < t.pct_start < 1, "train.pct_start must be in (0, 1)")
     need(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
-    need(t.threads >= 0, "train.threads must be >= 0")
+    need(0 <= t.threads <= MAX_THREADS, f"train.threads must be 0..{MAX_THREADS}; got {shown(t.threads)}")
+    need(0 <= t.seed < 2**63, f"train.seed must be 0..2**63-1 (torch's seed range); got {shown(t.seed)}")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
-         f"train.device must be auto, cpu, cuda or cuda:N; got {t.device!r}")
+         f"train.device must be auto, cpu, cuda or cuda:N; got {shown(t.device)}")
     need(d.limit_train is None or d.limit_train >= 1, "data.limit_train must be >= 1")
     need(d.limit_eval is None or d.limit_eval >= 1, "data.limit_eval must be >= 1")
     need(0 <= d.translate < 0.5, "data.translate must be in [0, 0.5)")

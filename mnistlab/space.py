@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 
 from mnistlab import config as config_mod
-from mnistlab.config import ExperimentConfig
+from mnistlab.config import ExperimentConfig, shown
 from mnistlab.errors import UserError
 from mnistlab.model import count_params
 
@@ -124,6 +124,8 @@ class StudyConfig:
         return best
 
 
+MAX_BOUND = 1e12  # a search-space bound beyond this is a typo (and floats overflow soon after)
+
 _TOP_KEYS = {"name", "base", "overrides", "space", "max_params", "objectives", "sampler", "pruner",
              "n_trials", "timeout", "target", "enqueue_base", "confirm"}
 
@@ -135,10 +137,10 @@ def load_study(path: str | Path) -> StudyConfig:
     where = str(p)
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r}")
+        raise UserError(f"{where}: unknown key {shown(unknown[0])}")
     for key in ("name", "base", "space", "max_params"):
         if key not in raw:
-            raise UserError(f"{where}: missing key {key!r}")
+            raise UserError(f"{where}: missing key {shown(key)}")
     name = _typed(raw["name"], str, "name", where)
     base_path = (p.parent / _typed(raw["base"], str, "base", where)).resolve()
     overrides = raw.get("overrides") or {}
@@ -149,10 +151,10 @@ def load_study(path: str | Path) -> StudyConfig:
         base_raw = config_mod.set_path(base_raw, str(key), value, where=f"{where}: overrides")
     base = config_mod.from_dict(base_raw, f"{where} (base {base_path.name} with overrides)")
     space = _space(raw["space"], where)
-    objectives = tuple(raw.get("objectives") or ["val_acc"])
+    objectives = _objectives(raw.get("objectives"), where)
     for o in objectives:
         if o not in OBJECTIVES:
-            raise UserError(f"{where}: unknown objective {o!r}; choose from {', '.join(OBJECTIVES)}")
+            raise UserError(f"{where}: unknown objective {shown(o)}; choose from {', '.join(OBJECTIVES)}")
     if len(set(objectives)) != len(objectives):
         raise UserError(f"{where}: objectives repeat a metric")
     study = StudyConfig(
@@ -167,14 +169,25 @@ def load_study(path: str | Path) -> StudyConfig:
         confirm=_confirm(raw.get("confirm"), where),
     )
     if study.sampler.name not in SAMPLERS:
-        raise UserError(f"{where}: unknown sampler {study.sampler.name!r}; choose from {', '.join(SAMPLERS)}")
+        raise UserError(f"{where}: unknown sampler {shown(study.sampler.name)}; choose from {', '.join(SAMPLERS)}")
     if study.confirm and study.n_trials and study.confirm.top_k > study.n_trials:
         raise UserError(f"{where}: confirm.top_k {study.confirm.top_k} is more than the study's n_trials "
                         f"{study.n_trials}")
     if study.pruner.name not in PRUNERS:
-        raise UserError(f"{where}: unknown pruner {study.pruner.name!r}; choose from {', '.join(PRUNERS)}")
+        raise UserError(f"{where}: unknown pruner {shown(study.pruner.name)}; choose from {', '.join(PRUNERS)}")
     study.trial_config({p.name: p.smallest_values()[0] for p in space})  # every name maps to a field
     return study
+
+
+def _objectives(raw: Any, where: str) -> tuple[str, ...]:
+    """``objectives``: a list of metric names (one name alone is a list of one)."""
+    if raw is None:
+        return ("val_acc",)
+    names = [raw] if isinstance(raw, str) else raw
+    if not isinstance(names, list) or not names or not all(isinstance(o, str) for o in names):
+        raise UserError(f"{where}: objectives must be a list of metric names ({', '.join(OBJECTIVES)}); "
+                        f"got {shown(raw)}")
+    return tuple(names)
 
 
 def _space(raw: Any, where: str) -> tuple[Param, ...]:
@@ -191,7 +204,7 @@ def _space(raw: Any, where: str) -> tuple[Param, ...]:
             raise UserError(f"{here}: expected a mapping with a type")
         extra = sorted(set(spec) - {"type", "low", "high", "step", "log", "choices"})
         if extra:
-            raise UserError(f"{here}: unknown key {extra[0]!r}")
+            raise UserError(f"{here}: unknown key {shown(extra[0])}")
         kind = spec.get("type")
         if kind == "categorical":
             choices = spec.get("choices")
@@ -200,7 +213,7 @@ def _space(raw: Any, where: str) -> tuple[Param, ...]:
             out.append(Param(str(name), kind, choices=tuple(choices)))
             continue
         if kind not in ("float", "int"):
-            raise UserError(f"{here}: type must be float, int or categorical; got {kind!r}")
+            raise UserError(f"{here}: type must be float, int or categorical; got {shown(kind)}")
         out.append(_numeric(str(name), kind, spec, here))
     return tuple(out)
 
@@ -210,8 +223,9 @@ def _numeric(name: str, kind: str, spec: dict[str, Any], here: str) -> Param:
     for key in ("low", "high"):
         if key not in spec:
             raise UserError(f"{here}: missing {key}")
-        if isinstance(spec[key], bool) or not isinstance(spec[key], number):
-            raise UserError(f"{here}: {key} must be {'an integer' if kind == 'int' else 'a number'}")
+        if isinstance(spec[key], bool) or not isinstance(spec[key], number) or abs(spec[key]) > MAX_BOUND:
+            raise UserError(f"{here}: {key} must be {'an integer' if kind == 'int' else 'a number'} "
+                            f"within ±{MAX_BOUND:g}; got {shown(spec[key])}")
     low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
     if low > high:
         raise UserError(f"{here}: low {low} > high {high}")
@@ -219,7 +233,7 @@ def _numeric(name: str, kind: str, spec: dict[str, Any], here: str) -> Param:
         raise UserError(f"{here}: log must be true or false")
     if log and low <= 0:
         raise UserError(f"{here}: log scale needs low > 0")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, number) or step <= 0):
+    if step is not None and (isinstance(step, bool) or not isinstance(step, number) or not 0 < step <= MAX_BOUND):
         raise UserError(f"{here}: step must be a positive {'integer' if kind == 'int' else 'number'}")
     if log and step is not None:
         raise UserError(f"{here}: step and log cannot be combined")
@@ -233,7 +247,7 @@ def _confirm(raw: Any, where: str) -> Confirm | None:
         raise UserError(f"{where}: confirm must be a mapping (top_k, seeds, max_params)")
     unknown = sorted(set(raw) - set(Confirm.__dataclass_fields__))
     if unknown:
-        raise UserError(f"{where}: unknown key confirm.{unknown[0]!r}")
+        raise UserError(f"{where}: unknown key confirm.{shown(unknown[0])}")
     top_k = _positive(raw.get("top_k", Confirm.top_k), "confirm.top_k", where)
     seeds = _positive(raw.get("seeds", Confirm.seeds), "confirm.seeds", where)
     if seeds < 2 or seeds > 100 or top_k > 1000:
@@ -252,18 +266,27 @@ def _section(cls: type, raw: Any, key: str, where: str) -> Any:
     fields = cls.__dataclass_fields__
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise UserError(f"{where}: unknown key {key}.{unknown[0]!r}")
+        raise UserError(f"{where}: unknown key {key}.{shown(unknown[0])}")
     for k, v in raw.items():
         want = str if k == "name" else int
         if k == "seed" and v is None:
             continue
         _typed(v, want, f"{key}.{k}", where)
+        low, high = _RANGES.get(k, (None, None))
+        if low is not None and not low <= v <= high:
+            raise UserError(f"{where}: {key}.{k} must be {low}..{high}; got {shown(v)}")
     return cls(**raw)
+
+
+# What Optuna accepts for the sampler and pruner settings (a hyperband reduction_factor of 0
+# or 1 fails only after a trial has trained, with a ZeroDivisionError).
+_RANGES = {"seed": (0, 2**32 - 1), "n_startup_trials": (0, 1_000_000), "n_warmup_steps": (0, 1_000_000),
+           "min_resource": (1, 1_000_000), "reduction_factor": (2, 1_000)}
 
 
 def _typed(value: Any, tp: type, key: str, where: str) -> Any:
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise UserError(f"{where}: {key} must be {tp.__name__}; got {value!r}")
+        raise UserError(f"{where}: {key} must be {tp.__name__}; got {shown(value)}")
     return value
 
 
