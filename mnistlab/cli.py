@@ -406,11 +406,23 @@ def _one_line(text: str) -> str:
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
+def _plain_flags(command: Any) -> Any:
+    """typer labels on/off flags (``--debug``, ``--help``, ``--verbose/--no-verbose``) ``<bool>`` in --help, as
+    if they took a value; an empty metavar leaves their type column blank. Walks the sub-commands too."""
+    options = [*command.params, command.get_help_option(command.context_class(command))]
+    for option in options:
+        if getattr(option, "is_bool_flag", False) and option.metavar is None:
+            option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input is one line on stderr and exit code 2; --debug shows tracebacks."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("MNISTLAB_DEBUG") == "1"
-    command = typer.main.get_command(app)
+    command = _plain_flags(typer.main.get_command(app))
     try:
         code = command.main(args=args, prog_name="mnistlab", standalone_mode=False)
         if isinstance(code, int) and code:  # a command's typer.Exit(code) comes back as a return value

@@ -86,3 +86,13 @@ def test_help_shows_where_defaults_come_from(capsys: pytest.CaptureFixture) -> N
     text = " ".join(out.replace("│", " ").split())
     for shown in ("MNISTLAB_STORAGE", "sqlite:///optuna.db", "MLFLOW_TRACKING_URI", "MNISTLAB_DATA_DIR"):
         assert shown in text, shown
+
+
+@pytest.mark.parametrize("path", [[], ["study"], ["study", "run"], ["study", "check"], ["train"], ["best"]])
+def test_help_gives_flags_no_value_label(capsys: pytest.CaptureFixture, path: list[str]) -> None:
+    """A plain flag (--help, --debug, --verbose/--no-verbose) takes no value: its type column stays empty."""
+    code, out, _ = cli(capsys, *path, "--help")
+    assert code == 0 and "--help" in out
+    assert "<bool>" not in out
+    if path == ["study", "run"]:
+        assert "<str>" in out  # options that take a value keep their type
