@@ -33,6 +33,9 @@ STUDY_TAG = "mnistlab.study"
 TRIAL_TAG = "mnistlab.trial"
 STUDY_ID_TAG = "mnistlab.study_id"  # on a study's experiment, parent and child runs: which study of that name
 STORAGE_TAG = "mnistlab.storage"  # on a study's experiment: its storage, password masked
+# MLflow 3's UI reads this experiment tag to tell model training from GenAI work (values in its UI bundle:
+# genai_development, custom_model_development, ...); mnistlab's experiments are model training.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s")
 SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
 
@@ -288,13 +291,14 @@ class Tracker:
         found = self.client.get_experiment_by_name(name)
         if found is None:
             try:
-                return self.client.create_experiment(name, tags=tags)
+                return self.client.create_experiment(name, tags={KIND_TAG: KIND, **(tags or {})})
             except MlflowException:  # another worker created it first
                 found = self.client.get_experiment_by_name(name)
                 if found is None:
                     raise
         if found.lifecycle_stage == "deleted":
             self.client.restore_experiment(found.experiment_id)
+        self.mark_training(found.experiment_id, found.tags)
         if study_id:
             holder = self.holder(name)
             if holder is None:  # made by `mnistlab train`, or by hand: this study takes it
@@ -304,6 +308,16 @@ class Tracker:
             if holder is not None and holder[0] != study_id:
                 raise self.taken(name, holder[1])
         return found.experiment_id
+
+    def mark_training(self, experiment_id: str, tags: dict[str, str] | None = None) -> bool:
+        """Tag an experiment as model training for MLflow's UI unless it already says what it is (a
+        user's own choice of kind is kept); True when the tag was set now."""
+        if tags is None:
+            tags = self.client.get_experiment(experiment_id).tags
+        if tags.get(KIND_TAG):
+            return False
+        self.client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
+        return True
 
     def holder(self, name: str) -> tuple[str, str] | None:
         """The study that holds the experiment ``name``: (its id, its storage); the id is "" for a
