@@ -130,9 +130,26 @@ def serve_ui(uri: str | None, host: str, port: int) -> int:
         return 0
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
            "--port", str(port), "--workers", "1"]
-    print(f"MLflow UI: http://{host}:{port}  (store {mask(uri)}; Ctrl-C stops it)", flush=True)
+    base = f"http://{host}:{port}"
+    print(f"MLflow UI: {base}  (store {mask(uri)}; Ctrl-C stops it)", flush=True)
+    tracker = Tracker(uri)
+    for name, link in runs_links(tracker, base) if tracker.known() else []:
+        print(f"  {name}: {link}", flush=True)
     os.execv(sys.executable, cmd)  # the server takes this process over: signals reach it directly
     return 1  # not reached
+
+
+# MLflow 3.17's UI ignores mlflow.experimentKind when it picks an experiment's first page: a switch kept per
+# browser (GenAI, the default, or "Model training") decides. These parameters open the runs table in model-training
+# mode; sorting by a metric lists the trials flat, best first, instead of folded under the parent run.
+RUNS_VIEW = "workflowType=machine_learning&orderByKey=metrics.%60val_acc%60&orderByAsc=false"
+
+
+def runs_links(tracker: Tracker, base: str, limit: int = 10) -> list[tuple[str, str]]:
+    """(experiment name, link to its runs table) for the newest model-training experiments of a store."""
+    found = tracker.client.search_experiments(filter_string=f"tags.`{KIND_TAG}` = '{KIND}'", max_results=limit,
+                                              order_by=["last_update_time DESC"])
+    return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?{RUNS_VIEW}") for e in found]
 
 
 def environment() -> dict[str, Any]:

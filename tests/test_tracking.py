@@ -222,3 +222,22 @@ def test_ui_serves_the_store_on_loopback(mlflow_db: str) -> None:
         assert "Default" in names  # the same store, served over HTTP
     finally:
         stop(ui)
+
+
+def test_the_ui_opens_a_study_on_its_runs_table_in_a_real_browser(mlflow_db: str, tmp_path: Path) -> None:
+    """docs/screenshots.py: `mnistlab ui` and headless Chromium, as a user sees it. It fails when the study's
+    link shows anything but the runs table with every trial (e.g. MLflow's GenAI overview)."""
+    import shutil
+
+    if shutil.which("chromium") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
+        pytest.skip("Debian's chromium is not installed")
+    path = pruning_study(tmp_path, f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert run_cli("study", "run", str(path)).returncode == 0
+    proc = subprocess.run([sys.executable, str(ROOT / "docs" / "screenshots.py"), "--tracking-uri", mlflow_db,
+                           "--study", "track", "--out", str(tmp_path / "img")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    for name in ("ui-runs.png", "ui-parent-run.png", "ui-trial-metrics.png"):
+        assert 5_000 < (tmp_path / "img" / name).stat().st_size < 200_000, name
