@@ -11,7 +11,8 @@ The invariant, once every worker has stopped:
 With ``repair``: stale RUNNING trials are failed (and retried, as a dead worker's are),
 RUNNING runs of finished trials are ended FAILED, metrics and run endings that an MLflow outage
 kept on local disk are sent, epochs missing from a run's metrics are logged from its checkpoint,
-and artifacts that could not be uploaded are uploaded.
+artifacts that could not be uploaded are uploaded, and an experiment made before mnistlab tagged
+its experiments as model training (``mlflow.experimentKind``) is tagged.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class Checker:
         for t in trials:
             if t.state in RUN_STATUS and trained(t):
                 self.check_trial_run(t, by_trial.get(t.number, []))
+        self.check_kind(experiment)
         any_running = any(t.state == TrialState.RUNNING for t in self.study.get_trials(deepcopy=False))
         parent = client.get_run(parent_id)
         if parent.info.status == "RUNNING" and not any_running:
@@ -157,6 +159,14 @@ class Checker:
                 self.note(f"parent run {parent_id}", "RUNNING with no trial running: ended FINISHED", fixed=True)
             else:
                 self.note(f"parent run {parent_id}", "RUNNING although no trial is running")
+
+    def check_kind(self, experiment: str | None) -> None:
+        """With repair, an experiment made before mnistlab tagged them is tagged as model training (for
+        MLflow's UI). Without, nothing is reported: the record is whole either way."""
+        from mnistlab.tracking import KIND, KIND_TAG
+
+        if self.repair and experiment and self.tracker.mark_training(experiment):
+            self.note(f"experiment {experiment}", f"no {KIND_TAG} tag: set to {KIND}", fixed=True)
 
     def _stuck_run(self, r: Any, number: int) -> None:
         where = f"run {r.info.run_id} (trial {number})"

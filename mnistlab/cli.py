@@ -88,9 +88,12 @@ def data_info(data_dir: DataDir = None) -> None:
 @model_app.command("summary")
 def model_summary(experiment: Path, overrides: Overrides = None) -> None:
     """Print the torchsummary-style table of an experiment's network."""
-    from mnistlab import config, model
+    from mnistlab import config
 
-    print(model.summary(config.load(experiment, overrides or []).model))
+    cfg = config.load(experiment, overrides or [])
+    from mnistlab import model  # torch: only once the file is read
+
+    print(model.summary(cfg.model))
 
 
 @app.command("train")
@@ -110,11 +113,13 @@ def train_cmd(
     track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
 ) -> None:
     """Train one experiment, log it to MLflow and print a summary."""
-    from mnistlab import experiment as exp
+    from mnistlab import config
+
+    cfg = config.resolve(experiment, overrides or [], epochs=epochs, device=device, seed=seed,
+                         limit_train=limit_train, limit_eval=limit_eval)
+    from mnistlab import experiment as exp  # torch and MLflow: only once the file is read
     from mnistlab.tracking import Tracker
 
-    cfg = exp.resolve(experiment, overrides or [], epochs=epochs, device=device, seed=seed,
-                      limit_train=limit_train, limit_eval=limit_eval)
     out = output or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker = Tracker(tracking_uri) if track else None
     figures = exp.run_experiment(cfg, out, data_dir, tracker, source=experiment, resume=resume)
@@ -150,9 +155,11 @@ def study_run(
     wait: Wait = 0,
 ) -> None:
     """Run (or continue) a study: sample, check the budget, train, log every trial to MLflow."""
-    from mnistlab import space, study
+    from mnistlab import space
 
     cfg = space.load_study(study_file)
+    from mnistlab import study  # Optuna and torch: only once the file is read
+
     opts = study.RunOptions(n_trials=n_trials, timeout=timeout, storage=storage, workers=workers, device=device,
                             epochs=epochs, limit_train=limit_train, limit_eval=limit_eval,
                             tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),
@@ -171,9 +178,11 @@ def study_create(
     wait: Wait = 0,
 ) -> None:
     """Create the study, its MLflow experiment and parent run, then exit (before starting workers)."""
-    from mnistlab import space, study
+    from mnistlab import space
 
     cfg = space.load_study(study_file)
+    from mnistlab import study
+
     made = study.prepare(cfg, study.RunOptions(storage=storage, tracking_uri=tracking_uri, wait=wait))
     print(f"study {cfg.name!r} ready in {study.mask(made.url)}: {len(made.study.trials)} trials so far; "
           f"MLflow {study.mask(made.tracker.uri)} experiment {made.recorder.experiment_id} "
@@ -181,7 +190,8 @@ def study_create(
 
 
 def _study(study_file: Path | None, name: str | None, storage: str | None) -> tuple[object, object, tuple]:
-    from mnistlab import space, study
+    """The stored study a command names, by its file or --name (the file read before Optuna is imported)."""
+    from mnistlab import space
 
     if (study_file is None) == (name is None):
         raise UserError("give a study file or --name NAME (one of them)")
@@ -190,6 +200,8 @@ def _study(study_file: Path | None, name: str | None, storage: str | None) -> tu
         cfg = space.load_study(study_file)
         name, objectives = cfg.name, cfg.objectives
     space.check_name(name, "--name")
+    from mnistlab import study
+
     store = study.open_storage(storage, heartbeat=None, create=False)
     loaded = study.load(name, store)
     return loaded, store, objectives or tuple(loaded.user_attrs.get("objectives", ["val_acc"]))
@@ -204,11 +216,11 @@ def study_check(
         min=1, help="The workers' --heartbeat: a RUNNING trial silent for 3x this is stale.")] = 30,
 ) -> None:
     """Verify that nothing is RUNNING and every trial's MLflow record and checkpoint are whole."""
+    loaded, _, _ = _study(study_file, name, storage)
     from mnistlab import check as chk
     from mnistlab import study as st
     from mnistlab.tracking import check_reachable
 
-    loaded, _, _ = _study(study_file, name, storage)
     name = loaded.study_name
     tracker = _study_tracker(tracking_uri, loaded)
     if loaded.user_attrs.get(st.PARENT_ATTR):
@@ -247,11 +259,11 @@ def study_status(
     csv: Annotated[Path | None, typer.Option(help="Also write the table to this CSV file.")] = None,
 ) -> None:
     """The study's trials as a table; the best (or the Pareto front) marked with *."""
+    loaded, _, objectives = _study(study_file, name, storage)
     import pandas as pd
 
     from mnistlab import study
 
-    loaded, _, objectives = _study(study_file, name, storage)
     table = study.status_table(loaded, objectives)
     with pd.option_context("display.max_rows", 500, "display.width", 200, "display.max_columns", 30):
         print(table.to_string() if not table.empty else "no trials yet")
@@ -275,10 +287,10 @@ def study_report(
     tracking_uri: TrackingUri = None, artifacts: Artifacts = Path("mnistlab-artifacts"),
 ) -> None:
     """Draw the study's plots and attach them to its MLflow parent run."""
+    loaded, _, objectives = _study(study_file, name, storage)
     from mnistlab import report, study
     from mnistlab.tracking import StudyRecorder, Tracker
 
-    loaded, _, objectives = _study(study_file, name, storage)
     tracker = Tracker(tracking_uri)
     parent = loaded.user_attrs.get(study.PARENT_ATTR)
     recorder = StudyRecorder(tracker, loaded.study_name, loaded.user_attrs.get(study.EXPERIMENT_ATTR, ""),
@@ -311,12 +323,12 @@ def best(
     data_dir: DataDir = None,
 ) -> None:
     """Print a study's best trial; --refit retrains it on all data; --export delivers it, verified in every format."""
+    loaded, _, objectives = _study(study_file, name, storage)
     from mnistlab import export as ex
     from mnistlab import refit as rf
     from mnistlab import space
     from mnistlab.tracking import check_reachable
 
-    loaded, _, objectives = _study(study_file, name, storage)
     choice = ex.pick(loaded, objectives, min_accuracy, max_params)
     print(ex.describe(choice))
     if export is None and not refit:
@@ -422,18 +434,23 @@ def _one_line(text: str) -> str:
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
-def _one_line(message: str, limit: int = 1000) -> str:
-    """An error as one bounded line: whatever a message echoes (a 50 MB name, a file's value),
-    the user reads one line of at most ``limit`` characters."""
-    text = " ".join(message.splitlines())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _plain_flags(command: Any) -> Any:
+    """typer labels on/off flags (``--debug``, ``--help``, ``--verbose/--no-verbose``) ``<bool>`` in --help, as
+    if they took a value; an empty metavar leaves their type column blank. Walks the sub-commands too."""
+    options = [*command.params, command.get_help_option(command.context_class(command))]
+    for option in options:
+        if getattr(option, "is_bool_flag", False) and option.metavar is None:
+            option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
+    return command
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input is one line on stderr and exit code 2; --debug shows tracebacks."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("MNISTLAB_DEBUG") == "1"
-    command = typer.main.get_command(app)
+    command = _plain_flags(typer.main.get_command(app))
     try:
         code = command.main(args=args, prog_name="mnistlab", standalone_mode=False)
         if isinstance(code, int) and code:  # a command's typer.Exit(code) comes back as a return value

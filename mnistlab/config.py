@@ -126,6 +126,16 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentCo
     return from_dict(raw, str(path))
 
 
+def resolve(path: str | Path, overrides: typing.Sequence[str], **flags: Any) -> ExperimentConfig:
+    """The experiment file with ``key=value`` overrides, then the CLI's flags (``epochs=3``...) on top."""
+    names = {
+        "epochs": "train.epochs", "device": "train.device", "seed": "train.seed",
+        "limit_train": "data.limit_train", "limit_eval": "data.limit_eval",
+    }
+    extra = [f"{names[k]}={v}" for k, v in flags.items() if v is not None]
+    return load(path, [*overrides, *extra])
+
+
 def _override_value(item: str, text: str) -> Any:
     try:
         return parse_yaml(text)

@@ -20,16 +20,6 @@ from mnistlab.train import Diverged, EpochMetrics, Result, resolve_device, resto
 METRIC_FIELDS = [f for f in EpochMetrics.__dataclass_fields__]
 
 
-def resolve(path: str | Path, overrides: list[str], **flags: Any) -> ExperimentConfig:
-    """The experiment file with ``key=value`` overrides, then the CLI's flags on top."""
-    names = {
-        "epochs": "train.epochs", "device": "train.device", "seed": "train.seed",
-        "limit_train": "data.limit_train", "limit_eval": "data.limit_eval",
-    }
-    extra = [f"{names[k]}={v}" for k, v in flags.items() if v is not None]
-    return config_mod.load(path, [*overrides, *extra])
-
-
 def write_metrics_csv(path: Path, history: list[EpochMetrics]) -> None:
     """Per-epoch metrics, one row an epoch."""
     with open(path, "w", newline="") as fh:

@@ -385,6 +385,7 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
     previous = st._stop_on_signals()  # SIGTERM then raises like SIGINT, so the temporary folder is removed
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), suffix=".partial", dir=out.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the delivered folder is an ordinary one
     except OSError as exc:
         st._restore_signals(previous)
         raise UserError(f"export folder {out}: cannot write in {out.parent} ({exc.strerror})") from None
@@ -429,6 +430,8 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
         }
         (tmp / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / CARD).write_text(model_card(info, cfg, accuracies, curves))
+        for path in tmp.iterdir():  # safetensors writes its file 0600: every file gets the umask's mode
+            path.chmod(0o666 & ~_umask())
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -470,6 +473,13 @@ def _running(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def _umask() -> int:
+    """This process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -13,14 +13,14 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from mnistlab import config as config_mod
 from mnistlab.config import ExperimentConfig, shown
 from mnistlab.errors import UserError, clip
-from mnistlab.model import count_params
+
+if TYPE_CHECKING:  # Optuna (and torch, behind mnistlab.model) load where used: a bad study file is answered at once
+    import optuna
 
 # The metrics a study may optimise, with their directions. The test set is never one of them.
 OBJECTIVES = {"val_acc": "maximize", "params": "minimize", "val_loss": "minimize"}
@@ -60,6 +60,8 @@ class Param:
     choices: tuple[Any, ...] = ()
 
     def distribution(self) -> optuna.distributions.BaseDistribution:
+        import optuna
+
         if self.type == "float":
             return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
         if self.type == "int":
@@ -131,6 +133,8 @@ class StudyConfig:
 
     def smallest_params(self) -> int:
         """Fewest parameters any config in the space can have (widths grow the count)."""
+        from mnistlab.model import count_params
+
         options = [p.smallest_values() for p in self.space]
         best = None
         for combo in itertools.islice(itertools.product(*options), 4096):
@@ -327,6 +331,8 @@ def _optional_positive(value: Any, key: str, where: str, tp: type = int) -> Any:
 
 def make_sampler(study: StudyConfig, salt: str | None = None) -> optuna.samplers.BaseSampler:
     """The sampler a study file names; with ``salt``, its seed is mixed with it (see worker_salt)."""
+    import optuna
+
     s = study.sampler
     seed = s.seed
     if seed is not None and salt:
@@ -346,8 +352,10 @@ def worker_salt(trials: list[optuna.trial.FrozenTrial]) -> str | None:
     one with MNISTLAB_SEED_PER_WORKER=1 (the compose workers) mixes in its worker index, host,
     process and the trials done so far: the same seed again would replay the same samples.
     """
+    from optuna.trial import TrialState
+
     spawned = os.environ.get("MNISTLAB_WORKER")
-    started = any(t.state != optuna.trial.TrialState.WAITING for t in trials)
+    started = any(t.state != TrialState.WAITING for t in trials)
     if not started and spawned in (None, "0") and os.environ.get("MNISTLAB_SEED_PER_WORKER") != "1":
         return None
     return f"{spawned}:{socket.gethostname()}:{os.getpid()}:{len(trials)}"
@@ -355,6 +363,8 @@ def worker_salt(trials: list[optuna.trial.FrozenTrial]) -> str | None:
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
     """The pruner a study file names (none for multi-objective studies: Optuna cannot prune them)."""
+    import optuna
+
     p = study.pruner
     if p.name == "none" or len(study.objectives) > 1:
         return optuna.pruners.NopPruner()

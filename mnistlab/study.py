@@ -470,7 +470,11 @@ def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Any, storage_ur
     if known is not None and known != mask(tracker.uri):
         raise UserError(f"study {cfg.name!r} logs to MLflow at {known}; pass --tracking-uri for it")
     uid = attrs.get(ID_ATTR)
-    exp_id = attrs.get(EXPERIMENT_ATTR) or tracker.experiment(cfg.name, uid, mask(storage_url_))
+    exp_id = attrs.get(EXPERIMENT_ATTR)
+    if exp_id:  # an existing study's experiment, made before it was tagged as model training
+        tracker.mark_training(exp_id)
+    else:
+        exp_id = tracker.experiment(cfg.name, uid, mask(storage_url_))
     parent = attrs.get(PARENT_ATTR)
     if parent is None:
         params = {"study.name": cfg.name, "study.file": str(cfg.path), "study.max_params": cfg.max_params,

@@ -34,6 +34,9 @@ STUDY_TAG = "mnistlab.study"
 TRIAL_TAG = "mnistlab.trial"
 STUDY_ID_TAG = "mnistlab.study_id"  # on a study's experiment, parent and child runs: which study of that name
 STORAGE_TAG = "mnistlab.storage"  # on a study's experiment: its storage, password masked
+# MLflow 3's UI reads this experiment tag to tell model training from GenAI work (values in its UI bundle:
+# genai_development, custom_model_development, ...); mnistlab's experiments are model training.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s")
 SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
 
@@ -209,10 +212,27 @@ def serve_ui(uri: str | None, host: str, port: int, auth: bool = False) -> int:
         print(warning, file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
            *(["--app-name", "basic-auth"] if auth else [])]
-    print(f"MLflow UI: http://{host}:{port}  (store {mask(uri)}; Ctrl-C stops it)", flush=True)
-    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
+    base = f"http://{host}:{port}"
+    print(f"MLflow UI: {base}  (store {mask(uri)}; Ctrl-C stops it)", flush=True)
+    tracker = Tracker(uri)
+    for name, link in runs_links(tracker, base) if tracker.known() else []:
+        print(f"  {name}: {link}", flush=True)
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}  # a password in the URI stays off the command line
     os.execve(sys.executable, cmd, env)  # the server takes this process over: signals reach it directly
     return 1  # not reached
+
+
+# MLflow 3.17's UI ignores mlflow.experimentKind when it picks an experiment's first page: a switch kept per
+# browser (GenAI, the default, or "Model training") decides. These parameters open the runs table in model-training
+# mode; sorting by a metric lists the trials flat, best first, instead of folded under the parent run.
+RUNS_VIEW = "workflowType=machine_learning&orderByKey=metrics.%60val_acc%60&orderByAsc=false"
+
+
+def runs_links(tracker: Tracker, base: str, limit: int = 10) -> list[tuple[str, str]]:
+    """(experiment name, link to its runs table) for the newest model-training experiments of a store."""
+    found = tracker.client.search_experiments(filter_string=f"tags.`{KIND_TAG}` = '{KIND}'", max_results=limit,
+                                              order_by=["last_update_time DESC"])
+    return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?{RUNS_VIEW}") for e in found]
 
 
 def environment() -> dict[str, Any]:
@@ -371,13 +391,14 @@ class Tracker:
         found = self.client.get_experiment_by_name(name)
         if found is None:
             try:
-                return self.client.create_experiment(name, tags=tags)
+                return self.client.create_experiment(name, tags={KIND_TAG: KIND, **(tags or {})})
             except MlflowException:  # another worker created it first
                 found = self.client.get_experiment_by_name(name)
                 if found is None:
                     raise
         if found.lifecycle_stage == "deleted":
             self.client.restore_experiment(found.experiment_id)
+        self.mark_training(found.experiment_id, found.tags)
         if study_id:
             holder = self.holder(name)
             if holder is None:  # made by `mnistlab train`, or by hand: this study takes it
@@ -387,6 +408,16 @@ class Tracker:
             if holder is not None and holder[0] != study_id:
                 raise self.taken(name, holder[1])
         return found.experiment_id
+
+    def mark_training(self, experiment_id: str, tags: dict[str, str] | None = None) -> bool:
+        """Tag an experiment as model training for MLflow's UI unless it already says what it is (a
+        user's own choice of kind is kept); True when the tag was set now."""
+        if tags is None:
+            tags = self.client.get_experiment(experiment_id).tags
+        if tags.get(KIND_TAG):
+            return False
+        self.client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
+        return True
 
     def holder(self, name: str) -> tuple[str, str] | None:
         """The study that holds the experiment ``name``: (its id, its storage); the id is "" for a

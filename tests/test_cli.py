@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -295,3 +297,39 @@ def test_mask_is_fast_on_hostile_text(text: str) -> None:
     start = time.monotonic()
     mask(text, text)
     assert time.monotonic() - start < 0.5
+
+
+@pytest.mark.parametrize("path", [[], ["study"], ["study", "run"], ["study", "check"], ["train"], ["best"]])
+def test_help_gives_flags_no_value_label(capsys: pytest.CaptureFixture, path: list[str]) -> None:
+    """A plain flag (--help, --debug, --verbose/--no-verbose) takes no value: its type column stays empty."""
+    code, out, _ = cli(capsys, *path, "--help")
+    assert code == 0 and "--help" in out
+    assert "<bool>" not in out
+    if path == ["study", "run"]:
+        assert "<str>" in out  # options that take a value keep their type
+
+
+HEAVY = ("torch", "optuna", "mlflow", "pandas", "matplotlib", "onnx")
+IMPORTS = r"""
+import json, sys
+from mnistlab.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ["study", "run", "missing.yaml"], ["study", "create", "missing.yaml"], ["study", "check", "missing.yaml"],
+    ["study", "status", "missing.yaml"], ["study", "report", "missing.yaml"], ["best", "missing.yaml"],
+    ["train", "missing.yaml"], ["model", "summary", "missing.yaml"],
+])
+def test_a_missing_file_is_answered_before_any_heavy_import(args: list[str]) -> None:
+    """Bad input is answered at once: no seconds spent importing torch, Optuna, MLflow or pandas first."""
+    code = f"HEAVY = {HEAVY!r}\n{IMPORTS}"
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    one_line_error(2, proc.stderr, "missing.yaml: no such file")
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

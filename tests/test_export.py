@@ -66,6 +66,15 @@ def test_export_writes_every_format_verified(finished: dict) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".export.")]  # no temporary left
 
 
+@pytest.mark.slow
+def test_an_export_gets_ordinary_permissions_from_the_umask(finished: dict) -> None:
+    out = finished["export"]
+    umask = os.umask(0)
+    os.umask(umask)  # the one the export subprocess inherited
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]}
+    assert modes == {out.name: 0o777 & ~umask, **{p.name: 0o666 & ~umask for p in out.iterdir()}}
+
+
 LOADER = r"""
 import json, sys
 import numpy as np

@@ -48,6 +48,7 @@ space:
 def check_study_runs(client: MlflowClient, data_dir: Path, tmp_path: Path) -> None:
     """One parent, a child per trained trial with full curves, right statuses, usable artifacts."""
     exp = client.get_experiment_by_name("track")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's UI: model training
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("mnistlab.parent") == "true"]
     assert len(parents) == 1
@@ -117,12 +118,40 @@ def test_train_logs_one_run(mlflow_db: str, tmp_path: Path) -> None:
                    "--output", "run1")
     assert proc.returncode == 0, proc.stderr
     client = MlflowClient(mlflow_db)
-    (run,) = client.search_runs([client.get_experiment_by_name("eva4-s4").experiment_id])
+    exp = client.get_experiment_by_name("eva4-s4")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "run1"
     assert "mlflow.parentRunId" not in run.data.tags
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
     summary = json.loads((tmp_path / "run1" / "summary.json").read_text())
     assert run.data.metrics["test_acc"] == pytest.approx(summary["test_acc"])
+
+
+def test_an_older_experiment_is_tagged_model_training_by_repair_and_the_next_run(mlflow_db: str,
+                                                                                   tmp_path: Path) -> None:
+    """Experiments made before the tag existed get it from `study check --repair` and from the study's
+    next start; a kind a user chose in the UI is kept."""
+    path = pruning_study(tmp_path, f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert run_cli("study", "run", str(path), "--n-trials", "1").returncode == 0
+    client = MlflowClient(mlflow_db)
+    exp_id = client.get_experiment_by_name("track").experiment_id
+
+    def kind() -> str | None:
+        return client.get_experiment(exp_id).tags.get("mlflow.experimentKind")
+
+    client.delete_experiment_tag(exp_id, "mlflow.experimentKind")
+    proc = run_cli("study", "check", str(path))
+    assert proc.returncode == 0 and kind() is None, proc.stdout  # a whole record: nothing to report
+    proc = run_cli("study", "check", str(path), "--repair")
+    assert proc.returncode == 0 and "mlflow.experimentKind tag: set to custom_model_development" in proc.stdout
+    assert kind() == "custom_model_development"
+    client.delete_experiment_tag(exp_id, "mlflow.experimentKind")
+    assert run_cli("study", "create", str(path)).returncode == 0  # what every `study run` starts with
+    assert kind() == "custom_model_development"
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "genai_development")
+    assert run_cli("study", "create", str(path)).returncode == 0
+    assert kind() == "genai_development"
 
 
 def test_a_short_server_outage_loses_no_metric(tmp_path: Path, _mlflow_template: Path) -> None:
@@ -166,7 +195,9 @@ def test_an_unwritable_artifact_store_warns_and_keeps_the_results(mlflow_db: str
                    "--output", "run1")
     assert proc.returncode == 0, proc.stderr
     assert "could not upload" in proc.stderr and "it stays at" in proc.stderr
-    (run,) = client.search_runs([client.get_experiment_by_name("eva4-s4").experiment_id])
+    exp = client.get_experiment_by_name("eva4-s4")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and "best.safetensors" in run.data.tags["mnistlab.missing_artifacts"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
     assert (tmp_path / "run1" / "checkpoints" / "best.safetensors").is_file()
@@ -246,3 +277,22 @@ def test_ui_warns_when_it_listens_beyond_this_machine(mlflow_db: str) -> None:
         ui.kill()
         ui.wait()
     assert warning.startswith("warning: the MLflow UI on 0.0.0.0 has no login") and "--auth" in warning
+
+
+def test_the_ui_opens_a_study_on_its_runs_table_in_a_real_browser(mlflow_db: str, tmp_path: Path) -> None:
+    """docs/screenshots.py: `mnistlab ui` and headless Chromium, as a user sees it. It fails when the study's
+    link shows anything but the runs table with every trial (e.g. MLflow's GenAI overview)."""
+    import shutil
+
+    if shutil.which("chromium") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
+        pytest.skip("Debian's chromium is not installed")
+    path = pruning_study(tmp_path, f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert run_cli("study", "run", str(path)).returncode == 0
+    proc = subprocess.run([sys.executable, str(ROOT / "docs" / "screenshots.py"), "--tracking-uri", mlflow_db,
+                           "--study", "track", "--out", str(tmp_path / "img")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    for name in ("ui-runs.png", "ui-parent-run.png", "ui-trial-metrics.png"):
+        assert 5_000 < (tmp_path / "img" / name).stat().st_size < 200_000, name

@@ -1,0 +1,135 @@
+"""The MLflow UI as a user meets it: `mnistlab ui` over a store, pages rendered by headless Chromium.
+
+Starts `mnistlab ui` on a free loopback port, opens the runs link it prints for a study, the study's parent
+run and one trial's metric charts in Debian's `chromium --headless`, saves a screenshot of each (small PNGs)
+and checks the rendered pages: the study's link must open the runs table listing every trial, not MLflow's
+GenAI overview. Exit code 1 names what is wrong.
+
+    python docs/screenshots.py --tracking-uri sqlite:///mlflow.db --study smoke --out docs/img
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from mlflow import MlflowClient
+from PIL import Image
+
+WINDOW = "1280,800"
+RENDER_MS = 40_000  # virtual time for the UI's JavaScript to fetch and draw (charts load last), not wall time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ui(uri: str, study: str, port: int) -> tuple[subprocess.Popen, str]:
+    """`mnistlab ui`, up and answering; returns it and the runs link it printed for ``study``."""
+    ui = subprocess.Popen([sys.executable, "-m", "mnistlab", "ui", "--port", str(port), "--tracking-uri", uri],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    link = None
+    for line in ui.stdout:
+        if line.strip().startswith(f"{study}: http"):
+            link = line.split(": ", 1)[1].strip()
+        if line.startswith("Registry store") or link:  # the links come before the server's own lines
+            break
+    if link is None:
+        ui.kill()
+        raise SystemExit(f"error: `mnistlab ui` printed no runs link for {study!r}")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return ui, link
+        except OSError:
+            time.sleep(0.5)
+    ui.kill()
+    raise SystemExit("error: the MLflow UI did not answer within 90 s")
+
+
+def chromium(url: str, profile: Path, *mode: str) -> str:
+    """One headless Chromium page load (a fresh profile: what a first visit shows); its stdout."""
+    cmd = [shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
+           "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={WINDOW}",
+           f"--virtual-time-budget={RENDER_MS}", *mode, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=True).stdout
+
+
+def page_text(dom: str) -> str:
+    """The visible words of a dumped DOM."""
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+
+
+def shoot(url: str, png: Path, work: Path) -> str:
+    """Screenshot ``url`` into ``png`` (palette PNG, a few tens of KB) and return the page's text."""
+    profile = Path(tempfile.mkdtemp(dir=work))
+    chromium(url, profile, f"--screenshot={png}")
+    with Image.open(png) as img:
+        img.convert("RGB").quantize(colors=128).save(png, optimize=True)
+    return page_text(chromium(url, Path(tempfile.mkdtemp(dir=work)), "--dump-dom"))
+
+
+def pages(client: MlflowClient, study: str, link: str) -> dict[str, tuple[str, list[str]]]:
+    """file name -> (url, words the rendered page must show) for the three pages."""
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("mnistlab.parent") == "true")
+    trials = sorted((r for r in runs if "mnistlab.trial" in r.data.tags), key=lambda r: r.info.run_name)
+    if not trials:
+        raise SystemExit(f"error: study {study!r} has no trial runs to show")
+    base = link.split("/#/", 1)[0] + f"/#/experiments/{exp.experiment_id}/runs"
+    mode = "?workflowType=machine_learning"  # MLflow's model-training side bar on the run pages too
+    return {
+        "ui-runs.png": (link, ["Runs", *(t.info.run_name for t in trials)]),
+        "ui-parent-run.png": (f"{base}/{parent.info.run_id}{mode}", [parent.info.run_name, "Child runs"]),
+        # The chart panes load last, lazily: on a busy machine headless Chromium's render budget can end before
+        # they draw, so this page is checked for its run and metrics section only.
+        "ui-trial-metrics.png": (f"{base}/{trials[0].info.run_id}/model-metrics{mode}",
+                                 [trials[0].info.run_name, "Model metrics"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    p.add_argument("--study", default="smoke", help="the study (MLflow experiment) to show")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "img")
+    args = p.parse_args(argv)
+    if shutil.which("chromium") is None:
+        print("error: Debian's chromium is not installed (apt-get install chromium)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    ui, link = start_ui(args.tracking_uri, args.study, free_port())
+    problems = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="mnistlab-shots-") as work:
+            for name, (url, wanted) in pages(MlflowClient(args.tracking_uri), args.study, link).items():
+                text = shoot(url, args.out / name, Path(work))
+                missing = [w for w in wanted if w not in text]
+                if missing or "Traces 0" in text:  # the GenAI overview of an experiment with no traces
+                    problems.append(f"{name}: {url} shows {text[:300]!r}; missing {missing}")
+                print(f"wrote {args.out / name} ({(args.out / name).stat().st_size // 1024} KB): {url}")
+    finally:
+        ui.terminate()
+        ui.wait(30)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
