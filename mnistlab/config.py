@@ -115,8 +115,28 @@ def from_dict(data: Any, where: str = "config") -> ExperimentConfig:
     return cfg
 
 
+# The shipped study and experiment files, beside the package in the repository it is installed from.
+SHIPPED = {"studies": Path(__file__).resolve().parent.parent / "studies",
+           "experiments": Path(__file__).resolve().parent.parent / "experiments"}
+
+
+def shipped(path: str | Path, kind: str) -> Path:
+    """``path`` itself, or for a bare name that is no file here (``smoke``), the shipped file of that
+    name (``studies/smoke.yaml``), so the shipped files work from any folder."""
+    p = Path(path)
+    if p.exists() or p.suffix or len(p.parts) != 1 or p.name.startswith("."):
+        return p
+    found = SHIPPED[kind] / f"{p.name}.yaml"
+    if found.is_file():
+        return found
+    names = sorted(f.stem for f in SHIPPED[kind].glob("*.yaml")) if SHIPPED[kind].is_dir() else []
+    known = f", nor a shipped one (shipped {kind}: {', '.join(names)})" if names else ""
+    raise UserError(f"{p}: no such file{known}")
+
+
 def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
     """Read an experiment YAML file and apply ``key=value`` overrides (dotted keys)."""
+    path = shipped(path, "experiments")
     raw = read_yaml(path)
     for item in overrides:
         key, sep, text = item.partition("=")

@@ -155,8 +155,8 @@ _TOP_KEYS = {"name", "base", "overrides", "space", "max_params", "objectives", "
 
 
 def load_study(path: str | Path) -> StudyConfig:
-    """Read and check a study file; UserError naming the file and the culprit."""
-    p = Path(path)
+    """Read and check a study file (or a shipped study by name); UserError naming the file and the culprit."""
+    p = config_mod.shipped(path, "studies")
     raw = config_mod.read_yaml(p)
     where = str(p)
     unknown = sorted(set(raw) - _TOP_KEYS)

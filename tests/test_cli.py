@@ -333,3 +333,38 @@ def test_a_missing_file_is_answered_before_any_heavy_import(args: list[str]) -> 
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     one_line_error(2, proc.stderr, "missing.yaml: no such file")
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_shipped_studies_and_experiments_are_found_by_name_from_any_folder(capsys: pytest.CaptureFixture,
+                                                                          tmp_path: Path) -> None:
+    code, out, _ = cli(capsys, "model", "summary", "eva4-s4")
+    assert code == 0 and out.strip() == REFERENCE
+    code, _, err = cli(capsys, "study", "status", "smoke")
+    one_line_error(code, err, "optuna.db: no such database")  # studies/smoke.yaml was read
+    code, _, err = cli(capsys, "study", "status", "nosuch")
+    one_line_error(code, err, "nosuch: no such file, nor a shipped one (shipped studies: smallest, smoke, under20k)")
+    (tmp_path / "smoke").write_text("name: mine\n")  # a file of that name here comes first
+    code, _, err = cli(capsys, "study", "status", "smoke")
+    one_line_error(code, err, "smoke: missing key 'base'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smoke"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
+def test_the_readme_shows_what_the_first_study_prints(tmp_path: Path) -> None:
+    """The README's sample output is the smoke study as it runs today (the ETA aside; validation
+    figures within a point, as thread counts may change the last digits)."""
+    import re
+
+    block = (ROOT / "README.md").read_text().split("mnistlab study run studies/smoke.yaml", 1)[1]
+    shown = [line for line in block.split("```", 3)[2].splitlines() if line.startswith("trial ")]
+    proc = run_cli("study", "run", "smoke")
+    assert proc.returncode == 0, proc.stderr
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("trial ")]
+    pattern = re.compile(r"trial +(\d+) (\w+) +\| params +([\d,]+) \| val +([\d.]+)% ± ([\d.]+) \| trained (\d+/\d+)")
+    assert len(shown) == len(printed) == 3, (shown, printed)
+    for doc, real in zip(shown, printed, strict=True):
+        d, r = pattern.match(doc), pattern.match(real)
+        assert d and r, (doc, real)
+        assert (d[1], d[2], d[3], d[6]) == (r[1], r[2], r[3], r[6]), (doc, real)
+        assert abs(float(d[4]) - float(r[4])) <= 1.0 and abs(float(d[5]) - float(r[5])) <= 0.2, (doc, real)
