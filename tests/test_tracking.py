@@ -244,8 +244,11 @@ def test_ui_keeps_the_store_password_off_every_command_line(pg_url: str) -> None
     secret = "uiS3cretPw"
     uri = pg_url.replace("postgres@", f"postgres:{secret}@")  # trust auth: any password is accepted
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "mnistlab", "ui", "--port", str(port), "--tracking-uri", uri],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # given through the environment, as a user keeps a password out of `ps`: mnistlab must not put it on
+    # the command line of the server it starts (nor of anything else)
+    ui = subprocess.Popen([sys.executable, "-m", "mnistlab", "ui", "--port", str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     try:
         first = ui.stdout.readline()
         assert first.startswith(f"MLflow UI: http://127.0.0.1:{port}") and secret not in first, first
