@@ -46,6 +46,29 @@ def result_summary(cfg: ExperimentConfig, result: Result, wall_seconds: float) -
     }
 
 
+def tracked_train(cfg: ExperimentConfig, data: Any, run: RunLog | None, checkpoint_dir: Path, *, resume: bool,
+                  verbose: bool, test_once: bool = False) -> Result:
+    """``train()`` with its MLflow run kept whole: the epochs a resume takes over from the checkpoint
+    are logged first (they ran before this run existed), each new epoch as it ends, and the run is
+    ended (KILLED, FAILED) with its whole history whatever stops the training."""
+    history = restored_history(checkpoint_dir) if resume else []
+    if run is not None:
+        run.log_missing(history)
+
+    def on_epoch(m: EpochMetrics) -> None:
+        history.append(m)
+        if run is not None:
+            run.epoch(m)
+
+    try:
+        return train(cfg, data, on_epoch, checkpoint_dir=checkpoint_dir, resume=resume, verbose=verbose,
+                     test_once=test_once)
+    except BaseException as exc:
+        if run is not None:
+            run.end(exc, history)
+        raise
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     output: Path,
@@ -76,27 +99,17 @@ def run_experiment(
     if verbose:
         print(summary(cfg.model))
     ckpt = output / "checkpoints"
-    history = restored_history(ckpt) if resume else []  # the epochs train() takes over
     run = None
     if tracker is not None:
         run = RunLog.start(tracker, tracker.experiment(cfg.name), output.name, cfg, count_params(cfg.model),
                            str(device), ckpt, {"mnistlab.kind": "train", "mnistlab.output": str(output)},
                            files={"experiment": source} if source else None)
-        run.log_missing(history)
         if verbose:
             print(f"MLflow run {run.run_id} in experiment {cfg.name!r} at {mask(tracker.uri)}")
-
-    def on_epoch(m: EpochMetrics) -> None:
-        history.append(m)
-        if run is not None:
-            run.epoch(m)
-
     start = time.perf_counter()
     try:
-        result = train(cfg, data, on_epoch, checkpoint_dir=ckpt, resume=resume, verbose=verbose)
+        result = tracked_train(cfg, data, run, ckpt, resume=resume, verbose=verbose)
     except BaseException as exc:
-        if run is not None:
-            run.end(exc, history)
         if isinstance(exc, Diverged):
             raise UserError(f"{output}: {exc}") from None
         if isinstance(exc, OSError):  # a full disk: the checkpoint being written is a temporary file, removed

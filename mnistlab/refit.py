@@ -16,7 +16,6 @@ seed is never trained again. Each seed is an MLflow run under the study's parent
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -138,7 +137,8 @@ def run(trial: Any, trial_cfg: ExperimentConfig, n_seeds: int, max_params: int, 
 def _train_seed(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, loaded: Any, recorder: Any,
                 verbose: bool) -> SeedResult:
     """Train one refit seed (resuming from its checkpoint if it was interrupted), record it."""
-    from mnistlab.train import resolve_device, train
+    from mnistlab.experiment import tracked_train
+    from mnistlab.train import resolve_device
 
     good = checkpoint.latest_good(folder)
     resume = good is not None
@@ -146,20 +146,8 @@ def _train_seed(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, 
         print(f"refit seed {cfg.train.seed}: resuming from {good}", flush=True)
     device = str(resolve_device(cfg.train.device))
     run_log = recorder.start_refit(trial, cfg, n_params, folder, device) if recorder is not None else None
-    history: list[Any] = []
-
-    def on_epoch(m: Any) -> None:
-        history.append(m)
-        if run_log is not None:
-            run_log.epoch(m)
-
     start = time.perf_counter()
-    try:
-        result = train(cfg, loaded, on_epoch, checkpoint_dir=folder, resume=resume, verbose=verbose, test_once=True)
-    except BaseException as exc:
-        if run_log is not None:
-            run_log.end(exc, history)
-        raise
+    result = tracked_train(cfg, loaded, run_log, folder, resume=resume, verbose=verbose, test_once=True)
     seconds = time.perf_counter() - start
     _save_final(folder, cfg, result, trial)
     seed = SeedResult(cfg.train.seed, round(result.test_acc, 4), result.test_correct, result.test_total,
@@ -208,7 +196,7 @@ def describe(refit: Refit) -> str:
 
 
 def check_seeds(n: int) -> None:
-    if not 1 <= n <= 100 or isinstance(n, bool) or not math.isfinite(n):
+    if isinstance(n, bool) or not 1 <= n <= 100:
         raise UserError(f"--seeds {n}: expected 1 to 100")
 
 
