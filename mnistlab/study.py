@@ -621,9 +621,11 @@ def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -
     import pandas as pd
 
     trials = study.get_trials(deepcopy=False)
-    best = best_trial(trials)
-    tied = tr.tied_numbers(trials)
-    by_group = {g.number: g for g in tr.groups(trials)}
+    gs = tr.groups(trials)
+    best_g = tr.best_of(gs)
+    best = best_g.first if best_g is not None else None
+    tied = tr.tied_numbers(gs, best_g)
+    by_group = {g.number: g for g in gs}
     front = {t.number for t in study.best_trials} if len(objectives) > 1 else set()
     rows = []
     for t in trials:

@@ -739,7 +739,7 @@ class StudyRecorder:
     def summary(self, study: Any, trials: list[Any]) -> None:
         """Counts by state and the best trial so far, on the parent run (step = trials finished)."""
         from mnistlab.objective import state_label
-        from mnistlab.trials import best_group, tied_numbers
+        from mnistlab.trials import best_of, groups, tied_numbers
 
         counts = {"n_complete": 0, "n_pruned": 0, "n_over_budget": 0, "n_failed": 0, "n_running": 0}
         for t in trials:
@@ -748,27 +748,28 @@ class StudyRecorder:
         finished = sum(1 for t in trials if t.state.is_finished())
         values = dict(counts)
         tags = {}
-        best = best_group(trials)
+        gs = groups(trials)
+        best = best_of(gs)
         if best is not None:
             values.update(best_val_score=best.mean, best_val_se=best.se, best_val_acc=best.first.user_attrs.get(
                 "best_val_acc", best.mean), best_seeds=best.n_seeds)
-            tied = sorted(tied_numbers(trials) - {best.number})
+            tied = sorted(tied_numbers(gs, best) - {best.number})
             tags = {"mnistlab.best_trial": best.number, "mnistlab.best_run": best.first.user_attrs.get("mlflow_run_id"),
                     "mnistlab.tied_with_best": ",".join(map(str, tied)) or "none"}
         try:
             self.tracker.log_metrics(self.parent_id, values, step=finished)
             if tags:
                 self.tracker.set_tags(self.parent_id, tags)
-            self._mark_ranks(trials, best)
+            self._mark_ranks(gs, best)
         except Exception as exc:  # the summary is a convenience; a trial's own data is never at stake
             warnings.warn(f"could not update the study summary in MLflow ({type(exc).__name__})", stacklevel=2)
 
-    def _mark_ranks(self, trials: list[Any], best: Any) -> None:
+    def _mark_ranks(self, gs: list[Any], best: Any) -> None:
         """Tag each scored trial's run ``mnistlab.rank``: best, tied (within noise of it) or behind,
         so the runs table can be filtered on it; only changed tags are written."""
-        from mnistlab.trials import groups, tied
+        from mnistlab.trials import tied
 
-        for g in groups(trials) if best is not None else []:
+        for g in gs if best is not None else []:
             rank = "best" if g.number == best.number else ("tied" if tied(g, best) else "behind")
             for t in g.members:
                 run_id = t.user_attrs.get("mlflow_run_id")

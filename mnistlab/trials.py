@@ -138,22 +138,22 @@ def tied(g: Group, best: Group) -> bool:
     return g.number == best.number or best.mean - g.mean <= Z * math.hypot(g.se, best.se)
 
 
-def best_group(trials: Iterable[FrozenTrial]) -> Group | None:
-    """The configuration a study ranks first: confirmed ones (most seeds) before single seeds."""
-    gs = groups(trials)
+def best_of(gs: list[Group]) -> Group | None:
+    """The group a study ranks first: confirmed ones (most seeds) before single seeds."""
     if not gs:
         return None
     most = max(g.n_seeds for g in gs)
     return min((g for g in gs if g.n_seeds == most), key=rank_key)
 
 
-def tied_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
-    """Trial numbers of the configurations tied with the best one (the best included)."""
-    trials = list(trials)
-    best = best_group(trials)
-    if best is None:
-        return set()
-    return {g.number for g in groups(trials) if tied(g, best)}
+def best_group(trials: Iterable[FrozenTrial]) -> Group | None:
+    """The configuration a study ranks first (see best_of)."""
+    return best_of(groups(trials))
+
+
+def tied_numbers(gs: list[Group], best: Group | None) -> set[int]:
+    """Trial numbers of the groups tied with ``best`` (``best`` included)."""
+    return {g.number for g in gs if tied(g, best)} if best is not None else set()
 
 
 def record_score(trial: Any, val_accs: Sequence[float], val_total: int) -> float:
