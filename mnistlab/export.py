@@ -30,7 +30,7 @@ import numpy as np
 import optuna
 import torch
 
-from mnistlab import checkpoint, data
+from mnistlab import checkpoint, data, interrupts
 from mnistlab import trials as trials_mod
 from mnistlab.config import ExperimentConfig, from_dict
 from mnistlab.errors import UserError, clip
@@ -376,18 +376,17 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
            data_dir: Path | None = None, refit: Any = None) -> Exported:
     """Write the picked trial's model (or, with ``refit``, its exported refit) into ``out``:
     all of it, checked, or nothing."""
-    from mnistlab import study as st
     from mnistlab.tracking import environment
 
     out = _prepare_target(out, force)
     _remove_stale_partials(out)
     trial = choice.trial
-    previous = st._stop_on_signals()  # SIGTERM then raises like SIGINT, so the temporary folder is removed
+    previous = interrupts.stop_on_signals()  # SIGTERM then raises like SIGINT, so the temporary folder is removed
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), suffix=".partial", dir=out.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the delivered folder is an ordinary one
     except OSError as exc:
-        st._restore_signals(previous)
+        interrupts.restore(previous)
         raise UserError(f"export folder {out}: cannot write in {out.parent} ({exc.strerror})") from None
     try:
         if refit is not None:
@@ -437,7 +436,7 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        st._restore_signals(previous)
+        interrupts.restore(previous)
     return Exported(out, test_acc, accuracies, info, x[:2])
 
 

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnistlab import data as data_mod
+from mnistlab import interrupts
 from mnistlab import trials as tr
 from mnistlab.config import ExperimentConfig
 from mnistlab.errors import Interrupted, UserError
@@ -245,6 +246,10 @@ class _Reporter:
         self.history: list[EpochMetrics] = list(history or [])  # from the first epoch, restored ones included
 
     def __call__(self, m: EpochMetrics) -> None:
+        with interrupts.shielded():  # the epoch's records are written whole (a signal waits for them)
+            self._record(m)
+
+    def _record(self, m: EpochMetrics) -> None:
         self.history.append(m)
         if self.run is not None:
             self.run.epoch(m)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mnistlab import checkpoint, data
+from mnistlab import checkpoint, data, interrupts
 from mnistlab.config import ExperimentConfig, from_dict
 from mnistlab.errors import UserError
 from mnistlab.model import build_model, count_params
@@ -217,10 +217,10 @@ def for_choice(choice: Any, study: Any, max_params: int, n_seeds: int, artifacts
     if tracker is not None and attrs.get(st.PARENT_ATTR) and attrs.get(st.EXPERIMENT_ATTR):
         recorder = StudyRecorder(tracker, study.study_name, attrs[st.EXPERIMENT_ATTR], attrs[st.PARENT_ATTR],
                                  Path(str(attrs.get("study_file", ""))), attrs.get(st.ID_ATTR))
-    previous = st._stop_on_signals()
+    previous = interrupts.stop_on_signals()
     try:
         done = run(trial, cfg, n_seeds, max_params, artifacts, recorder, data_dir, verbose)
     finally:
-        st._restore_signals(previous)
+        interrupts.restore(previous)
     study.set_user_attr(f"refit:{trial.number}", done.summary())
     return done

@@ -23,8 +23,9 @@ from typing import Any, NamedTuple
 import optuna
 from optuna.trial import TrialState
 
+from mnistlab import interrupts
 from mnistlab import trials as tr
-from mnistlab.errors import Interrupted, UserError, clip
+from mnistlab.errors import UserError, clip
 from mnistlab.locks import creating
 from mnistlab.objective import Objective, StudyFull, best_trial, search_trained, state_label
 from mnistlab.space import StudyConfig, check_name, make_pruner, make_sampler, safe_name, worker_salt
@@ -124,12 +125,27 @@ def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = Non
         return _connect(url, kwargs, hb, wait)
 
 
+class ShieldedStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage whose calls hold SIGTERM/SIGINT until they return: raised inside
+    SQLAlchemy, the signal could leave a SQLite write lock held (see mnistlab.interrupts)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = super().__getattribute__(name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with interrupts.shielded():
+                return attr(*args, **kwargs)
+        return call
+
+
 def _connect(url: str, kwargs: dict[str, Any], hb: dict[str, Any], wait: float) -> optuna.storages.RDBStorage:
     """Open the storage, retrying creation races and (with ``wait``) a server still starting."""
     deadline, told, races = time.monotonic() + wait, False, 0
     while True:
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **hb)
+            return ShieldedStorage(url, engine_kwargs=kwargs, **hb)
         except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
             detail = _first_line(exc)
             if races < 10 and any(sign in detail.lower() for sign in RACES):
@@ -546,7 +562,7 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
         print(f"study {cfg.name!r} in {mask(url)}; MLflow {mask(tracker.uri)} parent run {recorder.parent_id}",
               flush=True)
     status, code, failure = "FINISHED", 0, None
-    previous = _stop_on_signals()
+    previous = interrupts.stop_on_signals()
     try:
         if opts.workers > 1:
             code = spawn_workers(cfg, opts)
@@ -566,7 +582,7 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
     except Exception as exc:  # a bug: the parent run still ends (FAILED) before its traceback shows
         status, code, failure = "FAILED", 1, exc
     finally:
-        _restore_signals(previous)
+        interrupts.restore(previous)
     if not worker:
         trials = study.get_trials(deepcopy=False)
         recorder.summary(study, trials)
@@ -585,29 +601,6 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
     if failure is not None:
         raise failure
     return code
-
-
-def _stop_on_signals() -> dict[int, Any]:
-    """SIGTERM and SIGINT raise Interrupted once (in the main thread); later ones are ignored
-    while the process records what it was doing."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    fired = []
-
-    def handler(signum: int, frame: Any) -> None:
-        if fired:
-            return
-        fired.append(signum)
-        raise Interrupted(signal.Signals(signum).name)
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore_signals(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -> Any:

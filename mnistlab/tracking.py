@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from mnistlab import interrupts
 from mnistlab.errors import UserError
 from mnistlab.locks import creating
 
@@ -292,7 +293,8 @@ class _Guarded:
             if time.monotonic() < t.offline_until:
                 raise Unreachable(f"MLflow at {mask(t.uri)} is unreachable (retrying later)")
             try:
-                return attr(*args, **kwargs)
+                with interrupts.shielded():  # a signal waits until the store is left consistent
+                    return attr(*args, **kwargs)
             except Exception as exc:
                 if _connection_failure(exc):
                     t.offline_until = time.monotonic() + OFFLINE_SECONDS

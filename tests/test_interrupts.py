@@ -1,0 +1,96 @@
+"""SIGTERM/SIGINT become one Interrupted exception, held while a store is being written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mnistlab import interrupts
+from mnistlab.errors import Interrupted
+from mnistlab.tracking import Tracker
+
+
+@pytest.fixture
+def handlers() -> None:
+    previous = interrupts.stop_on_signals()
+    yield
+    interrupts.restore(previous)
+
+
+def test_a_signal_outside_a_shielded_block_raises_at_once(handlers: None) -> None:
+    with pytest.raises(Interrupted) as caught:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts the sleep
+    assert caught.value.signame == "SIGTERM"
+
+
+def test_a_signal_inside_a_shielded_block_waits_for_its_end(handlers: None) -> None:
+    finished = []
+    with pytest.raises(Interrupted) as caught, interrupts.shielded():
+        with interrupts.shielded():  # nested: held until the outermost block ends
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            finished.append("inner")
+        finished.append("outer")
+    assert finished == ["inner", "outer"] and caught.value.signame == "SIGINT"
+    with interrupts.shielded():  # nothing is held any more
+        pass
+
+
+def test_later_signals_are_ignored_while_the_first_is_handled(handlers: None) -> None:
+    with pytest.raises(Interrupted):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    os.kill(os.getpid(), signal.SIGTERM)  # the process records what it was doing, undisturbed
+    time.sleep(0.05)
+
+
+def test_a_signal_landing_inside_mlflow_writes_leaves_the_store_writable(tmp_path: Path, handlers: None) -> None:
+    """Signals at many points of real writes to a SQLite MLflow store: after each, the run still
+    ends within seconds (raised inside SQLAlchemy, a signal could leave a write lock held)."""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tracker.client.create_experiment("signals")
+    for attempt in range(12):
+        run_id = tracker.start_run(experiment, f"run-{attempt}", {})
+        previous = interrupts.stop_on_signals()  # armed again: each handler fires once
+        delay = 0.002 + 0.004 * attempt
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(Interrupted):
+            for step in range(100_000):
+                tracker.log_metrics(run_id, {"a": step, "b": -step}, step=step)
+        interrupts.restore(previous)
+        started = time.monotonic()
+        tracker.finish(run_id, "KILLED", {"attempt": attempt})
+        assert time.monotonic() - started < 4, f"the store stayed locked after a signal at {delay:.3f} s"
+        assert tracker.client.get_run(run_id).info.status == "KILLED"
+        assert not tracker.pending or tracker.flush()  # what was queued is sent, nothing is lost
+
+
+def test_a_signal_landing_inside_optuna_writes_leaves_the_storage_writable(tmp_path: Path,
+                                                                         handlers: None) -> None:
+    """The same for the study's storage as mnistlab opens it: the trial is still failed at once."""
+    import optuna
+
+    from mnistlab.study import open_storage
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=1),
+                                study_name="signals")
+    for attempt in range(60):
+        trial = study.ask()
+        previous = interrupts.stop_on_signals()
+        delay = 0.002 + 0.0015 * attempt
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(Interrupted):
+            for step in range(100_000):
+                trial.report(float(step), step)
+                trial.set_user_attr("step", step)
+        interrupts.restore(previous)
+        started = time.monotonic()
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        assert time.monotonic() - started < 4, f"the storage stayed locked after a signal at {delay:.3f} s"
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 60
