@@ -27,11 +27,12 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from mnistlab import checkpoint
 from mnistlab.data import sha256
 from mnistlab.objective import trained
 
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
-CHECKPOINT_FILES = ("best.safetensors", "best.json", "last.pt", "last.pt.sha256")
+CHECKPOINT_FILES = checkpoint.KEPT
 
 
 @dataclass
@@ -218,7 +219,6 @@ class Checker:
 
     def backfill(self, t: optuna.trial.FrozenTrial) -> Any:
         """Make the missing run of a trial from its local checkpoint; None if that is gone too."""
-        from mnistlab import checkpoint
         from mnistlab.config import from_dict
         from mnistlab.study import ID_ATTR
         from mnistlab.tracking import StudyRecorder
@@ -239,12 +239,15 @@ class Checker:
     def check_checkpoint(self, t: optuna.trial.FrozenTrial, run: Any) -> None:
         where = f"trial {t.number}"
         listed = {Path(a.path).name for a in self.tracker.client.list_artifacts(run.info.run_id, "checkpoints")}
-        missing = [n for n in ("best.safetensors", "best.json") if n not in listed]
+        # files the run's end could not send: MLflow may hold an older epoch's copy of them
+        unsent = {Path(p).name for p in run.data.tags.get("mnistlab.missing_artifacts", "").split(",") if p}
+        missing = [n for n in CHECKPOINT_FILES
+                   if n in unsent or (n in (checkpoint.BEST, checkpoint.BEST_META) and n not in listed)]
         if missing and self.repair:
             folder = Path(t.user_attrs.get("checkpoint_dir", ""))
             if all((folder / n).is_file() for n in missing):
                 for name in CHECKPOINT_FILES:
-                    if (folder / name).is_file() and name not in listed:
+                    if (folder / name).is_file() and (name not in listed or name in unsent):
                         self.tracker.log_artifact(run.info.run_id, folder / name, "checkpoints")
                 if run.data.tags.get("mnistlab.missing_artifacts"):
                     self.tracker.client.delete_tag(run.info.run_id, "mnistlab.missing_artifacts")

@@ -22,6 +22,13 @@ from mnistlab.data import sha256
 from mnistlab.errors import UserError
 
 LAST, PREV, BEST, BEST_META = "last.pt", "prev.pt", "best.safetensors", "best.json"
+SUM = ".sha256"  # a checkpoint's checksum sidecar: last.pt.sha256
+# What a retry on another machine needs, in the order a trial sends it to its MLflow run each
+# epoch: the best weights first (never older than the epoch checkpoint sent after them), then
+# prev.pt, then last.pt, so a send cut short leaves last.pt failing its checksum and prev.pt whole.
+SHARED = (BEST, BEST_META, PREV, PREV + SUM, LAST + SUM, LAST)
+# The files a finished run keeps in MLflow (prev.pt is only a fallback while it trains).
+KEPT = (BEST, BEST_META, LAST, LAST + SUM)
 
 
 def _write_new(path: Path, data: bytes) -> tuple[Path, str]:
@@ -63,11 +70,16 @@ def _write_text(path: Path, text: str) -> None:
 
 def save_state(directory: Path, state: dict[str, Any]) -> Path:
     """Save an epoch checkpoint as ``last.pt``, keeping the previous one as ``prev.pt``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    last = directory / LAST
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    tmp, digest = _write_new(last, buffer.getvalue())
+    return _install(directory, buffer.getvalue())
+
+
+def _install(directory: Path, data: bytes) -> Path:
+    """``data`` becomes ``last.pt`` (with its sidecar); the one before it becomes ``prev.pt``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    last = directory / LAST
+    tmp, digest = _write_new(last, data)
     if last.exists():
         os.replace(last, directory / PREV)
         sidecar = directory / (LAST + ".sha256")
@@ -108,12 +120,14 @@ def latest_good(directory: Path) -> Path | None:
 STATE_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "torch_rng", "cuda_rng", "batch_rng", "history")
 
 
-def load_latest(directory: Path, map_location: str | torch.device = "cpu") -> tuple[Path | None, dict[str, Any], str]:
+def load_latest(directory: Path, map_location: str | torch.device = "cpu",
+                config: dict[str, Any] | None = None) -> tuple[Path | None, dict[str, Any], str]:
     """The newest usable epoch checkpoint: ``last.pt``, else ``prev.pt``.
 
     Usable means checksum-verified, readable weights-only and holding every STATE_KEYS entry (a
-    sidecar can match a file that was zeroed before it was hashed). Returns (path, state, note):
-    path None and state {} when neither is usable; note says what was passed over, "" if nothing.
+    sidecar can match a file that was zeroed before it was hashed), and, given ``config``, made
+    with that config. Returns (path, state, note): path None and state {} when neither is usable;
+    note says what was passed over, "" if nothing.
     """
     skipped = []
     for name in (LAST, PREV):
@@ -125,6 +139,8 @@ def load_latest(directory: Path, map_location: str | torch.device = "cpu") -> tu
             missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
             if missing:
                 raise UserError(f"{path}: not an epoch checkpoint (no {missing[0]!r})")
+            if config is not None and state["config"] != config:
+                raise UserError(f"{path}: checkpoint of a different config")
         except UserError as exc:
             skipped.append(str(exc))
             continue
@@ -157,3 +173,30 @@ def load_best(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         return load_file(str(path)), meta
     except Exception as exc:  # safetensors raises its own error type for a bad header or truncated data
         raise UserError(f"{path}: unreadable safetensors file ({str(exc)[:200]})") from None
+
+
+def adopt(downloaded: Path, directory: Path, config: dict[str, Any]) -> str:
+    """Take the checkpoint a trial's earlier attempt sent to MLflow (downloaded into
+    ``downloaded``) into the local folder ``directory`` when it is newer than what that folder
+    holds: the local folder is a cache, and the attempt may have run on another machine.
+
+    The remote files pass the same checks as local ones (checksum, weights-only load, every
+    STATE_KEYS entry, the trial's own config); a remote last.pt that fails falls back to its
+    prev.pt. Returns one line saying what was taken or passed over ("" when nothing was there).
+    """
+    remote, state, passed_over = load_latest(downloaded, config=config)
+    if remote is None:
+        return f"no usable checkpoint in MLflow ({passed_over})" if passed_over else ""
+    _, local, _ = load_latest(directory, config=config)
+    note = f" (passed over: {passed_over})" if passed_over else ""
+    if local and local["epoch"] >= state["epoch"]:  # the same machine, or one that ran it further
+        return f"the local checkpoint is as new{note}" if passed_over else ""
+    try:  # the best weights belong with the checkpoint: a resumed run reports from them at its end
+        _, meta = load_best(downloaded)
+    except UserError as exc:
+        return f"MLflow's checkpoint (epoch {state['epoch']}) not taken: {exc}"
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic(directory / BEST, (downloaded / BEST).read_bytes())
+    _write_text(directory / BEST_META, json.dumps(meta, indent=2) + "\n")
+    _install(directory, remote.read_bytes())
+    return f"took the checkpoint after epoch {state['epoch']} from MLflow{note}"

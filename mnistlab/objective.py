@@ -5,6 +5,7 @@ Data and the tracker come in through the callable class, so data loads once per 
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -13,8 +14,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from mnistlab import checkpoint, interrupts
 from mnistlab import data as data_mod
-from mnistlab import interrupts
 from mnistlab import trials as tr
 from mnistlab.config import ExperimentConfig
 from mnistlab.errors import Interrupted, UserError
@@ -48,6 +49,7 @@ class Objective:
         trial.set_user_attr("root_trial", root)
         trial.set_user_attr("checkpoint_dir", str(ckpt))
         device = str(resolve_device(cfg.train.device))
+        earlier_run = trial.user_attrs.get("mlflow_run_id")  # a retry's: the run of the attempt that died
         run = None
         if self.recorder is not None:
             try:
@@ -57,6 +59,8 @@ class Objective:
                               "run, which `mnistlab study check --repair` creates from its checkpoint", stacklevel=2)
                 trial.set_user_attr("mlflow_missing", True)
         resume = root != trial.number
+        if resume and earlier_run and self.recorder is not None:
+            self._fetch(earlier_run, ckpt, cfg)
         restored = restored_history(ckpt) if resume else []  # the epochs train() takes over
         if run is not None:
             run.log_missing(restored)  # they ran before this run existed; a pruned or failed end needs them too
@@ -75,6 +79,22 @@ class Objective:
         if run is not None:
             run.complete(result)
         return self.values(result, n_params)
+
+    def _fetch(self, run_id: str, ckpt: Path, cfg: ExperimentConfig) -> None:
+        """The checkpoint the dying attempt sent to its run, into the local folder when newer:
+        the attempt may have run on another machine."""
+        import tempfile
+
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=ckpt.parent, prefix=".fetch-") as scratch:
+            folder = self.recorder.tracker.download_checkpoints(run_id, Path(scratch))
+            if folder is None:
+                print(f"no checkpoint of run {run_id} could be fetched from MLflow; resuming from what "
+                      f"{ckpt} holds", file=sys.stderr, flush=True)
+                return
+            note = checkpoint.adopt(folder, ckpt, cfg.to_dict())
+        if note:
+            print(f"checkpoint of run {run_id}: {note}", flush=True)
 
     def sample(self, trial: optuna.Trial) -> tuple[ExperimentConfig, int]:
         """The trial's config and exact parameter count; over-budget or invalid ones never train."""
@@ -253,6 +273,7 @@ class _Reporter:
         self.history.append(m)
         if self.run is not None:
             self.run.epoch(m)
+            self.run.share_checkpoint()
         if self.multi:
             return  # Optuna cannot prune multi-objective studies
         self.trial.report(m.val_acc, m.epoch)

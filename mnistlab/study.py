@@ -29,7 +29,7 @@ from mnistlab.errors import UserError, clip
 from mnistlab.locks import creating
 from mnistlab.objective import Objective, StudyFull, best_trial, search_trained, state_label
 from mnistlab.space import StudyConfig, check_name, make_pruner, make_sampler, safe_name, worker_salt
-from mnistlab.tracking import mask, quote_userinfo, split_url
+from mnistlab.tracking import mask, quote_userinfo, sharing_warning, split_url
 from mnistlab.train import Diverged
 
 # Heartbeats and the retry callback are marked experimental; they are what makes workers crash-safe.
@@ -561,6 +561,9 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
         tracker.client.update_run(recorder.parent_id, status="RUNNING")
         print(f"study {cfg.name!r} in {mask(url)}; MLflow {mask(tracker.uri)} parent run {recorder.parent_id}",
               flush=True)
+        shared = sharing_warning(url, tracker, recorder.experiment_id)
+        if shared:
+            print(shared, file=sys.stderr, flush=True)
     status, code, failure = "FINISHED", 0, None
     previous = interrupts.stop_on_signals()
     try:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from mnistlab import interrupts
+from mnistlab import checkpoint, interrupts
 from mnistlab.errors import UserError
 from mnistlab.locks import creating
 
@@ -175,6 +175,24 @@ def _check_migrated(database: Path) -> None:
         raise UserError(f"{broken} and holds no runs: delete {database} and run the command again")
     raise UserError(f"{broken} and holds {runs:,} runs: restore it from a backup, or copy it aside, drop the "
                     f"_alembic_tmp_ tables and run `mlflow db upgrade sqlite:///{database}`")
+
+
+def sharing_warning(storage_url: str, tracker: Tracker, experiment_id: str) -> str | None:
+    """One line when workers on other machines could not share this study's runs and checkpoints:
+    a server storage with a local MLflow store, or a tracking server whose artifacts go to a local
+    path (a server started without proxied artifacts). None when nothing is wrong or can be told."""
+    local = ("", "file", "sqlite")
+    if urlsplit(storage_url).scheme.split("+")[0] not in ("sqlite", "") and urlsplit(tracker.uri).scheme in local:
+        return (f"warning: the study's storage is a database server but MLflow's store {mask(tracker.uri)} is "
+                "local: workers on other machines cannot see these runs or resume from their checkpoints "
+                "(give every worker one `mlflow server` as --tracking-uri)")
+    if urlsplit(tracker.uri).scheme in ("http", "https"):
+        location = tracker.client.get_experiment(experiment_id).artifact_location
+        if urlsplit(location).scheme in ("", "file"):
+            return (f"warning: the MLflow server keeps artifacts at {location}, a path each worker writes on its "
+                    "own disk: start it with proxied artifacts (`mlflow server --artifacts-destination ...`) so "
+                    "that checkpoints reach every machine")
+    return None
 
 
 def describe_error(exc: BaseException) -> str:
@@ -580,6 +598,8 @@ class RunLog:
     def __init__(self, tracker: Tracker, run_id: str, checkpoint_dir: Path, files: dict[str, Path]) -> None:
         self.tracker, self.run_id, self.checkpoint_dir, self.files = tracker, run_id, checkpoint_dir, files
         self.logged: set[int] = set()
+        self.shared: dict[str, tuple[int, int]] = {}  # checkpoint file -> (mtime, size) as last sent
+        self.share_failed = False
 
     @classmethod
     def start(cls, tracker: Tracker, experiment_id: str, name: str, cfg: Any, n_params: int, device: str,
@@ -605,6 +625,29 @@ class RunLog:
         self.tracker.log_epoch(self.run_id, m)
         self.logged.add(m.epoch)
 
+    def share_checkpoint(self) -> None:
+        """Send the epoch's checkpoint files to the run (``checkpoints/``), those changed since the
+        last send, so that a retry on any machine can resume from them. A failed send is said once;
+        training goes on, and the next epoch's send or the end of the run sends what is current."""
+        for name in checkpoint.SHARED:
+            path = self.checkpoint_dir / name
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if self.shared.get(name) == stamp:
+                continue
+            try:
+                self.tracker.log_artifact(self.run_id, path, "checkpoints")
+            except Exception as exc:
+                if not self.share_failed:
+                    warnings.warn(f"could not send the checkpoint to MLflow run {self.run_id} "
+                                  f"({type(exc).__name__}); training goes on and it is sent later", stacklevel=2)
+                    self.share_failed = True
+                return
+            self.shared[name] = stamp
+
     def log_missing(self, history: list[Any]) -> None:
         """Log the epochs of ``history`` this run has not logged: those restored from a checkpoint
         ran before the run existed."""
@@ -615,12 +658,14 @@ class RunLog:
     def _artifacts(self) -> dict[str, str]:
         """Upload the run's files; a failure is reported (and tagged), the files stay on local disk."""
         uploads = [(path, name) for name, path in self.files.items()]
-        uploads += [(self.checkpoint_dir / n, "checkpoints")
-                    for n in ("best.safetensors", "best.json", "last.pt", "last.pt.sha256")]
+        uploads += [(self.checkpoint_dir / n, "checkpoints") for n in checkpoint.KEPT]
         missing = []
         for path, where in uploads:
             if not path.is_file():
                 continue
+            if where == "checkpoints" and self.shared.get(path.name) == (path.stat().st_mtime_ns,
+                                                                         path.stat().st_size):
+                continue  # sent with its epoch already
             try:
                 self.tracker.log_artifact(self.run_id, path, where)
             except Exception as exc:  # an unwritable or unreachable artifact store

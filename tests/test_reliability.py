@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
@@ -27,10 +28,10 @@ SMOKE = ROOT / "studies" / "smoke.yaml"
 SLOW = ["--epochs", "3", "--limit-train", "3000", "--limit-eval", "300", "--threads", "1", "--heartbeat", "1"]
 
 
-def start_worker(*extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_worker(*extra: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mnistlab", "study", "run", str(SMOKE), *SLOW, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd)
 
 
 def wait_for(path: Callable[[], Path], proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -45,8 +46,8 @@ def last_checkpoint(number: int = 0, artifacts: Path = Path("mnistlab-artifacts"
     return lambda: trial_dir(artifacts.resolve(), number) / "last.pt"
 
 
-def check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return run_cli("study", "check", "--name", "smoke", "--heartbeat", "1", *args, env=env)
+def check(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return run_cli("study", "check", "--name", "smoke", "--heartbeat", "1", *args, env=env, cwd=cwd)
 
 
 def uninterrupted_weights(tmp_path: Path) -> dict[str, torch.Tensor]:
@@ -60,9 +61,11 @@ def uninterrupted_weights(tmp_path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(trial_dir(clean / "artifacts", 0) / "best.safetensors"))
 
 
-def wait_until_into_epoch_2(storage_url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Until trial 0 is RUNNING and has reported epoch 1: its checkpoint is on disk, epoch 2 has begun."""
-    wait_for(last_checkpoint(), proc, timeout)  # the study and trial 0 exist from here on
+def wait_until_into_epoch_2(storage_url: str, proc: subprocess.Popen, timeout: float = 300,
+                            artifacts: Path = Path("mnistlab-artifacts")) -> None:
+    """Until trial 0 is RUNNING and has reported epoch 1: its checkpoint is on disk (and sent to
+    its MLflow run, which happens before the report), epoch 2 has begun."""
+    wait_for(last_checkpoint(artifacts=artifacts), proc, timeout)  # the study and trial 0 exist from here on
     s = study.load("smoke", study.open_storage(storage_url, heartbeat=None))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -118,7 +121,6 @@ def test_sigkill_mid_epoch_is_recovered_and_resumed_to_the_same_weights(
     dead, retry = s.trials
     assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE and retry.params == dead.params
     assert retry.user_attrs["root_trial"] == 0 and retry.user_attrs["epochs_run"] == 3
-    from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_db)
     dead_run = client.get_run(dead.user_attrs["mlflow_run_id"])
@@ -132,6 +134,80 @@ def test_sigkill_mid_epoch_is_recovered_and_resumed_to_the_same_weights(
     assert resumed_weights.keys() == clean.keys()
     assert all(torch.equal(resumed_weights[k], clean[k]) for k in clean)  # bit for bit on the CPU
     print(f"SIGKILL to a finished, resumed trial ({recovery}): {resume_seconds:.1f} s")
+
+
+def test_a_trial_killed_on_one_machine_resumes_on_another_from_its_mlflow_checkpoint(
+        tmp_path: Path, pg_url: str, mlflow_server: str) -> None:
+    """Two machines simulated on this one: two working folders, each with its own artifacts
+    folder, sharing only the PostgreSQL storage and a real `mlflow server` with proxied artifacts.
+    Worker A is killed in epoch 2; worker B takes the retry, fetches the checkpoint A sent to
+    MLflow, resumes from it and ends with the weights of an uninterrupted run."""
+    env = {"MNISTLAB_STORAGE": pg_url, "MLFLOW_TRACKING_URI": mlflow_server}
+    machine_a, machine_b = tmp_path / "machine-a", tmp_path / "machine-b"
+    machine_a.mkdir()
+    machine_b.mkdir()
+    worker = start_worker("--n-trials", "1", env=env, cwd=machine_a)
+    wait_until_into_epoch_2(pg_url, worker, artifacts=machine_a / "mnistlab-artifacts")
+    worker.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    worker.wait()
+    saved = checkpoint.load_state(checkpoint.latest_good(trial_dir(machine_a / "mnistlab-artifacts", 0)))["epoch"]
+    wait_until_stale(pg_url)
+    started = time.monotonic()
+    resumed = run_cli("study", "run", str(SMOKE), *SLOW, "--n-trials", "1", "--verbose", env=env, cwd=machine_b)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    out = resumed.stdout
+    assert "took the checkpoint after epoch" in out and "Resuming from" in out, out + resumed.stderr
+    taken = int(out.split("took the checkpoint after epoch ")[1].split()[0])
+    assert taken in (saved, saved - 1) and f"after epoch {taken}" in out  # A's last send, or the one before
+    assert not list((machine_b / "mnistlab-artifacts").glob("*/trial-0/.fetch-*"))  # the download is cleaned up
+    s = study.load("smoke", study.open_storage(pg_url, heartbeat=None))
+    dead, retry = s.trials
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE and retry.params == dead.params
+    steps = [m.step for m in MlflowClient(mlflow_server).get_metric_history(retry.user_attrs["mlflow_run_id"],
+                                                                            "val_acc")]
+    assert sorted(steps) == [1, 2, 3]
+    final = check(env=env, cwd=machine_b)
+    assert final.returncode == 0, final.stdout + final.stderr
+    resumed_weights = load_file(str(trial_dir(machine_b / "mnistlab-artifacts", 0) / "best.safetensors"))
+    clean = uninterrupted_weights(tmp_path)
+    assert all(torch.equal(resumed_weights[k], clean[k]) for k in clean) and resumed_weights.keys() == clean.keys()
+    print(f"killed on A, resumed on B: {time.monotonic() - killed_at:.1f} s from the kill "
+          f"(heartbeat 1 s: stale after 3 s); B's start to finish {time.monotonic() - started:.1f} s")
+
+
+def test_the_artifact_server_down_while_a_checkpoint_is_due_loses_nothing(tmp_path: Path, pg_url: str,
+                                                                        _mlflow_template: Path) -> None:
+    """The MLflow server goes away after epoch 1 (its checkpoint sent) and comes back later: training
+    goes on, and in the end MLflow holds the final checkpoint and every epoch."""
+    shutil.copy(_mlflow_template, tmp_path / "server.db")
+    backend, port = f"sqlite:///{tmp_path / 'server.db'}", free_port()
+    server, url = start_mlflow_server(backend, tmp_path / "server-artifacts", port)
+    env = {"MNISTLAB_STORAGE": pg_url, "MLFLOW_TRACKING_URI": url}
+    worker = start_worker("--n-trials", "1", "--verbose", env=env)
+    try:
+        epochs = (line for line in worker.stdout if line.startswith("Validation:"))
+        assert next(epochs, None), "the worker ended before its first epoch"
+        stop(server)  # epoch 1 and its checkpoint are sent; the next ones are due with no server
+        assert next(epochs, None), "the worker ended before its second epoch"
+        server, _ = start_mlflow_server(backend, tmp_path / "server-artifacts", port)
+        out, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, out + err
+        assert "could not send the checkpoint" in err, err
+        repaired = check("--repair", env=env)  # sends what the end of the trial could not
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        assert check(env=env).returncode == 0
+        (trial,) = study.load("smoke", study.open_storage(pg_url, heartbeat=None)).trials
+        run_id = trial.user_attrs["mlflow_run_id"]
+        client = MlflowClient(url)
+        assert sorted(m.step for m in client.get_metric_history(run_id, "val_acc")) == [1, 2, 3]
+        sent = Path(client.download_artifacts(run_id, "checkpoints", str(tmp_path / "sent")))
+        local = trial_dir(tmp_path / "mnistlab-artifacts", 0)
+        for name in checkpoint.KEPT:
+            assert (sent / name).read_bytes() == (local / name).read_bytes(), name
+    finally:
+        worker.kill()
+        stop(server)
 
 
 def test_sigterm_saves_records_and_exits_within_seconds(tmp_path: Path, mlflow_db: str) -> None:
@@ -148,7 +224,6 @@ def test_sigterm_saves_records_and_exits_within_seconds(tmp_path: Path, mlflow_d
     (first, retry) = s.trials
     assert first.state == TrialState.FAIL and first.user_attrs["reason"].startswith("interrupted by SIGTERM after")
     assert retry.state == TrialState.WAITING and retry.user_attrs["root_trial"] == 0
-    from mlflow import MlflowClient
 
     run = MlflowClient(mlflow_db).get_run(first.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["mnistlab.interrupted"] == "SIGTERM"
@@ -197,6 +272,8 @@ def test_workers_starting_together_on_a_new_postgresql_study(tmp_path: Path, pg_
     results = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0] * n_workers, results
     assert not [err for _, err in results if "Traceback" in err or "Error" in err], results
+    # a server storage with a local MLflow store: fine on one machine, said once for several
+    assert all("workers on other machines cannot see these runs" in err for _, err in results), results
     storage = study.open_storage(pg_url, heartbeat=None)
     import optuna
 
@@ -213,7 +290,6 @@ def test_check_reports_a_record_that_does_not_add_up(tmp_path: Path, mlflow_db: 
     proc = run_cli("study", "run", str(SMOKE), "--epochs", "1", "--limit-train", "600", "--limit-eval", "200",
                    "--n-trials", "1")
     assert proc.returncode == 0, proc.stderr
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     s = study.load("smoke", study.open_storage(None, heartbeat=None))
@@ -280,7 +356,6 @@ def test_commands_starting_together_in_a_fresh_folder_create_each_store_once(tmp
     with sqlite3.connect(tmp_path / "mlflow.db") as con:
         tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     assert "runs" in tables and not [t for t in tables if t.startswith("_alembic_tmp")]
-    from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
@@ -309,7 +384,6 @@ def test_a_resumed_trial_that_is_pruned_logs_its_restored_epochs_and_repair_back
         tmp_path: Path, mlflow_db: str) -> None:
     """Trial 1 (hopeless) is interrupted after epoch 1, resumed, and pruned at epoch 2: its run holds
     both epochs. A run that lacks the restored epoch (as older versions left it) is mended by --repair."""
-    from mlflow import MlflowClient
 
     from mnistlab import space
 

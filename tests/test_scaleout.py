@@ -196,13 +196,31 @@ def test_the_stack_topology_runs_natively(tmp_path: Path, pg_database: Any, data
         created = run_cli("study", "create", str(SMOKE), env=env)
         assert created.returncode == 0, created.stderr
         assert "study 'smoke' ready" in created.stdout
-        cmd = [sys.executable, "-m", "mnistlab", "study", "run", str(SMOKE), "--n-trials", "5",
-               "--artifacts", str(tmp_path / "checkpoints"), *FAST]
-        workers = [subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+        cmd = [sys.executable, "-m", "mnistlab", "study", "run", str(SMOKE), "--n-trials", "5", *FAST]
+        # stateless workers: each its own artifacts folder, as on separate machines
+        workers = [subprocess.Popen([*cmd, "--artifacts", str(tmp_path / f"worker-{i}")], env={**os.environ, **env},
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]
         outputs = [w.communicate(timeout=600)[0] for w in workers]
         assert [w.returncode for w in workers] == [0, 0, 0], outputs
+        assert not [out for out in outputs if "warning: " in out], outputs  # nothing local to any one machine
         assert_consistent(optuna_db, url, n_trained=5)
+    finally:
+        stop(server)
+
+
+@pytest.mark.usefixtures("data_dir")
+def test_a_server_keeping_artifacts_on_each_workers_disk_is_said_at_start(tmp_path: Path, pg_url: str) -> None:
+    """`mlflow server` without proxied artifacts hands clients a local path: each worker would keep
+    its checkpoints on its own disk. The first line of stderr says so; the study still runs."""
+    server, url = start_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "proxied",
+                                      extra=["--no-serve-artifacts", "--default-artifact-root",
+                                             str(tmp_path / "server-local")])
+    try:
+        proc = run_cli("study", "run", str(SMOKE), "--n-trials", "1", "--epochs", "1", "--limit-train", "300",
+                       "--limit-eval", "100", "--storage", pg_url, "--tracking-uri", url)
+        assert proc.returncode == 0, proc.stderr
+        assert "warning: the MLflow server keeps artifacts at" in proc.stderr, proc.stderr
+        assert "proxied artifacts" in proc.stderr
     finally:
         stop(server)
 
