@@ -206,3 +206,74 @@ def test_a_diverging_run_fails_with_its_reason_before_checkpointing(data_dir: Pa
     with pytest.raises(Diverged, match="training diverged at epoch 1: the loss became nan"):
         train(cfg, data.load(cfg.data, "cpu", data_dir), checkpoint_dir=tmp_path, verbose=False)
     assert not (tmp_path / "last.pt").exists()  # no checkpoint of NaN weights
+
+
+@pytest.fixture
+def remote_copy(data_dir: Path, tmp_path: Path) -> tuple[config.ExperimentConfig, Path]:
+    """A trial's checkpoint folder after 2 epochs, as a retry downloads it from MLflow."""
+    cfg = small("train.epochs=2", "data.limit_train=300")
+    train(cfg, data.load(cfg.data, "cpu", data_dir), checkpoint_dir=tmp_path / "remote", verbose=False)
+    return cfg, tmp_path / "remote"
+
+
+def test_a_retry_takes_a_newer_checkpoint_from_mlflow_into_an_empty_folder(
+        remote_copy: tuple[config.ExperimentConfig, Path], tmp_path: Path) -> None:
+    cfg, remote = remote_copy
+    note = checkpoint.adopt(remote, tmp_path / "local", cfg.to_dict())
+    assert note == "took the checkpoint after epoch 2 from MLflow"
+    assert checkpoint.load_state(tmp_path / "local" / "last.pt")["epoch"] == 2
+    weights, _ = checkpoint.load_best(tmp_path / "local")
+    assert weights.keys() == checkpoint.load_best(remote)[0].keys()
+    # taken again: the local folder is as new now, nothing changes and nothing is said
+    assert checkpoint.adopt(remote, tmp_path / "local", cfg.to_dict()) == ""
+
+
+def test_a_damaged_remote_last_checkpoint_falls_back_to_its_prev(
+        remote_copy: tuple[config.ExperimentConfig, Path], tmp_path: Path) -> None:
+    cfg, remote = remote_copy
+    last = remote / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # a send cut short
+    note = checkpoint.adopt(remote, tmp_path / "local", cfg.to_dict())
+    assert note.startswith("took the checkpoint after epoch 1 from MLflow (passed over: ")
+    assert "checksum does not match" in note
+    assert checkpoint.load_state(tmp_path / "local" / "last.pt")["epoch"] == 1
+
+
+def test_remote_checkpoints_of_another_config_or_all_damaged_are_refused(
+        remote_copy: tuple[config.ExperimentConfig, Path], tmp_path: Path) -> None:
+    cfg, remote = remote_copy
+    other = config.replace(cfg, model={"dropout": 0.1}).to_dict()
+    note = checkpoint.adopt(remote, tmp_path / "local", other)
+    assert note.startswith("no usable checkpoint in MLflow") and "checkpoint of a different config" in note
+    assert not (tmp_path / "local").exists()  # nothing taken
+    for name in ("last.pt", "prev.pt"):
+        (remote / name).write_bytes(b"")
+    note = checkpoint.adopt(remote, tmp_path / "local", cfg.to_dict())
+    assert note.startswith("no usable checkpoint in MLflow") and not (tmp_path / "local").exists()
+
+
+def test_a_remote_checkpoint_without_its_best_weights_is_not_taken(
+        remote_copy: tuple[config.ExperimentConfig, Path], tmp_path: Path) -> None:
+    cfg, remote = remote_copy
+    (remote / "best.safetensors").write_bytes(b"not the weights")
+    note = checkpoint.adopt(remote, tmp_path / "local", cfg.to_dict())
+    assert note.startswith("MLflow's checkpoint (epoch 2) not taken") and not (tmp_path / "local").exists()
+
+
+def test_a_local_checkpoint_as_new_as_the_remote_one_is_kept(
+        remote_copy: tuple[config.ExperimentConfig, Path], tmp_path: Path, data_dir: Path) -> None:
+    cfg, remote = remote_copy
+    local = tmp_path / "local"
+    train(cfg, data.load(cfg.data, "cpu", data_dir), checkpoint_dir=local, verbose=False)
+    before = (local / "last.pt").read_bytes()
+    assert checkpoint.adopt(remote, local, cfg.to_dict()) == ""
+    assert (local / "last.pt").read_bytes() == before
+
+
+def test_a_malicious_remote_checkpoint_is_never_unpickled(tmp_path: Path) -> None:
+    marker, remote = tmp_path / "pwned", tmp_path / "remote"
+    remote.mkdir()
+    torch.save({"epoch": 9, "evil": _Payload(marker)}, remote / "last.pt")
+    (remote / "last.pt.sha256").write_text(data.sha256(remote / "last.pt") + "\n")
+    note = checkpoint.adopt(remote, tmp_path / "local", {})
+    assert "unreadable checkpoint" in note and not marker.exists() and not (tmp_path / "local").exists()
