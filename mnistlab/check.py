@@ -128,12 +128,13 @@ class Checker:
         from mnistlab.study import ID_ATTR
         from mnistlab.tracking import PARENT_TAG, STUDY_ID_TAG, STUDY_TAG, TRIAL_TAG
 
-        client = self.tracker.client
         attrs = self.study.user_attrs
         parent_id, experiment = attrs["mlflow_parent_run_id"], attrs.get("mlflow_experiment_id")
         uid = attrs.get(ID_ATTR)
         query = f"tags.`{STUDY_TAG}` = '{self.study.study_name}'"
-        runs = _all_runs(client, experiment, query + (f" AND tags.`{STUDY_ID_TAG}` = '{uid}'" if uid else ""))
+        if uid:
+            query += f" AND tags.`{STUDY_ID_TAG}` = '{uid}'"
+        runs = self.tracker.search_all_runs(experiment, query)
         if not uid:  # a study made before ids: runs of a newer same-named study are not its own
             runs = [r for r in runs if STUDY_ID_TAG not in r.data.tags]
         by_trial: dict[int, list[Any]] = collections.defaultdict(list)
@@ -153,10 +154,10 @@ class Checker:
                 self.check_trial_run(t, by_trial.get(t.number, []))
         self.check_kind(experiment)
         any_running = any(t.state == TrialState.RUNNING for t in self.study.get_trials(deepcopy=False))
-        parent = client.get_run(parent_id)
+        parent = self.tracker.get_run(parent_id)
         if parent.info.status == "RUNNING" and not any_running:
             if self.repair:
-                client.set_terminated(parent_id, "FINISHED")
+                self.tracker.finish(parent_id, "FINISHED")
                 self.note(f"parent run {parent_id}", "RUNNING with no trial running: ended FINISHED", fixed=True)
             else:
                 self.note(f"parent run {parent_id}", "RUNNING although no trial is running")
@@ -195,7 +196,7 @@ class Checker:
         if run.info.status != expected and run.info.status != "RUNNING":
             self.note(where, f"MLflow run {run.info.run_id} is {run.info.status}, expected {expected}")
         epochs = t.user_attrs.get("epochs_run") or t.user_attrs.get("pruned_at_epoch")
-        steps = [m.step for m in self.tracker.client.get_metric_history(run.info.run_id, "val_acc")]
+        steps = [step for step, _ in self.tracker.metric_history(run.info.run_id, "val_acc")]
         if epochs is not None and sorted(steps) != list(range(1, int(epochs) + 1)):
             dupes = sorted(s for s, n in collections.Counter(steps).items() if n > 1)
             logged = self.log_epochs(t, run.info.run_id, int(epochs)) if self.repair and not dupes else []
@@ -234,11 +235,11 @@ class Checker:
         recorder = StudyRecorder(self.tracker, self.study.study_name, attrs.get("mlflow_experiment_id"),
                                  attrs["mlflow_parent_run_id"], Path(attrs.get("study_file", "")), attrs.get(ID_ATTR))
         run_id = recorder.backfill(t, from_dict(state["config"], str(last)), history[:epochs], folder)
-        return self.tracker.client.get_run(run_id)
+        return self.tracker.get_run(run_id)
 
     def check_checkpoint(self, t: optuna.trial.FrozenTrial, run: Any) -> None:
         where = f"trial {t.number}"
-        listed = {Path(a.path).name for a in self.tracker.client.list_artifacts(run.info.run_id, "checkpoints")}
+        listed = self.tracker.checkpoint_names(run.info.run_id)
         # files the run's end could not send: MLflow may hold an older epoch's copy of them
         unsent = {Path(p).name for p in run.data.tags.get("mnistlab.missing_artifacts", "").split(",") if p}
         missing = [n for n in CHECKPOINT_FILES
@@ -250,16 +251,15 @@ class Checker:
                     if (folder / name).is_file() and (name not in listed or name in unsent):
                         self.tracker.log_artifact(run.info.run_id, folder / name, "checkpoints")
                 if run.data.tags.get("mnistlab.missing_artifacts"):
-                    self.tracker.client.delete_tag(run.info.run_id, "mnistlab.missing_artifacts")
+                    self.tracker.delete_tag(run.info.run_id, "mnistlab.missing_artifacts")
                 self.note(where, f"uploaded {', '.join(missing)} from {folder}", fixed=True)
                 missing = []
         if missing:
             self.note(where, f"MLflow run {run.info.run_id} lacks checkpoints/{', checkpoints/'.join(missing)}")
             return
         with tempfile.TemporaryDirectory() as tmp:
-            got = Path(self.tracker.client.download_artifacts(run.info.run_id, "checkpoints/best.json", tmp))
-            weights = Path(self.tracker.client.download_artifacts(run.info.run_id, "checkpoints/best.safetensors",
-                                                                  tmp))
+            got = self.tracker.download_artifact(run.info.run_id, "checkpoints/best.json", Path(tmp))
+            weights = self.tracker.download_artifact(run.info.run_id, "checkpoints/best.safetensors", Path(tmp))
             try:
                 recorded = json.loads(got.read_text()).get("sha256")
             except ValueError:
@@ -271,16 +271,6 @@ class Checker:
         dirs = {Path(t.user_attrs["checkpoint_dir"]) for t in self.study.get_trials(deepcopy=False)
                 if t.user_attrs.get("checkpoint_dir")}
         return sorted(d for d in dirs if d.is_dir())
-
-
-def _all_runs(client: Any, experiment: str | None, query: str) -> list[Any]:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment], query, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def check(study: optuna.Study, tracker: Any, repair: bool = False) -> list[Finding]:

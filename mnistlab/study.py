@@ -558,7 +558,7 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
     study, storage, recorder, tracker, url = prepare(cfg, opts)
     worker = "MNISTLAB_WORKER" in os.environ
     if not worker:
-        tracker.client.update_run(recorder.parent_id, status="RUNNING")
+        tracker.set_status(recorder.parent_id, "RUNNING")
         print(f"study {cfg.name!r} in {mask(url)}; MLflow {mask(tracker.uri)} parent run {recorder.parent_id}",
               flush=True)
         shared = sharing_warning(url, tracker, recorder.experiment_id)

@@ -561,6 +561,33 @@ class Tracker:
         """(step, value) pairs of one metric of a run."""
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
+    def get_run(self, run_id: str) -> Any:
+        return self.client.get_run(run_id)
+
+    def search_all_runs(self, experiment_id: str | None, query: str) -> list[Any]:
+        """Every run of the experiment matching ``query``, page by page."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def set_status(self, run_id: str, status: str) -> None:
+        """Mark a run RUNNING again (a study continued) without ending it."""
+        self.client.update_run(run_id, status=status)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self.client.delete_tag(run_id, key)
+
+    def checkpoint_names(self, run_id: str) -> set[str]:
+        """The file names under the run's ``checkpoints/`` artifacts."""
+        return {Path(a.path).name for a in self.client.list_artifacts(run_id, "checkpoints")}
+
+    def download_artifact(self, run_id: str, path: str, into: Path) -> Path:
+        return Path(self.client.download_artifacts(run_id, path, str(into)))
+
     def log_missing_epochs(self, run_id: str, history: list[Any]) -> list[int]:
         """Log the epochs of ``history`` a run lacks, metric by metric (a present value is never
         logged twice); returns the epochs that were missing from any metric."""
