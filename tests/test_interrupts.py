@@ -59,8 +59,8 @@ def test_a_signal_landing_inside_mlflow_writes_leaves_the_store_writable(tmp_pat
         run_id = tracker.start_run(experiment, f"run-{attempt}", {})
         previous = interrupts.stop_on_signals()  # armed again: each handler fires once
         delay = 0.002 + 0.004 * attempt
-        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
-        with pytest.raises(Interrupted):
+        with pytest.raises(Interrupted):  # the timer starts inside: its signal can never land outside
+            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
             for step in range(100_000):
                 tracker.log_metrics(run_id, {"a": step, "b": -step}, step=step)
         interrupts.restore(previous)
@@ -84,8 +84,8 @@ def test_a_signal_landing_inside_optuna_writes_leaves_the_storage_writable(tmp_p
         trial = study.ask()
         previous = interrupts.stop_on_signals()
         delay = 0.002 + 0.0015 * attempt
-        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
         with pytest.raises(Interrupted):
+            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
             for step in range(100_000):
                 trial.report(float(step), step)
                 trial.set_user_attr("step", step)
