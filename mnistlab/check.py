@@ -259,14 +259,14 @@ class Checker:
             self.note(where, f"MLflow run {run.info.run_id} lacks checkpoints/{', checkpoints/'.join(missing)}")
             return
         with tempfile.TemporaryDirectory() as tmp:
-            got = self.tracker.download_artifact(run.info.run_id, "checkpoints/best.json", Path(tmp))
-            weights = self.tracker.download_artifact(run.info.run_id, "checkpoints/best.safetensors", Path(tmp))
+            got = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{checkpoint.BEST_META}", Path(tmp))
+            weights = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{checkpoint.BEST}", Path(tmp))
             try:
                 recorded = json.loads(got.read_text()).get("sha256")
             except ValueError:
                 recorded = None
             if recorded != sha256(weights):
-                self.note(where, "checkpoints/best.safetensors does not match the SHA-256 in best.json")
+                self.note(where, f"checkpoints/{checkpoint.BEST} does not match the SHA-256 in {checkpoint.BEST_META}")
 
     def _checkpoint_dirs(self) -> list[Path]:
         dirs = {Path(t.user_attrs[tr.CHECKPOINT_DIR]) for t in self.study.get_trials(deepcopy=False)
