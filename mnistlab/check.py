@@ -28,6 +28,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnistlab import checkpoint
+from mnistlab import trials as tr
 from mnistlab.data import sha256
 from mnistlab.objective import trained
 
@@ -114,13 +115,13 @@ class Checker:
             if n > 1:
                 self.note(f"trial {number}", f"number used {n} times")
         retried = {t.system_attrs.get("failed_trial") for t in trials} | {
-            t.user_attrs.get("retry_of_trial") for t in trials}
+            t.user_attrs.get(tr.RETRY_OF_TRIAL) for t in trials}
         for t in trials:
             if t.state == TrialState.RUNNING:
                 self.note(f"trial {t.number}", "RUNNING" + (" (its worker is alive, or --repair fails it once its "
                                                             "heartbeat is stale)" if not self.repair else
                                                             " and its worker is still sending heartbeats"))
-            elif t.state == TrialState.FAIL and not t.user_attrs.get("reason") and t.number not in retried:
+            elif t.state == TrialState.FAIL and not t.user_attrs.get(tr.REASON) and t.number not in retried:
                 self.note(f"trial {t.number}", "FAIL without a reason")
 
     # -- MLflow --------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class Checker:
         expected = RUN_STATUS[t.state]
         if run.info.status != expected and run.info.status != "RUNNING":
             self.note(where, f"MLflow run {run.info.run_id} is {run.info.status}, expected {expected}")
-        epochs = t.user_attrs.get("epochs_run") or t.user_attrs.get("pruned_at_epoch")
+        epochs = t.user_attrs.get(tr.EPOCHS_RUN) or t.user_attrs.get(tr.PRUNED_AT_EPOCH)
         steps = [step for step, _ in self.tracker.metric_history(run.info.run_id, "val_acc")]
         if epochs is not None and sorted(steps) != list(range(1, int(epochs) + 1)):
             dupes = sorted(s for s, n in collections.Counter(steps).items() if n > 1)
@@ -213,7 +214,7 @@ class Checker:
         trial took over were missing from runs that ended pruned); [] when the checkpoint lacks them."""
         from mnistlab.train import restored_history
 
-        history = [m for m in restored_history(Path(t.user_attrs.get("checkpoint_dir", ""))) if m.epoch <= epochs]
+        history = [m for m in restored_history(Path(t.user_attrs.get(tr.CHECKPOINT_DIR, ""))) if m.epoch <= epochs]
         if [m.epoch for m in history] != list(range(1, epochs + 1)):
             return []
         return self.tracker.log_missing_epochs(run_id, history)
@@ -225,12 +226,12 @@ class Checker:
         from mnistlab.tracking import StudyRecorder
         from mnistlab.train import EpochMetrics
 
-        folder = Path(t.user_attrs.get("checkpoint_dir", ""))
+        folder = Path(t.user_attrs.get(tr.CHECKPOINT_DIR, ""))
         last, state, _ = checkpoint.load_latest(folder) if folder.is_dir() else (None, {}, "")
         if last is None:
             return None
         history = [EpochMetrics(**m) for m in state["history"]]
-        epochs = t.user_attrs.get("epochs_run") or t.user_attrs.get("pruned_at_epoch") or len(history)
+        epochs = t.user_attrs.get(tr.EPOCHS_RUN) or t.user_attrs.get(tr.PRUNED_AT_EPOCH) or len(history)
         attrs = self.study.user_attrs
         recorder = StudyRecorder(self.tracker, self.study.study_name, attrs.get("mlflow_experiment_id"),
                                  attrs["mlflow_parent_run_id"], Path(attrs.get("study_file", "")), attrs.get(ID_ATTR))
@@ -245,7 +246,7 @@ class Checker:
         missing = [n for n in CHECKPOINT_FILES
                    if n in unsent or (n in (checkpoint.BEST, checkpoint.BEST_META) and n not in listed)]
         if missing and self.repair:
-            folder = Path(t.user_attrs.get("checkpoint_dir", ""))
+            folder = Path(t.user_attrs.get(tr.CHECKPOINT_DIR, ""))
             if all((folder / n).is_file() for n in missing):
                 for name in CHECKPOINT_FILES:
                     if (folder / name).is_file() and (name not in listed or name in unsent):
@@ -258,18 +259,18 @@ class Checker:
             self.note(where, f"MLflow run {run.info.run_id} lacks checkpoints/{', checkpoints/'.join(missing)}")
             return
         with tempfile.TemporaryDirectory() as tmp:
-            got = self.tracker.download_artifact(run.info.run_id, "checkpoints/best.json", Path(tmp))
-            weights = self.tracker.download_artifact(run.info.run_id, "checkpoints/best.safetensors", Path(tmp))
+            got = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{checkpoint.BEST_META}", Path(tmp))
+            weights = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{checkpoint.BEST}", Path(tmp))
             try:
                 recorded = json.loads(got.read_text()).get("sha256")
             except ValueError:
                 recorded = None
             if recorded != sha256(weights):
-                self.note(where, "checkpoints/best.safetensors does not match the SHA-256 in best.json")
+                self.note(where, f"checkpoints/{checkpoint.BEST} does not match the SHA-256 in {checkpoint.BEST_META}")
 
     def _checkpoint_dirs(self) -> list[Path]:
-        dirs = {Path(t.user_attrs["checkpoint_dir"]) for t in self.study.get_trials(deepcopy=False)
-                if t.user_attrs.get("checkpoint_dir")}
+        dirs = {Path(t.user_attrs[tr.CHECKPOINT_DIR]) for t in self.study.get_trials(deepcopy=False)
+                if t.user_attrs.get(tr.CHECKPOINT_DIR)}
         return sorted(d for d in dirs if d.is_dir())
 
 

@@ -54,7 +54,7 @@ def _atomic(path: Path, data: bytes) -> str:
     """Replace ``path`` by ``data`` all at once (temporary file, fsync, rename); returns sha256."""
     tmp, digest = _write_new(path, data)
     os.replace(tmp, path)
-    _write_text(path.with_name(path.name + ".sha256"), digest + "\n")
+    _write_text(path.with_name(path.name + SUM), digest + "\n")
     return digest
 
 
@@ -82,17 +82,17 @@ def _install(directory: Path, data: bytes) -> Path:
     tmp, digest = _write_new(last, data)
     if last.exists():
         os.replace(last, directory / PREV)
-        sidecar = directory / (LAST + ".sha256")
+        sidecar = directory / (LAST + SUM)
         if sidecar.exists():
-            os.replace(sidecar, directory / (PREV + ".sha256"))
+            os.replace(sidecar, directory / (PREV + SUM))
     os.replace(tmp, last)
-    _write_text(directory / (LAST + ".sha256"), digest + "\n")
+    _write_text(directory / (LAST + SUM), digest + "\n")
     return last
 
 
 def verified(path: Path) -> bool:
     """True when ``path`` exists and matches its recorded checksum."""
-    sidecar = path.with_name(path.name + ".sha256")
+    sidecar = path.with_name(path.name + SUM)
     if not path.is_file() or not sidecar.is_file():
         return False
     return sidecar.read_text().strip() == sha256(path)

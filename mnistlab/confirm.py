@@ -25,7 +25,7 @@ from mnistlab.space import Confirm
 def search_over(trials: list[FrozenTrial]) -> bool:
     """No search trial is running or waiting: the finalists can no longer change."""
     return not any(not tr.is_repeat(t) and (t.state == TrialState.WAITING or
-                                            (t.state == TrialState.RUNNING and t.user_attrs.get("trained", True)))
+                                            (t.state == TrialState.RUNNING and t.user_attrs.get(tr.TRAINED, True)))
                    for t in trials)
 
 
@@ -61,7 +61,7 @@ def _present(t: FrozenTrial) -> bool:
     """A repeat that is queued, running or done (a failed one is retried, a declined one counts as absent)."""
     if t.state == TrialState.WAITING:
         return True
-    return t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("trained", 1)
+    return t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get(tr.TRAINED, 1)
 
 
 def enqueue_missing(study: optuna.Study, confirm: Confirm, base_seed: int) -> int:

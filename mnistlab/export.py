@@ -67,7 +67,7 @@ def candidates(study: optuna.Study) -> list[trials_mod.Group]:
     """Configurations of completed, trained trials within the study's budget, seed repeats grouped."""
     budget = study.user_attrs.get("max_params")
     return [g for g in trials_mod.groups(study.get_trials(deepcopy=False))
-            if "param_count" in g.first.user_attrs and (budget is None or g.params <= budget)]
+            if trials_mod.PARAM_COUNT in g.first.user_attrs and (budget is None or g.params <= budget)]
 
 
 def pareto(groups: list[trials_mod.Group]) -> list[trials_mod.Group]:
@@ -146,8 +146,10 @@ def describe(choice: Choice) -> str:
         per_seed = ", ".join(f"seed {m.user_attrs.get(trials_mod.SEED, _seed(m))} {trials_mod.score(m):.2f}%"
                              for m in g.members)
         lines.append(f"  per seed:        {per_seed}")
-    lines.append(f"  best epoch:      {_acc(t):.2f}% validation (epoch {a.get('best_epoch')} of {a.get('epochs_run')})")
-    lines.append(f"  test acc:        {a.get('test_acc', float('nan')):.2f}% on {_measured(t)} (trial {t.number}'s "
+    epoch, epochs = a.get(trials_mod.BEST_EPOCH), a.get(trials_mod.EPOCHS_RUN)
+    lines.append(f"  best epoch:      {_acc(t):.2f}% validation (epoch {epoch} of {epochs})")
+    test_acc = a.get(trials_mod.TEST_ACC, float("nan"))
+    lines.append(f"  test acc:        {test_acc:.2f}% on {_measured(t)} (trial {t.number}'s "
                  "best-epoch weights; reported, never used to choose)")
     cfg = _recorded_config(t)
     if cfg is not None:
@@ -156,8 +158,8 @@ def describe(choice: Choice) -> str:
         lines.append(f"  lr:              {cfg.train.lr:g} ({cfg.train.schedule}, {cfg.train.optimizer})")
     for key in sorted(t.params):
         lines.append(f"  {key + ':':<17}{t.params[key]}")
-    lines.append(f"  MLflow run:      {a.get('mlflow_run_id', '-')}")
-    lines.append(f"  checkpoint:      {a.get('checkpoint_dir', '-')}")
+    lines.append(f"  MLflow run:      {a.get(trials_mod.MLFLOW_RUN_ID, '-')}")
+    lines.append(f"  checkpoint:      {a.get(trials_mod.CHECKPOINT_DIR, '-')}")
     if choice.tied:
         lines.append("")
         lines.append(f"within noise of the best (difference under {trials_mod.Z} standard errors):")
@@ -172,12 +174,12 @@ def _seed(t: optuna.trial.FrozenTrial) -> Any:
 
 
 def _acc(t: optuna.trial.FrozenTrial) -> float:
-    return float(t.user_attrs["best_val_acc"])
+    return float(t.user_attrs[trials_mod.BEST_VAL_ACC])
 
 
 def _recorded_config(t: optuna.trial.FrozenTrial) -> ExperimentConfig | None:
     """The full config a trial trained, from its checkpoint folder's best.json (None if not here)."""
-    meta = Path(t.user_attrs.get("checkpoint_dir", "")) / checkpoint.BEST_META
+    meta = Path(t.user_attrs.get(trials_mod.CHECKPOINT_DIR, "")) / checkpoint.BEST_META
     try:
         return from_dict(json.loads(meta.read_text())["config"], str(meta))
     except (OSError, ValueError, KeyError, UserError):
@@ -193,8 +195,8 @@ def trial_weights(trial: optuna.trial.FrozenTrial, tracker: Any, scratch: Path
     Read from the trial's checkpoint folder; where that is gone (another machine), from the
     checkpoints its MLflow run stored.
     """
-    folder = Path(trial.user_attrs.get("checkpoint_dir", ""))
-    run_id = trial.user_attrs.get("mlflow_run_id")
+    folder = Path(trial.user_attrs.get(trials_mod.CHECKPOINT_DIR, ""))
+    run_id = trial.user_attrs.get(trials_mod.MLFLOW_RUN_ID)
     if not (folder / checkpoint.BEST).is_file() and run_id and tracker is not None:
         folder = tracker.download_checkpoints(run_id, scratch) or folder
     if not (folder / checkpoint.BEST).is_file():
@@ -203,9 +205,9 @@ def trial_weights(trial: optuna.trial.FrozenTrial, tracker: Any, scratch: Path
     weights, meta = checkpoint.load_best(folder)
     cfg = from_dict(meta.get("config"), f"{folder / checkpoint.BEST_META}")
     n_params = count_params(cfg.model)
-    if n_params != trial.user_attrs.get("param_count", n_params):
+    if n_params != trial.user_attrs.get(trials_mod.PARAM_COUNT, n_params):
         raise UserError(f"{folder / checkpoint.BEST_META}: its config has {n_params:,} params, "
-                        f"trial {trial.number} recorded {trial.user_attrs['param_count']:,}")
+                        f"trial {trial.number} recorded {trial.user_attrs[trials_mod.PARAM_COUNT]:,}")
     net = build_model(cfg.model)
     try:
         net.load_state_dict(weights, strict=True)
@@ -405,17 +407,17 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
             "format": FORMAT,
             "study": study.study_name,
             "trial": trial.number,
-            "mlflow_run_id": refit.exported.run_id if refit is not None else a.get("mlflow_run_id"),
+            "mlflow_run_id": refit.exported.run_id if refit is not None else a.get(trials_mod.MLFLOW_RUN_ID),
             "params": count_params(cfg.model),
-            "val_acc": meta.get("val_acc") or a.get("best_val_acc"),
+            "val_acc": meta.get("val_acc") or a.get(trials_mod.BEST_VAL_ACC),
             "val_score": round(choice.group.mean, 4),
             "val_score_se": round(choice.group.se, 4),
             "val_seeds": choice.group.n_seeds,
-            "best_epoch": meta.get("epoch", a.get("best_epoch")),
-            "epochs_run": a.get("epochs_run"),
+            "best_epoch": meta.get("epoch", a.get(trials_mod.BEST_EPOCH)),
+            "epochs_run": a.get(trials_mod.EPOCHS_RUN),
             "test_acc": test_acc,
             "test_images": int(len(y)),
-            "trial_test_acc": a.get("test_acc"),
+            "trial_test_acc": a.get(trials_mod.TEST_ACC),
             "trial_test_images": cfg.data.limit_eval or data.SIZES["test"],
             "picked_by": choice.rule,
             "refit": refit.summary() if refit is not None else None,
@@ -502,14 +504,14 @@ def _learning_curves(trial: optuna.trial.FrozenTrial, tracker: Any, path: Path) 
     from mnistlab.report import _pyplot, _save
 
     series: dict[str, list[tuple[int, float]]] = {}
-    run_id = trial.user_attrs.get("mlflow_run_id")
+    run_id = trial.user_attrs.get(trials_mod.MLFLOW_RUN_ID)
     if tracker is not None and run_id:
         try:
             series = {k: tracker.metric_history(run_id, k) for k in ("train_acc", "val_acc")}
         except Exception:  # an unreachable server: fall back to the checkpoint
             series = {}
     if not any(series.values()):
-        last = Path(trial.user_attrs.get("checkpoint_dir", "")) / checkpoint.LAST
+        last = Path(trial.user_attrs.get(trials_mod.CHECKPOINT_DIR, "")) / checkpoint.LAST
         if checkpoint.verified(last):
             history = checkpoint.load_state(last)["history"]
             series = {k: [(m["epoch"], m[k]) for m in history] for k in ("train_acc", "val_acc")}

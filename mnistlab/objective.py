@@ -24,7 +24,6 @@ from mnistlab.space import StudyConfig
 from mnistlab.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-DIVERGED = "diverged"  # trial attribute: the trial failed because its loss became NaN or infinite
 
 
 class StudyFull(Exception):
@@ -44,12 +43,12 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         cfg, n_params = self.sample(trial)
-        root = trial.user_attrs.get("root_trial", trial.number)  # a retry keeps its original's folder
+        root = trial.user_attrs.get(tr.ROOT_TRIAL, trial.number)  # a retry keeps its original's folder
         ckpt = self.artifacts / self.folder / f"trial-{root}"
-        trial.set_user_attr("root_trial", root)
-        trial.set_user_attr("checkpoint_dir", str(ckpt))
+        trial.set_user_attr(tr.ROOT_TRIAL, root)
+        trial.set_user_attr(tr.CHECKPOINT_DIR, str(ckpt))
         device = str(resolve_device(cfg.train.device))
-        earlier_run = trial.user_attrs.get("mlflow_run_id")  # a retry's: the run of the attempt that died
+        earlier_run = trial.user_attrs.get(tr.MLFLOW_RUN_ID)  # a retry's: the run of the attempt that died
         run = None
         if self.recorder is not None:
             try:
@@ -57,7 +56,7 @@ class Objective:
             except Exception as exc:  # MLflow is down: train anyway; `study check --repair` makes the run later
                 warnings.warn(f"MLflow unreachable ({type(exc).__name__}); trial {trial.number} trains without its "
                               "run, which `mnistlab study check --repair` creates from its checkpoint", stacklevel=2)
-                trial.set_user_attr("mlflow_missing", True)
+                trial.set_user_attr(tr.MLFLOW_MISSING, True)
         resume = root != trial.number
         if resume and earlier_run and self.recorder is not None:
             self._fetch(earlier_run, ckpt, cfg)
@@ -107,12 +106,12 @@ class Objective:
         try:
             cfg = self.study.trial_config(values, extra)
         except UserError as exc:
-            trial.set_user_attr("reason", f"invalid config: {exc}")
+            trial.set_user_attr(tr.REASON, f"invalid config: {exc}")
             raise optuna.TrialPruned("invalid config") from None
         n_params = count_params(cfg.model)
-        trial.set_user_attr("param_count", n_params)
+        trial.set_user_attr(tr.PARAM_COUNT, n_params)
         if n_params > self.study.max_params:
-            trial.set_user_attr("reason", f"over budget: {n_params:,} > {self.study.max_params:,} params "
+            trial.set_user_attr(tr.REASON, f"over budget: {n_params:,} > {self.study.max_params:,} params "
                                           f"(rejected in {1000 * (time.perf_counter() - start):.1f} ms)")
             raise optuna.TrialPruned("over budget")
         if repeat is None:
@@ -153,19 +152,19 @@ def _failed(trial: optuna.Trial, exc: BaseException, root: int, run_id: str | No
     else:
         reason = f"{type(exc).__name__}: {exc}"[:1000]
     try:
-        trial.set_user_attr("reason", reason)
+        trial.set_user_attr(tr.REASON, reason)
         if isinstance(exc, Diverged):
-            trial.set_user_attr(DIVERGED, True)
+            trial.set_user_attr(tr.DIVERGED, True)
         study = getattr(trial, "study", None)
         if retryable(exc) and study is not None:
-            attrs = {"root_trial": root, "retry_of_trial": trial.number}
+            attrs = {tr.ROOT_TRIAL: root, tr.RETRY_OF_TRIAL: trial.number}
             for key in (tr.REPEAT_OF, tr.SEED):  # a seed repeat's retry is still that repeat
                 if key in trial.user_attrs:
                     attrs[key] = trial.user_attrs[key]
             if run_id:
-                attrs["mlflow_run_id"] = run_id  # the retry's run links to this one
+                attrs[tr.MLFLOW_RUN_ID] = run_id  # the retry's run links to this one
             study.enqueue_trial(dict(trial.params), user_attrs=attrs)
-            trial.set_user_attr("retried", True)
+            trial.set_user_attr(tr.RETRIED, True)
     except Exception:  # the storage itself may be what failed; the exception still propagates
         pass
 
@@ -182,8 +181,8 @@ def trained(t: optuna.trial.FrozenTrial) -> bool:
     """A trial that trained (or is training): not over budget, not skipped, not failed, unless it
     failed by diverging: that is an outcome of its config, and it used its slot (else a study whose
     configs all diverge would never reach its n_trials)."""
-    states = (*FINISHED, TrialState.RUNNING) + ((TrialState.FAIL,) if t.user_attrs.get(DIVERGED) else ())
-    return bool(t.user_attrs.get("trained")) and t.state in states
+    states = (*FINISHED, TrialState.RUNNING) + ((TrialState.FAIL,) if t.user_attrs.get(tr.DIVERGED) else ())
+    return bool(t.user_attrs.get(tr.TRAINED)) and t.state in states
 
 
 def search_trained(t: optuna.trial.FrozenTrial) -> bool:
@@ -193,8 +192,8 @@ def search_trained(t: optuna.trial.FrozenTrial) -> bool:
 
 def state_label(t: optuna.trial.FrozenTrial) -> str:
     """The trial's state, with OVER_BUDGET and SKIPPED for pruned trials that never trained."""
-    if t.state == TrialState.PRUNED and not t.user_attrs.get("trained"):
-        return "OVER_BUDGET" if "over budget" in t.user_attrs.get("reason", "") else "SKIPPED"
+    if t.state == TrialState.PRUNED and not t.user_attrs.get(tr.TRAINED):
+        return "OVER_BUDGET" if "over budget" in t.user_attrs.get(tr.REASON, "") else "SKIPPED"
     return t.state.name
 
 
@@ -211,7 +210,7 @@ def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait:
     Trial numbers order the claims: a trial trains only if fewer than ``n_trials`` trials
     numbered below it trained or are training. Raises StudyFull otherwise.
     """
-    trial.set_user_attr("trained", True)
+    trial.set_user_attr(tr.TRAINED, True)
     study = getattr(trial, "study", None)
     if study is None:
         return
@@ -219,23 +218,23 @@ def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait:
     while True:
         earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
         undecided = [t for t in earlier if t.state == TrialState.RUNNING
-                     and "trained" not in t.user_attrs and "reason" not in t.user_attrs]
+                     and tr.TRAINED not in t.user_attrs and tr.REASON not in t.user_attrs]
         if not undecided or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     reached = target is not None and any(
-        t.state in FINISHED and t.user_attrs.get("best_val_acc", 0) >= target for t in earlier)
+        t.state in FINISHED and t.user_attrs.get(tr.BEST_VAL_ACC, 0) >= target for t in earlier)
     if reached or (n_trials is not None and sum(map(search_trained, earlier)) >= n_trials):
         why = f"target {target}% reached" if reached else f"the study has its {n_trials} trained trials"
-        trial.set_user_attr("trained", False)
-        trial.set_user_attr("reason", f"not run: {why}")
+        trial.set_user_attr(tr.TRAINED, False)
+        trial.set_user_attr(tr.REASON, f"not run: {why}")
         raise StudyFull(why)
 
 
 def claim_repeat(trial: optuna.Trial, wait: float = 10.0) -> None:
     """A seed repeat trains once: not when an earlier trial already trains or trained the same
     (configuration, seed). Several workers may enqueue the same repeat; trial numbers decide."""
-    trial.set_user_attr("trained", True)
+    trial.set_user_attr(tr.TRAINED, True)
     study = getattr(trial, "study", None)
     if study is None:
         return
@@ -244,13 +243,13 @@ def claim_repeat(trial: optuna.Trial, wait: float = 10.0) -> None:
     while True:
         same = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number
                 and (t.user_attrs.get(tr.REPEAT_OF), t.user_attrs.get(tr.SEED)) == key]
-        undecided = [t for t in same if t.state == TrialState.RUNNING and "trained" not in t.user_attrs]
+        undecided = [t for t in same if t.state == TrialState.RUNNING and tr.TRAINED not in t.user_attrs]
         if not undecided or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     if any(trained(t) for t in same):
-        trial.set_user_attr("trained", False)
-        trial.set_user_attr("reason", f"not run: seed {key[1]} of trial {key[0]} is already trained")
+        trial.set_user_attr(tr.TRAINED, False)
+        trial.set_user_attr(tr.REASON, f"not run: seed {key[1]} of trial {key[0]} is already trained")
         raise StudyFull("duplicate seed repeat")
 
 
@@ -279,10 +278,10 @@ class _Reporter:
         self.trial.report(m.val_acc, m.epoch)
         if m.epoch < self.epochs and self.trial.should_prune():  # a trial that ran every epoch competes
             best = max(self.history, key=lambda h: h.val_acc)
-            self.trial.set_user_attr("best_val_acc", best.val_acc)
-            self.trial.set_user_attr("best_epoch", best.epoch)
-            self.trial.set_user_attr("epochs_run", m.epoch)
-            self.trial.set_user_attr("pruned_at_epoch", m.epoch)
+            self.trial.set_user_attr(tr.BEST_VAL_ACC, best.val_acc)
+            self.trial.set_user_attr(tr.BEST_EPOCH, best.epoch)
+            self.trial.set_user_attr(tr.EPOCHS_RUN, m.epoch)
+            self.trial.set_user_attr(tr.PRUNED_AT_EPOCH, m.epoch)
             tr.record_score(self.trial, [h.val_acc for h in self.history], m.val_total)
             raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
 
@@ -290,7 +289,7 @@ class _Reporter:
 def _record(trial: optuna.Trial, r: Result) -> None:
     if r.history and r.history[-1].eval_split == "val":
         tr.record_score(trial, [m.val_acc for m in r.history], r.history[-1].val_total)
-    for key, value in {"best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch, "test_acc": r.test_acc,
-                       "epochs_run": r.epochs_run, "device": r.device,
-                       "seconds_per_epoch": round(r.seconds_per_epoch, 3)}.items():
+    for key, value in {tr.BEST_VAL_ACC: r.best_val_acc, tr.BEST_EPOCH: r.best_epoch, tr.TEST_ACC: r.test_acc,
+                       tr.EPOCHS_RUN: r.epochs_run, tr.DEVICE: r.device,
+                       tr.SECONDS_PER_EPOCH: round(r.seconds_per_epoch, 3)}.items():
         trial.set_user_attr(key, value)

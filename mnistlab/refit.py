@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab import checkpoint, data, interrupts
+from mnistlab import trials as tr
 from mnistlab.config import ExperimentConfig, from_dict
 from mnistlab.errors import UserError
 from mnistlab.model import build_model, count_params
@@ -86,7 +87,7 @@ def refit_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
 
 def folder_for(trial: Any, artifacts: Path, seed: int) -> Path:
     """``ARTIFACTS/STUDY/refit-T/seed-S``, beside the trial's own checkpoint folder."""
-    study_folder = Path(str(trial.user_attrs.get("checkpoint_dir", ""))).parent.name
+    study_folder = Path(str(trial.user_attrs.get(tr.CHECKPOINT_DIR, ""))).parent.name
     if not study_folder or study_folder in (".", ".."):
         raise UserError(f"trial {trial.number}: no checkpoint folder recorded; cannot place its refit")
     return artifacts / study_folder / f"refit-{trial.number}" / f"seed-{seed}"

@@ -25,7 +25,7 @@ def write(study: optuna.Study, objectives: tuple[str, ...] | list[str], out: Pat
           ) -> list[Path]:
     """Draw every plot the finished trials allow into ``out``; returns the files written."""
     done = [t for t in study.get_trials(deepcopy=False)
-            if t.state == TrialState.COMPLETE and "best_val_acc" in t.user_attrs]
+            if t.state == TrialState.COMPLETE and tr.BEST_VAL_ACC in t.user_attrs]
     if not done:
         return []
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def learning_curves(done: list[optuna.trial.FrozenTrial], recorder: Any, path: P
     fig, ax = plt.subplots(figsize=(7, 4))
     best = sorted(done, key=lambda t: -tr.score(t))[:top]
     for t in best:
-        run_id = t.user_attrs.get("mlflow_run_id")
+        run_id = t.user_attrs.get(tr.MLFLOW_RUN_ID)
         points = recorder.metric_history(run_id, "val_acc") if run_id else sorted(t.intermediate_values.items())
         if points:
             steps, values = zip(*sorted(points), strict=True)

@@ -192,7 +192,7 @@ class _StaleTrial:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.retry(study, trial)  # the copy is linked to this one by Optuna's "failed_trial" attr
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = trial.user_attrs.get(tr.MLFLOW_RUN_ID)
         if self.tracker is not None and run_id:
             try:
                 self.tracker.finish(run_id, "FAILED", {"mnistlab.fail_reason": "worker stopped sending heartbeats"})
@@ -226,7 +226,7 @@ def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Stu
     if cfg.enqueue_base:
         from mnistlab.config import get_path
 
-        study.enqueue_trial({p.name: get_path(cfg.base, p.name) for p in cfg.space}, user_attrs={"base": True})
+        study.enqueue_trial({p.name: get_path(cfg.base, p.name) for p in cfg.space}, user_attrs={tr.BASE: True})
     study.set_user_attr(READY_ATTR, True)
     return study
 
@@ -299,15 +299,15 @@ class Progress:
             self.recorder.summary(study, trials)
         target = self.cfg.target
         if (self.n_trials is not None and n_trained + n_busy >= self.n_trials) or (
-                target is not None and any(t.user_attrs.get("best_val_acc", 0) >= target for t in trials
+                target is not None and any(t.user_attrs.get(tr.BEST_VAL_ACC, 0) >= target for t in trials
                                            if t.state in (TrialState.COMPLETE, TrialState.PRUNED))):
             study.stop()
 
     def line(self, t: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial], n_trained: int) -> str:
         state = state_label(t)
         a = t.user_attrs
-        acc = a.get(tr.VAL_SCORE, a.get("best_val_acc"))
-        parts = [f"trial {t.number:>3} {state:<11}", f"params {a.get('param_count', 0):>6,}",
+        acc = a.get(tr.VAL_SCORE, a.get(tr.BEST_VAL_ACC))
+        parts = [f"trial {t.number:>3} {state:<11}", f"params {a.get(tr.PARAM_COUNT, 0):>6,}",
                  f"val {acc:6.2f}% ± {tr.se(t):.2f}" if acc is not None else "val    -          "]
         if tr.is_repeat(t):
             parts.append(f"seed {a.get(tr.SEED)} of trial {a.get(tr.REPEAT_OF)}")
@@ -629,17 +629,17 @@ def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -
         state = state_label(t)
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
             t.datetime_start else None
-        has_score = tr.VAL_SCORE in a or "best_val_acc" in a
+        has_score = tr.VAL_SCORE in a or tr.BEST_VAL_ACC in a
         group = by_group.get(t.number)
         mark = "*" if (best is not None and t.number == best.number) or t.number in front else (
             "~" if t.number in tied else "")
-        row = {"number": t.number, "state": state, "param_count": a.get("param_count"),
+        row = {"number": t.number, "state": state, "param_count": a.get(tr.PARAM_COUNT),
                "val_acc": round(tr.score(t), 2) if has_score else None,
                "val_se": round(tr.se(t), 2) if has_score else None,
                "val_mean": round(group.mean, 2) if group is not None and group.n_seeds > 1 else None,
                "seeds": group.n_seeds if group is not None and group.n_seeds > 1 else None,
-               "repeat_of": a.get(tr.REPEAT_OF), "best_epoch_acc": a.get("best_val_acc"),
-               "test_acc": a.get("test_acc"), "epochs": a.get("epochs_run"),
+               "repeat_of": a.get(tr.REPEAT_OF), "best_epoch_acc": a.get(tr.BEST_VAL_ACC),
+               "test_acc": a.get(tr.TEST_ACC), "epochs": a.get(tr.EPOCHS_RUN),
                "duration_s": round(duration, 1) if duration else None, "best": mark}
         row.update({k: v for k, v in t.params.items()})
         rows.append(row)
@@ -677,7 +677,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> Any:
                      "trials": len(trials), "complete": states.count("COMPLETE"),
                      "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
                      "running": states.count("RUNNING"),
-                     "best_val_acc": best.user_attrs["best_val_acc"] if best else None,
+                     "best_val_acc": best.user_attrs[tr.BEST_VAL_ACC] if best else None,
                      "best_trial": best.number if best else None})
     return pd.DataFrame(rows)
 

@@ -768,16 +768,18 @@ class StudyRecorder:
         self.tags = {STUDY_TAG: study, **({STUDY_ID_TAG: study_id} if study_id else {})}
 
     def start(self, trial: Any, cfg: Any, n_params: int, checkpoint_dir: Path, device: str) -> RunLog:
+        from mnistlab import trials as tr
+
         tags = {**self.tags, TRIAL_TAG: str(trial.number)}
-        if trial.user_attrs.get("mlflow_run_id"):  # a retry: link the run of the attempt that died
-            tags["mnistlab.retry_of_run"] = trial.user_attrs["mlflow_run_id"]
-        if "repeat_of" in trial.user_attrs:  # a seed repeat: link the configuration it confirms
-            tags.update({"mnistlab.repeat_of": str(trial.user_attrs["repeat_of"]),
-                         "mnistlab.seed": str(trial.user_attrs.get("seed"))})
+        if trial.user_attrs.get(tr.MLFLOW_RUN_ID):  # a retry: link the run of the attempt that died
+            tags["mnistlab.retry_of_run"] = trial.user_attrs[tr.MLFLOW_RUN_ID]
+        if tr.REPEAT_OF in trial.user_attrs:  # a seed repeat: link the configuration it confirms
+            tags.update({"mnistlab.repeat_of": str(trial.user_attrs[tr.REPEAT_OF]),
+                         "mnistlab.seed": str(trial.user_attrs.get(tr.SEED))})
         run = RunLog.start(self.tracker, self.experiment_id, f"trial-{trial.number}", cfg, n_params, device,
                            checkpoint_dir, tags, params=dict(trial.params), parent=self.parent_id,
                            files={"study": self.study_file})
-        trial.set_user_attr("mlflow_run_id", run.run_id)
+        trial.set_user_attr(tr.MLFLOW_RUN_ID, run.run_id)
         return run
 
     def start_refit(self, trial: int, cfg: Any, n_params: int, folder: Path, device: str) -> RunLog:
@@ -793,17 +795,19 @@ class StudyRecorder:
         checkpoint (``mnistlab study check --repair``); returns the new run id."""
         import types
 
+        from mnistlab import trials as tr
+
         a = trial.user_attrs
         tags = {**self.tags, TRIAL_TAG: str(trial.number), "mnistlab.backfilled": "true"}
-        run = RunLog.start(self.tracker, self.experiment_id, f"trial-{trial.number}", cfg, a["param_count"],
-                           a.get("device", "cpu"), checkpoint_dir, tags, params=dict(trial.params),
+        run = RunLog.start(self.tracker, self.experiment_id, f"trial-{trial.number}", cfg, a[tr.PARAM_COUNT],
+                           a.get(tr.DEVICE, "cpu"), checkpoint_dir, tags, params=dict(trial.params),
                            parent=self.parent_id, files={"study": self.study_file} if self.study_file.is_file() else {})
         for m in history:
             run.epoch(m)
         if trial.state.name == "COMPLETE":
             run.complete(types.SimpleNamespace(
-                history=history, test_acc=a.get("test_acc"), test_loss=None, best_val_acc=a.get("best_val_acc"),
-                best_epoch=a.get("best_epoch"), epochs_run=a.get("epochs_run", len(history))))
+                history=history, test_acc=a.get(tr.TEST_ACC), test_loss=None, best_val_acc=a.get(tr.BEST_VAL_ACC),
+                best_epoch=a.get(tr.BEST_EPOCH), epochs_run=a.get(tr.EPOCHS_RUN, len(history))))
         else:
             from optuna import TrialPruned
 
@@ -812,6 +816,7 @@ class StudyRecorder:
 
     def summary(self, study: Any, trials: list[Any]) -> None:
         """Counts by state and the best trial so far, on the parent run (step = trials finished)."""
+        from mnistlab import trials as tr
         from mnistlab.objective import state_label
         from mnistlab.trials import best_of, groups, tied_numbers
 
@@ -826,9 +831,10 @@ class StudyRecorder:
         best = best_of(gs)
         if best is not None:
             values.update(best_val_score=best.mean, best_val_se=best.se, best_val_acc=best.first.user_attrs.get(
-                "best_val_acc", best.mean), best_seeds=best.n_seeds)
+                tr.BEST_VAL_ACC, best.mean), best_seeds=best.n_seeds)
             tied = sorted(tied_numbers(gs, best) - {best.number})
-            tags = {"mnistlab.best_trial": best.number, "mnistlab.best_run": best.first.user_attrs.get("mlflow_run_id"),
+            tags = {"mnistlab.best_trial": best.number,
+                    "mnistlab.best_run": best.first.user_attrs.get(tr.MLFLOW_RUN_ID),
                     "mnistlab.tied_with_best": ",".join(map(str, tied)) or "none"}
         try:
             self.tracker.log_metrics(self.parent_id, values, step=finished)
@@ -841,12 +847,13 @@ class StudyRecorder:
     def _mark_ranks(self, gs: list[Any], best: Any) -> None:
         """Tag each scored trial's run ``mnistlab.rank``: best, tied (within noise of it) or behind,
         so the runs table can be filtered on it; only changed tags are written."""
+        from mnistlab import trials as tr
         from mnistlab.trials import tied
 
         for g in gs if best is not None else []:
             rank = "best" if g.number == best.number else ("tied" if tied(g, best) else "behind")
             for t in g.members:
-                run_id = t.user_attrs.get("mlflow_run_id")
+                run_id = t.user_attrs.get(tr.MLFLOW_RUN_ID)
                 if run_id and self.marked.get(run_id) != rank:
                     self.tracker.set_tags(run_id, {"mnistlab.rank": rank})
                     self.marked[run_id] = rank

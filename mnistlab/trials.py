@@ -24,14 +24,33 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-# Trial user attributes written by the objective and read by the pick rules.
+# Trial user attributes (trial.user_attrs): their keys are spelled here only.
+# Scores and seed groups, read by the pick rules:
 VAL_SCORE = "val_score"  # the ranking score: validation accuracy of the last epoch (%)
 VAL_SE = "val_se"  # its binomial standard error (%), on VAL_TOTAL images
 VAL_TOTAL = "val_total"  # validation images the score was measured on
 REPEAT_OF = "repeat_of"  # a seed repeat: the number of the trial whose configuration it repeats
 SEED = "seed"  # the train.seed a seed repeat trains with
 BEST_VAL_ACC = "best_val_acc"  # the best single epoch (kept for reference; not a ranking score)
-PARAM_COUNT = "param_count"
+PARAM_COUNT = "param_count"  # the exact parameter count of the trial's model
+# What the training measured:
+BEST_EPOCH = "best_epoch"  # the epoch of BEST_VAL_ACC
+EPOCHS_RUN = "epochs_run"  # epochs trained (a pruned trial's included)
+PRUNED_AT_EPOCH = "pruned_at_epoch"  # the epoch after which a pruned trial stopped
+TEST_ACC = "test_acc"  # test accuracy of the best-epoch weights (reported, never used to choose)
+DEVICE = "device"  # the device the trial trained on
+SECONDS_PER_EPOCH = "seconds_per_epoch"
+# The trial's life: whether it trains, why not, where its files and its MLflow run are.
+TRAINED = "trained"  # True once it took a training slot; False when it declined one (REASON says why)
+REASON = "reason"  # why a trial did not train or failed: over budget, invalid config, interrupted...
+DIVERGED = "diverged"  # the trial failed because its loss became NaN or infinite
+CHECKPOINT_DIR = "checkpoint_dir"  # its checkpoint folder (a retry keeps its original's)
+MLFLOW_RUN_ID = "mlflow_run_id"  # its MLflow run; on a queued retry, the run of the attempt that died
+MLFLOW_MISSING = "mlflow_missing"  # MLflow was unreachable when it started: it trained without its run
+ROOT_TRIAL = "root_trial"  # the trial whose checkpoint folder a retry resumes (its own number otherwise)
+RETRY_OF_TRIAL = "retry_of_trial"  # a retry: the number of the failed trial it repeats
+RETRIED = "retried"  # the failed trial was queued again for a retry
+BASE = "base"  # the study's first trial: the base config's own values, a yardstick
 
 Z = 1.96  # two scores closer than Z standard errors of their difference are tied (95%)
 
@@ -70,7 +89,7 @@ def is_repeat(t: FrozenTrial) -> bool:
 def scored(t: FrozenTrial) -> bool:
     """A finished training with a score: COMPLETE, trained and measured."""
     a = t.user_attrs
-    return t.state == TrialState.COMPLETE and bool(a.get("trained")) and (VAL_SCORE in a or BEST_VAL_ACC in a)
+    return t.state == TrialState.COMPLETE and bool(a.get(TRAINED)) and (VAL_SCORE in a or BEST_VAL_ACC in a)
 
 
 @dataclass
