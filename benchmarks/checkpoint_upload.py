@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from mnistlab import config, data
-from mnistlab.tracking import RunLog, Tracker
+from mnistlab.runs import RunLog
+from mnistlab.tracking import Tracker
 from mnistlab.train import train
 
 ROOT = Path(__file__).resolve().parent.parent

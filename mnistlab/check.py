@@ -222,8 +222,8 @@ class Checker:
     def backfill(self, t: optuna.trial.FrozenTrial) -> Any:
         """Make the missing run of a trial from its local checkpoint; None if that is gone too."""
         from mnistlab.config import from_dict
+        from mnistlab.runs import StudyRecorder
         from mnistlab.study import ID_ATTR
-        from mnistlab.tracking import StudyRecorder
         from mnistlab.train import EpochMetrics
 
         folder = Path(t.user_attrs.get(tr.CHECKPOINT_DIR, ""))

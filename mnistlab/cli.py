@@ -219,7 +219,7 @@ def study_check(
     loaded, _, _ = _study(study_file, name, storage)
     from mnistlab import check as chk
     from mnistlab import study as st
-    from mnistlab.tracking import check_reachable
+    from mnistlab.uri import check_reachable
 
     name = loaded.study_name
     tracker = _study_tracker(tracking_uri, loaded)
@@ -289,7 +289,8 @@ def study_report(
     """Draw the study's plots and attach them to its MLflow parent run."""
     loaded, _, objectives = _study(study_file, name, storage)
     from mnistlab import report, study
-    from mnistlab.tracking import StudyRecorder, Tracker
+    from mnistlab.runs import StudyRecorder
+    from mnistlab.tracking import Tracker
 
     tracker = Tracker(tracking_uri)
     parent = loaded.user_attrs.get(study.PARENT_ATTR)
@@ -327,7 +328,7 @@ def best(
     from mnistlab import export as ex
     from mnistlab import refit as rf
     from mnistlab import space
-    from mnistlab.tracking import check_reachable
+    from mnistlab.uri import check_reachable
 
     choice = ex.pick(loaded, objectives, min_accuracy, max_params)
     print(ex.describe(choice))
@@ -374,7 +375,7 @@ def _stopped(exc: BaseException, what: str) -> typer.Exit:
 def _register(tracker: Any, loaded: Any, done: Any) -> None:
     from mnistlab import export as ex
     from mnistlab import study as st
-    from mnistlab.tracking import register_model
+    from mnistlab.registry import register_model
 
     run_id = done.info["mlflow_run_id"]
     if not run_id or not tracker.has_run(run_id):
@@ -418,7 +419,7 @@ def ui(
                                             "docker-compose.auth.yml.")] = False,
 ) -> None:
     """Start the MLflow web UI over mnistlab's tracking store and print its address."""
-    from mnistlab.tracking import serve_ui
+    from mnistlab.ui import serve_ui
 
     raise typer.Exit(serve_ui(tracking_uri, host, port, auth))
 
@@ -428,7 +429,7 @@ MAX_ERROR_CHARS = 2000  # a message quoting a hostile input stays readable (valu
 
 def _one_line(text: str) -> str:
     """An error message as one bounded line with every credential masked."""
-    from mnistlab.tracking import mask
+    from mnistlab.uri import mask
 
     line = mask(" ".join(text.split()))
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."

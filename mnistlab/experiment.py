@@ -14,8 +14,10 @@ from mnistlab import data as data_mod
 from mnistlab.config import ExperimentConfig
 from mnistlab.errors import UserError
 from mnistlab.model import count_params, summary
-from mnistlab.tracking import RunLog, Tracker, check_reachable, mask
+from mnistlab.runs import RunLog
+from mnistlab.tracking import Tracker
 from mnistlab.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
+from mnistlab.uri import check_reachable, mask
 
 METRIC_FIELDS = [f for f in EpochMetrics.__dataclass_fields__]
 

@@ -378,7 +378,7 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
            data_dir: Path | None = None, refit: Any = None) -> Exported:
     """Write the picked trial's model (or, with ``refit``, its exported refit) into ``out``:
     all of it, checked, or nothing."""
-    from mnistlab.tracking import environment
+    from mnistlab.provenance import environment
 
     out = _prepare_target(out, force)
     _remove_stale_partials(out)

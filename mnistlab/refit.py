@@ -207,7 +207,7 @@ def for_choice(choice: Any, study: Any, max_params: int, n_seeds: int, artifacts
     parent run, keep the figures in the study's attributes (``refit:T``)."""
     from mnistlab import export as ex
     from mnistlab import study as st
-    from mnistlab.tracking import StudyRecorder
+    from mnistlab.runs import StudyRecorder
 
     check_seeds(n_seeds)
     trial = choice.trial

@@ -29,8 +29,9 @@ from mnistlab.errors import UserError, clip
 from mnistlab.locks import creating
 from mnistlab.objective import Objective, StudyFull, best_trial, search_trained, state_label
 from mnistlab.space import StudyConfig, check_name, make_pruner, make_sampler, safe_name, worker_salt
-from mnistlab.tracking import mask, quote_userinfo, sharing_warning, split_url
+from mnistlab.tracking import sharing_warning
 from mnistlab.train import Diverged
+from mnistlab.uri import mask, quote_userinfo, split_url
 
 # Heartbeats and the retry callback are marked experimental; they are what makes workers crash-safe.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -395,7 +396,7 @@ def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int) -> list[str]:
 def worker_env(opts: RunOptions, index: int) -> dict[str, str]:
     """The environment of worker ``index``: the storage and tracking URI travel here, where only
     the same user can read them, resolved as this process resolved them."""
-    from mnistlab.tracking import resolve_uri
+    from mnistlab.uri import resolve_uri
 
     return dict(os.environ, MNISTLAB_WORKER=str(index), MNISTLAB_STORAGE=storage_url(opts.storage),
                 MLFLOW_TRACKING_URI=resolve_uri(opts.tracking_uri))
@@ -479,7 +480,7 @@ def spawn_workers(cfg: StudyConfig, opts: RunOptions) -> int:
 
 def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Any, storage_url_: str) -> Any:
     """The study's MLflow experiment and its one parent run, kept as study attributes."""
-    from mnistlab.tracking import StudyRecorder
+    from mnistlab.runs import StudyRecorder
 
     attrs = study.user_attrs
     known = attrs.get(TRACKING_ATTR)
@@ -506,7 +507,7 @@ def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Any, storage_ur
 class Prepared(NamedTuple):
     study: optuna.Study
     storage: optuna.storages.RDBStorage
-    recorder: Any  # tracking.StudyRecorder
+    recorder: Any  # runs.StudyRecorder
     tracker: Any  # tracking.Tracker
     url: str
 
@@ -516,7 +517,8 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
 
     Nothing is created when an input is bad.
     """
-    from mnistlab.tracking import Tracker, check_reachable
+    from mnistlab.tracking import Tracker
+    from mnistlab.uri import check_reachable
 
     cfg.trial_config({}, opts.extra())  # the CLI overrides must make a valid config
     smallest = cfg.smallest_params()

@@ -103,14 +103,14 @@ def test_help_shows_where_defaults_come_from(capsys: pytest.CaptureFixture) -> N
     "postgresql://user:S3cretPw@[::1/optuna",  # not even a valid URL
 ])
 def test_mask_hides_every_credential_form(url: str) -> None:
-    from mnistlab.tracking import mask
+    from mnistlab.uri import mask
 
     assert "S3cr" not in mask(url) and "***" in mask(url)
     assert "S3cr" not in mask(f"error: cannot open {url} (details)")
 
 
 def test_mask_hides_secrets_from_the_environment_and_pieces_of_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mnistlab.tracking import mask
+    from mnistlab.uri import mask
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "EnvS3cret")
     assert mask("401: bad credentials admin:EnvS3cret") == "401: bad credentials admin:***"
@@ -142,7 +142,7 @@ def test_a_malformed_url_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Pa
 
 
 def test_ui_warns_only_beyond_loopback_without_a_login() -> None:
-    from mnistlab.tracking import exposure_warning
+    from mnistlab.ui import exposure_warning
 
     assert exposure_warning("127.0.0.1", auth=False) is None and exposure_warning("::1", auth=False) is None
     assert exposure_warning("0.0.0.0", auth=True) is None
@@ -292,7 +292,7 @@ def test_mask_is_fast_on_hostile_text(text: str) -> None:
     """Every error line passes through mask: it must not take quadratic time on a long echoed value."""
     import time
 
-    from mnistlab.tracking import mask
+    from mnistlab.uri import mask
 
     start = time.monotonic()
     mask(text, text)

@@ -1,0 +1,59 @@
+"""`mnistlab ui`: MLflow's web UI over a local store, with a link to each study's runs table."""
+
+from __future__ import annotations
+
+import os
+import sys
+from urllib.parse import urlsplit
+
+from mnistlab.tracking import KIND, KIND_TAG, Tracker
+from mnistlab.uri import mask, resolve_uri
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def exposure_warning(host: str, auth: bool) -> str | None:
+    """The warning for a UI bound beyond this machine without a login (None when there is no risk)."""
+    if auth or host in LOOPBACK or host.startswith("127."):
+        return None
+    return (f"warning: the MLflow UI on {host} has no login: anyone who can reach this machine can read and "
+            "change every run; add --auth (MLflow's basic-auth app) or bind 127.0.0.1")
+
+
+def serve_ui(uri: str | None, host: str, port: int, auth: bool = False) -> int:
+    """Run MLflow's server (the web UI) over a local store until interrupted; returns its exit code.
+
+    The store's URI reaches the server through MLFLOW_BACKEND_STORE_URI, not its command line,
+    which any user of the machine can read (``ps``) and which would show a database password.
+    """
+    uri = resolve_uri(uri)
+    if urlsplit(uri).scheme in ("http", "https"):
+        print(f"the tracking server {mask(uri)} serves the MLflow UI itself: open it in a browser")
+        return 0
+    warning = exposure_warning(host, auth)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
+           *(["--app-name", "basic-auth"] if auth else [])]
+    base = f"http://{host}:{port}"
+    print(f"MLflow UI: {base}  (store {mask(uri)}; Ctrl-C stops it)", flush=True)
+    tracker = Tracker(uri)
+    for name, link in runs_links(tracker, base) if tracker.known() else []:
+        print(f"  {name}: {link}", flush=True)
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}  # a password in the URI stays off the command line
+    os.execve(sys.executable, cmd, env)  # the server takes this process over: signals reach it directly
+    return 1  # not reached
+
+
+# MLflow 3.17's UI ignores mlflow.experimentKind when it picks an experiment's first page: a switch kept per
+# browser (GenAI, the default, or "Model training") decides. These parameters open the runs table in model-training
+# mode; sorting by a metric lists the trials flat, best first, instead of folded under the parent run.
+RUNS_VIEW = "workflowType=machine_learning&orderByKey=metrics.%60val_acc%60&orderByAsc=false"
+
+
+def runs_links(tracker: Tracker, base: str, limit: int = 10) -> list[tuple[str, str]]:
+    """(experiment name, link to its runs table) for the newest model-training experiments of a store."""
+    found = tracker.client.search_experiments(filter_string=f"tags.`{KIND_TAG}` = '{KIND}'", max_results=limit,
+                                              order_by=["last_update_time DESC"])
+    return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?{RUNS_VIEW}") for e in found]
+

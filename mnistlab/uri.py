@@ -1,0 +1,135 @@
+"""Tracking and storage URIs: resolved from flags or the environment, credentials masked, checked.
+
+``mask`` makes any text that may hold a URL safe to print, log and record; ``check_reachable``
+asks a tracking server's health check before anything is created.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from mnistlab.errors import UserError
+
+SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working folder."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    uri = quote_userinfo(uri)
+    scheme = split_url(uri, "tracking URI").scheme
+    if scheme == "" and not uri.startswith("databricks"):
+        uri = Path(uri).resolve().as_uri()  # a bare folder is MLflow's legacy file store
+    elif scheme not in SCHEMES:
+        raise UserError(f"tracking URI {mask(uri)!r}: unsupported scheme {scheme!r}")
+    return uri
+
+
+# Query parameters that carry credentials in SQLAlchemy, libpq, MySQL and cloud storage URLs
+# (password, passwd, pwd, token, api_key, secret, sslpassword, sas signatures, ...).
+# Names are bounded (64 characters each side) to keep matching linear on hostile text.
+_SECRET_QUERY = re.compile(r"(?i)([?&;][\w.-]{0,64}(?:pass(?:word|wd)?|pwd|token|secret|key|credential|auth|sig)"
+                           r"[\w.-]{0,64})=([^&;#\s'\"]*)")
+# user:password@ after a scheme; the password may itself hold '@' or ':' (up to the last '@').
+# The look-behind starts a match only where a scheme can start: linear time on a long word.
+_USERINFO = re.compile(r"((?<![\w+.-])[a-z][\w+.-]*://[^:/@\s'\"]*):([^\s/?#'\"]*)@", re.IGNORECASE)
+# Variables whose values are secrets mnistlab, MLflow or a database driver reads.
+SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD",
+              "MYSQL_PWD", "POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_CONNECTION_STRING", "MLFLOW_AUTH_ADMIN_PASSWORD")
+_MIN_SECRET = 4  # shorter fragments of a secret are left: masking every "ab" would garble the text
+
+
+def mask(text: str, *sources: str) -> str:
+    """``text`` with every credential replaced by ***, safe to print, log and record.
+
+    Masks what URLs in ``text`` carry (``user:password@`` and secret query parameters such as
+    ``?password=``), the values of the secret environment variables (SECRET_ENV), and the
+    secrets of each URL in ``sources`` wherever they appear, also in pieces: a driver that
+    splits ``user:p@ss@host`` at the first '@' reports the host "ss@host".
+    """
+    secrets = {v for name in SECRET_ENV if len(v := os.environ.get(name, "")) >= _MIN_SECRET}
+    for url in (text, *sources):
+        secrets.update(_secrets_of(url))
+    out = _USERINFO.sub(r"\1:***@", text)
+    out = _SECRET_QUERY.sub(r"\1=***", out)
+    for secret in sorted(secrets, key=len, reverse=True):
+        out = out.replace(secret, "***")
+    return out
+
+
+def split_url(url: str, what: str) -> Any:
+    """``urlsplit``, with a malformed URL (e.g. an unclosed IPv6 bracket) as one masked UserError."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises here, not later in a driver
+    except ValueError as exc:
+        raise UserError(f"{what} {mask(url)!r}: not a valid URL ({exc})") from None
+    return parts
+
+
+def quote_userinfo(url: str) -> str:
+    """``url`` with any '@' or ':' inside its password percent-encoded.
+
+    Python reads ``user:p@ss@host`` up to the last '@', SQLAlchemy up to the first (password
+    "p", host "ss@host"), so the driver would connect elsewhere and print a piece of the password.
+    """
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not sep or not at or not colon or ("@" not in password and ":" not in password):
+        return url
+    return f"{scheme}://{user}:{quote(password, safe='%')}@{host}{slash}{tail}"
+
+
+def _secrets_of(url: str) -> set[str]:
+    """The credentials in a URL (raw and percent-decoded), and their '@'/':' separated pieces."""
+    from urllib.parse import unquote
+
+    found = [m.group(2) for m in _USERINFO.finditer(url)] + [m.group(2) for m in _SECRET_QUERY.finditer(url)]
+    out: set[str] = set()
+    for secret in found:
+        for form in {secret, unquote(secret)}:
+            out.add(form)
+            out.update(re.split(r"[@:]", form))
+    return {s for s in out if len(s) >= _MIN_SECRET}
+
+
+def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
+    """UserError in one line when a tracking server does not answer its health check.
+
+    With ``wait``, a server that is not up yet (connection refused, unknown host) is retried
+    every 2 s for that many seconds, with one line on stderr saying so.
+    """
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    deadline, told = time.monotonic() + wait, False
+    while True:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            raise UserError(f"MLflow server {mask(uri)} answered its health check with HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if time.monotonic() >= deadline:
+                waited = f" after waiting {wait:.0f} s" if wait else ""
+                raise UserError(f"MLflow server {mask(uri)} is unreachable ({reason}){waited}; "
+                                "nothing was trained") from None
+            if not told:
+                print(f"waiting for the MLflow server {mask(uri)} ({reason}); retrying for up to {wait:.0f} s",
+                      file=sys.stderr, flush=True)
+                told = True
+            time.sleep(2)
+            continue
+        raise UserError(f"MLflow server {mask(uri)} answered its health check with an error")
