@@ -20,9 +20,10 @@ from pathlib import Path
 
 import optuna
 
-from mnistlab import space, study
+from mnistlab import space
 from mnistlab.model import count_params
 from mnistlab.objective import Objective
+from mnistlab.storage import create, load, open_storage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,11 +48,11 @@ def main() -> None:
                         "  model.widths.1: {type: int, low: 40, high: 64}\n"
                         "  model.dropout: {type: float, low: 0.0, high: 0.2}\n")
         cfg = space.load_study(path)
-        storage = study.open_storage(args.storage or f"sqlite:///{tmp}/o.db", heartbeat=30)
-        rejected = timed_trials(study.create(cfg, storage), Objective(cfg, n_trials=10**6), args.trials)
-        empty = study.create(dataclasses.replace(cfg, name="empty"), storage)
+        storage = open_storage(args.storage or f"sqlite:///{tmp}/o.db", heartbeat=30)
+        rejected = timed_trials(create(cfg, storage), Objective(cfg, n_trials=10**6), args.trials)
+        empty = create(dataclasses.replace(cfg, name="empty"), storage)
         reference = timed_trials(empty, lambda t: t.suggest_int("model.widths.1", 40, 64) * 0.0, args.trials)
-        states = {t.state.name for t in study.load("over", storage).trials}
+        states = {t.state.name for t in load("over", storage).trials}
     base = space.load_study(ROOT / "studies" / "under20k.yaml").base.model
     start = time.perf_counter()
     for _ in range(10_000):

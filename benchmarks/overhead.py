@@ -28,6 +28,7 @@ import optuna
 from mnistlab import space, study
 from mnistlab.config import get_path
 from mnistlab.objective import Objective
+from mnistlab.storage import create, open_storage
 from mnistlab.tracking import Tracker
 from mnistlab.train import train
 
@@ -47,9 +48,9 @@ def main() -> None:
     bare, full, added = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        storage = study.open_storage(f"sqlite:///{root / 'optuna.db'}", heartbeat=30)
+        storage = open_storage(f"sqlite:///{root / 'optuna.db'}", heartbeat=30)
         tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}")
-        s = study.create(cfg, storage)
+        s = create(cfg, storage)
         recorder = study.recorder_for(s, cfg, tracker, f"sqlite:///{root / 'optuna.db'}")
         objective = Objective(cfg, extra=extra, artifacts=root / "artifacts", recorder=recorder, verbose=False)
         mnist = objective.data_for(trial_cfg)  # loaded once: the same tensors for both

@@ -26,8 +26,8 @@ import statistics
 
 from optuna.trial import TrialState
 
-from mnistlab import study as study_mod
 from mnistlab.objective import trained
+from mnistlab.storage import load, open_storage
 
 
 def figures(s: object, target: float) -> dict[str, object]:
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=99.4)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    s = study_mod.load(args.name, study_mod.open_storage(args.storage, heartbeat=None))
+    s = load(args.name, open_storage(args.storage, heartbeat=None))
     result = figures(s, args.target)
     for key, value in result.items():
         print(f"{key:>31}: {value}")

@@ -126,7 +126,7 @@ class Checker:
 
     # -- MLflow --------------------------------------------------------------------------------
     def check_runs(self, trials: list[optuna.trial.FrozenTrial]) -> None:
-        from mnistlab.study import ID_ATTR
+        from mnistlab.storage import ID_ATTR
         from mnistlab.tracking import PARENT_TAG, STUDY_ID_TAG, STUDY_TAG, TRIAL_TAG
 
         attrs = self.study.user_attrs
@@ -223,7 +223,7 @@ class Checker:
         """Make the missing run of a trial from its local checkpoint; None if that is gone too."""
         from mnistlab.config import from_dict
         from mnistlab.runs import StudyRecorder
-        from mnistlab.study import ID_ATTR
+        from mnistlab.storage import ID_ATTR
         from mnistlab.train import EpochMetrics
 
         folder = Path(t.user_attrs.get(tr.CHECKPOINT_DIR, ""))

@@ -182,10 +182,11 @@ def study_create(
 
     cfg = space.load_study(study_file)
     from mnistlab import study
+    from mnistlab.uri import mask
 
     made = study.prepare(cfg, study.RunOptions(storage=storage, tracking_uri=tracking_uri, wait=wait))
-    print(f"study {cfg.name!r} ready in {study.mask(made.url)}: {len(made.study.trials)} trials so far; "
-          f"MLflow {study.mask(made.tracker.uri)} experiment {made.recorder.experiment_id} "
+    print(f"study {cfg.name!r} ready in {mask(made.url)}: {len(made.study.trials)} trials so far; "
+          f"MLflow {mask(made.tracker.uri)} experiment {made.recorder.experiment_id} "
           f"parent run {made.recorder.parent_id}")
 
 
@@ -200,10 +201,10 @@ def _study(study_file: Path | None, name: str | None, storage: str | None) -> tu
         cfg = space.load_study(study_file)
         name, objectives = cfg.name, cfg.objectives
     space.check_name(name, "--name")
-    from mnistlab import study
+    from mnistlab.storage import load, open_storage
 
-    store = study.open_storage(storage, heartbeat=None, create=False)
-    loaded = study.load(name, store)
+    store = open_storage(storage, heartbeat=None, create=False)
+    loaded = load(name, store)
     return loaded, store, objectives or tuple(loaded.user_attrs.get("objectives", ["val_acc"]))
 
 
@@ -219,6 +220,7 @@ def study_check(
     loaded, _, _ = _study(study_file, name, storage)
     from mnistlab import check as chk
     from mnistlab import study as st
+    from mnistlab.storage import load, open_storage
     from mnistlab.uri import check_reachable
 
     name = loaded.study_name
@@ -230,7 +232,7 @@ def study_check(
                             "pass --tracking-uri")
         tracker.check_access()
     if repair:  # failing stale trials needs the workers' heartbeat, and their runs this study's tracker
-        loaded = st.load(name, st.open_storage(storage, heartbeat=heartbeat, tracker=tracker, create=False))
+        loaded = load(name, open_storage(storage, heartbeat=heartbeat, tracker=tracker, create=False))
     findings = chk.check(loaded, tracker, repair=repair)
     for finding in findings:
         print(finding)
@@ -262,9 +264,9 @@ def study_status(
     loaded, _, objectives = _study(study_file, name, storage)
     import pandas as pd
 
-    from mnistlab import study
+    from mnistlab.tables import status_table
 
-    table = study.status_table(loaded, objectives)
+    table = status_table(loaded, objectives)
     with pd.option_context("display.max_rows", 500, "display.width", 200, "display.max_columns", 30):
         print(table.to_string() if not table.empty else "no trials yet")
     if csv is not None:
@@ -275,9 +277,10 @@ def study_status(
 @study_app.command("list")
 def study_list(storage: Storage = None) -> None:
     """Studies in a storage with their trial counts and best values."""
-    from mnistlab import study
+    from mnistlab.storage import open_storage
+    from mnistlab.tables import list_studies
 
-    table = study.list_studies(study.open_storage(storage, heartbeat=None, create=False))
+    table = list_studies(open_storage(storage, heartbeat=None, create=False))
     print(table.to_string(index=False) if not table.empty else "no studies")
 
 

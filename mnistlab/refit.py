@@ -208,6 +208,7 @@ def for_choice(choice: Any, study: Any, max_params: int, n_seeds: int, artifacts
     from mnistlab import export as ex
     from mnistlab import study as st
     from mnistlab.runs import StudyRecorder
+    from mnistlab.storage import ID_ATTR
 
     check_seeds(n_seeds)
     trial = choice.trial
@@ -217,7 +218,7 @@ def for_choice(choice: Any, study: Any, max_params: int, n_seeds: int, artifacts
     recorder = None
     if tracker is not None and attrs.get(st.PARENT_ATTR) and attrs.get(st.EXPERIMENT_ATTR):
         recorder = StudyRecorder(tracker, study.study_name, attrs[st.EXPERIMENT_ATTR], attrs[st.PARENT_ATTR],
-                                 Path(str(attrs.get("study_file", ""))), attrs.get(st.ID_ATTR))
+                                 Path(str(attrs.get("study_file", ""))), attrs.get(ID_ATTR))
     previous = interrupts.stop_on_signals()
     try:
         done = run(trial, cfg, n_seeds, max_params, artifacts, recorder, data_dir, verbose)

@@ -17,8 +17,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import ROOT, cli, one_line_error, run_cli
-from mnistlab import data, export, study
+from mnistlab import data, export
 from mnistlab.errors import UserError
+from mnistlab.storage import load, open_storage
 
 SMOKE = ROOT / "studies" / "smoke.yaml"
 
@@ -50,7 +51,7 @@ def test_export_writes_every_format_verified(finished: dict) -> None:
         ["model.safetensors", "model.torchscript.pt", "model.onnx", "config.json", "MODEL_CARD.md",
          "learning_curves.png"])
     info = json.loads((out / "config.json").read_text())
-    s = study.load("smoke", study.open_storage(finished["MNISTLAB_STORAGE"], heartbeat=None))
+    s = load("smoke", open_storage(finished["MNISTLAB_STORAGE"], heartbeat=None))
     best = max((t for t in s.trials if t.state == TrialState.COMPLETE), key=lambda t: t.user_attrs["best_val_acc"])
     assert info["trial"] == best.number and info["study"] == "smoke"
     assert info["mlflow_run_id"] == best.user_attrs["mlflow_run_id"]
@@ -231,7 +232,7 @@ def test_force_replaces_an_earlier_export_and_nothing_else(finished: dict, tmp_p
     shutil.copytree(finished["export"], mixed)
     (mixed / "notes.txt").write_text("mine")
     before = files_under(tmp_path)
-    s = study.load("smoke", study.open_storage(env["MNISTLAB_STORAGE"], heartbeat=None))
+    s = load("smoke", open_storage(env["MNISTLAB_STORAGE"], heartbeat=None))
     choice = export.pick(s, ("val_acc",))
     monkeypatch.chdir(root)
     for target in (root, Path("."), tmp_path, root / "artifacts", root / "mlruns", tmp_path / "link", mixed):
@@ -272,7 +273,7 @@ def copy_study(finished: dict, tmp_path: Path) -> dict[str, str]:
 
 
 def best_checkpoint(env: dict[str, str]) -> tuple[Path, str]:
-    s = study.load("smoke", study.open_storage(env["MNISTLAB_STORAGE"], heartbeat=None))
+    s = load("smoke", open_storage(env["MNISTLAB_STORAGE"], heartbeat=None))
     best = max((t for t in s.trials if t.state == TrialState.COMPLETE), key=lambda t: t.user_attrs["best_val_acc"])
     return Path(best.user_attrs["checkpoint_dir"]), best.user_attrs["mlflow_run_id"]
 

@@ -76,7 +76,7 @@ def test_a_signal_landing_inside_optuna_writes_leaves_the_storage_writable(tmp_p
     """The same for the study's storage as mnistlab opens it: the trial is still failed at once."""
     import optuna
 
-    from mnistlab.study import open_storage
+    from mnistlab.storage import open_storage
 
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=1),
                                 study_name="signals")

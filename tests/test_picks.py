@@ -17,10 +17,12 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import ROOT, cli, run_cli
-from mnistlab import confirm, export, space, study
+from mnistlab import confirm, export, space
 from mnistlab import objective as objective_mod
 from mnistlab import trials as tr
 from mnistlab.errors import UserError
+from mnistlab.storage import load, open_storage
+from mnistlab.tables import status_table
 from mnistlab.train import EpochMetrics
 
 FAST = ["--epochs", "2", "--limit-train", "1000", "--limit-eval", "500"]
@@ -87,7 +89,7 @@ def test_ties_and_seed_groups_decide_the_pick(tmp_path: Path) -> None:
     text = export.describe(choice)
     assert "99.46% ± " in text and "per seed:" in text and "within noise of the best" in text
     assert "~ trial    0" in text
-    table = study.status_table(s, ("val_acc",))
+    table = status_table(s, ("val_acc",))
     assert table.loc[1, "best"] == "*" and table.loc[0, "best"] == "~" and table.loc[2, "best"] == ""
     assert table.loc[3, "repeat_of"] == 0 and table.loc[1, "seeds"] == 2
     assert table.loc[0, "val_se"] == pytest.approx(0.07, abs=0.005)
@@ -167,7 +169,7 @@ def test_a_study_confirms_its_finalists_once(tmp_path: Path, data_dir: Path, mlf
     proc = run_cli("study", "run", str(path), *FAST)
     assert proc.returncode == 0, proc.stderr
     assert "confirmation: 2 seed repeats trained by this worker" in proc.stdout
-    s = study.load("p", study.open_storage(None, heartbeat=None))
+    s = load("p", open_storage(None, heartbeat=None))
     reps = _repeats(s)
     finalists = [g.number for g in confirm.finalists([t for t in s.trials if not tr.is_repeat(t)],
                                                      space.Confirm(2, 2))]
@@ -176,7 +178,7 @@ def test_a_study_confirms_its_finalists_once(tmp_path: Path, data_dir: Path, mlf
     assert all(t.params == s.trials[t.user_attrs["repeat_of"]].params for t in reps)
     again = run_cli("study", "run", str(path), *FAST)
     assert again.returncode == 0 and "confirmation:" not in again.stdout, again.stdout
-    assert len(_repeats(study.load("p", study.open_storage(None, heartbeat=None)))) == 2
+    assert len(_repeats(load("p", open_storage(None, heartbeat=None)))) == 2
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_db)
@@ -187,7 +189,7 @@ def test_a_study_confirms_its_finalists_once(tmp_path: Path, data_dir: Path, mlf
         assert run.data.tags["mnistlab.repeat_of"] == str(t.user_attrs["repeat_of"])
         assert run.data.params["train.seed"] == "2" and "val_se" in run.data.metrics
     ranks = [client.get_run(t.user_attrs["mlflow_run_id"]).data.tags.get("mnistlab.rank")
-             for t in study.load("p", study.open_storage(None, heartbeat=None)).trials if tr.scored(t)]
+             for t in load("p", open_storage(None, heartbeat=None)).trials if tr.scored(t)]
     assert ranks.count("best") in (1, 2) and set(ranks) <= {"best", "tied", "behind"}  # the best seed group
     status = run_cli("study", "status", str(path))
     assert status.returncode == 0 and "val_se" in status.stdout and "seeds" in status.stdout
@@ -204,13 +206,13 @@ def test_two_workers_and_a_kill_mid_confirmation_train_each_repeat_once(pg_url: 
             "--limit-eval", "500", "--heartbeat", "1"]
     worker = subprocess.Popen([sys.executable, "-m", "mnistlab", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    storage = study.open_storage(pg_url, heartbeat=None)
+    storage = open_storage(pg_url, heartbeat=None)
     deadline = time.monotonic() + 600
     victim = None
     while victim is None and time.monotonic() < deadline and worker.poll() is None:
         time.sleep(0.2)
         try:
-            trials = study.load("p", storage).get_trials()
+            trials = load("p", storage).get_trials()
         except UserError:
             continue
         victim = next((t for t in trials if tr.is_repeat(t) and t.state == TrialState.RUNNING
@@ -220,7 +222,7 @@ def test_two_workers_and_a_kill_mid_confirmation_train_each_repeat_once(pg_url: 
     worker.wait()
     proc = run_cli(*args, "--workers", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    s = study.load("p", storage)
+    s = load("p", storage)
     keys = sorted((t.user_attrs["repeat_of"], t.user_attrs["seed"]) for t in _repeats(s))
     assert len(keys) == 4 and len(set(keys)) == 4  # 2 finalists x 2 further seeds, each trained once
     assert all(t.state == TrialState.COMPLETE for t in _repeats(s))
@@ -242,7 +244,7 @@ def test_refit_runs_under_the_parent_and_the_export_is_the_refit(tmp_path: Path,
     proc = run_cli("best", str(path), "--refit", "--seeds", "2", "--export", "model")
     assert proc.returncode == 0, proc.stderr
     assert "test accuracy: mean" in proc.stdout and "(exported)" in proc.stdout
-    s = study.load("p", study.open_storage(None, heartbeat=None))
+    s = load("p", open_storage(None, heartbeat=None))
     info = json.loads((tmp_path / "model" / "config.json").read_text())
     picked = info["trial"]
     refit = info["refit"]
@@ -320,7 +322,7 @@ def test_shuffled_test_labels_change_no_pick(tmp_path: Path, data_dir: Path) -> 
         assert proc.returncode == 0, proc.stderr
         best = run_cli("best", str(path), env=env, cwd=tmp_path / folder)
         assert best.returncode == 0, best.stderr
-        s = study.load("p", study.open_storage(f"sqlite:///{tmp_path / folder / 'optuna.db'}", heartbeat=None))
+        s = load("p", open_storage(f"sqlite:///{tmp_path / folder / 'optuna.db'}", heartbeat=None))
         outcomes.append(([(t.number, t.state, t.params, t.user_attrs.get("val_score")) for t in s.trials],
                          best.stdout.splitlines()[0], [t.user_attrs.get("test_acc") for t in s.trials]))
     (real_trials, real_pick, real_test), (shuf_trials, shuf_pick, shuf_test) = outcomes
@@ -342,7 +344,7 @@ def test_an_interrupted_refit_resumes_to_the_same_weights(tmp_path: Path, data_d
     assert run_cli("study", "run", str(path), *fast).returncode == 0
     args = [sys.executable, "-m", "mnistlab", "best", str(path), "--refit", "--seeds", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    trial = study.load("p", study.open_storage(None, heartbeat=None)).trials[0]
+    trial = load("p", open_storage(None, heartbeat=None)).trials[0]
     last = Path(trial.user_attrs["checkpoint_dir"]).parent / "refit-0" / "seed-1" / "last.pt"
     deadline = time.monotonic() + 300
     while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -363,7 +365,7 @@ def test_an_interrupted_refit_resumes_to_the_same_weights(tmp_path: Path, data_d
     assert all(torch.equal(weights[k], again[k]) for k in weights)  # bit for bit on the CPU
     from mlflow import MlflowClient
 
-    runs = MlflowClient(mlflow_db).search_runs([study.load("p", study.open_storage(None, heartbeat=None)).user_attrs[
+    runs = MlflowClient(mlflow_db).search_runs([load("p", open_storage(None, heartbeat=None)).user_attrs[
         "mlflow_experiment_id"]], "tags.`mnistlab.refit` = 'true'")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
     client = MlflowClient(mlflow_db)
@@ -384,5 +386,5 @@ def test_a_confirmation_the_search_cannot_fill_is_one_line_and_ends_the_parent(t
                                                     "configurations; lower top_k or run more trials")
     from mlflow import MlflowClient
 
-    s = study.load("p", study.open_storage(None, heartbeat=None))
+    s = load("p", open_storage(None, heartbeat=None))
     assert MlflowClient(mlflow_db).get_run(s.user_attrs["mlflow_parent_run_id"]).info.status == "FAILED"

@@ -19,8 +19,9 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop, trial_dir
-from mnistlab import checkpoint, study
+from mnistlab import checkpoint
 from mnistlab.objective import trained
+from mnistlab.storage import create, load, open_storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data_dir")]
 
@@ -66,7 +67,7 @@ def wait_until_into_epoch_2(storage_url: str, proc: subprocess.Popen, timeout: f
     """Until trial 0 is RUNNING and has reported epoch 1: its checkpoint is on disk (and sent to
     its MLflow run, which happens before the report), epoch 2 has begun."""
     wait_for(last_checkpoint(artifacts=artifacts), proc, timeout)  # the study and trial 0 exist from here on
-    s = study.load("smoke", study.open_storage(storage_url, heartbeat=None))
+    s = load("smoke", open_storage(storage_url, heartbeat=None))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         trial = s.get_trials(deepcopy=False)[0]
@@ -78,7 +79,7 @@ def wait_until_into_epoch_2(storage_url: str, proc: subprocess.Popen, timeout: f
 
 def wait_until_stale(storage_url: str, timeout: float = 60) -> None:
     """Until the storage counts trial 0 as stale: no heartbeat for the grace period (3 heartbeats of 1 s)."""
-    storage = study.open_storage(storage_url, heartbeat=1)
+    storage = open_storage(storage_url, heartbeat=1)
     study_id = storage.get_study_id_from_name("smoke")
     deadline = time.monotonic() + timeout
     while not storage._get_stale_trial_ids(study_id):  # what fail_stale_trials reads, without failing anything
@@ -117,7 +118,7 @@ def test_sigkill_mid_epoch_is_recovered_and_resumed_to_the_same_weights(
     assert "Resuming from" in resumed.stdout and f"after epoch {saved}" in resumed.stdout, resumed.stdout
     resume_seconds = time.monotonic() - killed_at
     assert check(env=env).returncode == 0
-    s = study.load("smoke", study.open_storage(storage, heartbeat=None))
+    s = load("smoke", open_storage(storage, heartbeat=None))
     dead, retry = s.trials
     assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE and retry.params == dead.params
     assert retry.user_attrs["root_trial"] == 0 and retry.user_attrs["epochs_run"] == 3
@@ -168,7 +169,7 @@ def test_a_trial_killed_on_one_machine_resumes_on_another_from_its_mlflow_checkp
     taken = int(out.split("took the checkpoint after epoch ")[1].split()[0])
     assert taken in (saved, saved - 1) and f"after epoch {taken}" in out  # A's last send, or the one before
     assert not list((machine_b / "mnistlab-artifacts").glob("*/trial-0/.fetch-*"))  # the download is cleaned up
-    s = study.load("smoke", study.open_storage(pg_url, heartbeat=None))
+    s = load("smoke", open_storage(pg_url, heartbeat=None))
     dead, retry = s.trials
     assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE and retry.params == dead.params
     steps = [m.step for m in MlflowClient(mlflow_server).get_metric_history(retry.user_attrs["mlflow_run_id"],
@@ -204,7 +205,7 @@ def test_the_artifact_server_down_while_a_checkpoint_is_due_loses_nothing(tmp_pa
         repaired = check("--repair", env=env)  # sends what the end of the trial could not
         assert repaired.returncode == 0, repaired.stdout + repaired.stderr
         assert check(env=env).returncode == 0
-        (trial,) = study.load("smoke", study.open_storage(pg_url, heartbeat=None)).trials
+        (trial,) = load("smoke", open_storage(pg_url, heartbeat=None)).trials
         run_id = trial.user_attrs["mlflow_run_id"]
         client = MlflowClient(url)
         assert sorted(m.step for m in client.get_metric_history(run_id, "val_acc")) == [1, 2, 3]
@@ -227,7 +228,7 @@ def test_sigterm_saves_records_and_exits_within_seconds(tmp_path: Path, mlflow_d
     assert worker.returncode == 128 + signal.SIGTERM
     assert took < 15, took
     assert "interrupted by SIGTERM" in err and "Traceback" not in err, err
-    s = study.load("smoke", study.open_storage(None, heartbeat=None))
+    s = load("smoke", open_storage(None, heartbeat=None))
     (first, retry) = s.trials
     assert first.state == TrialState.FAIL and first.user_attrs["reason"].startswith("interrupted by SIGTERM after")
     assert retry.state == TrialState.WAITING and retry.user_attrs["root_trial"] == 0
@@ -256,14 +257,14 @@ def test_a_full_disk_fails_the_trial_cleanly_and_the_study_continues(tmp_path: P
     assert "I/O error" in err and "File too large" in err and len(err.strip().splitlines()) == 1, err
     assert (folder / "last.pt").read_bytes() == before  # the previous checkpoint is intact
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left behind
-    s = study.load("smoke", study.open_storage(pg_url, heartbeat=None))
+    s = load("smoke", open_storage(pg_url, heartbeat=None))
     failed = s.trials[0]
     assert failed.state == TrialState.FAIL and "File too large" in failed.user_attrs["reason"]
     assert check(env=env).returncode == 0
     again = run_cli("study", "run", str(SMOKE), *SLOW, "--n-trials", "2", "--verbose", env=env)
     assert again.returncode == 0, again.stderr
     assert "Resuming from" in again.stdout
-    assert len([t for t in study.load("smoke", study.open_storage(pg_url, heartbeat=None)).trials
+    assert len([t for t in load("smoke", open_storage(pg_url, heartbeat=None)).trials
                 if trained(t)]) == 2
     final = check(env=env)
     assert final.returncode == 0, final.stdout
@@ -281,11 +282,11 @@ def test_workers_starting_together_on_a_new_postgresql_study(tmp_path: Path, pg_
     assert not [err for _, err in results if "Traceback" in err or "Error" in err], results
     # a server storage with a local MLflow store: fine on one machine, said once for several
     assert all("workers on other machines cannot see these runs" in err for _, err in results), results
-    storage = study.open_storage(pg_url, heartbeat=None)
+    storage = open_storage(pg_url, heartbeat=None)
     import optuna
 
     assert optuna.get_all_study_names(storage) == ["smoke"]
-    s = study.load("smoke", storage)
+    s = load("smoke", storage)
     assert [t.number for t in s.trials] == list(range(len(s.trials)))
     assert len([t for t in s.trials if trained(t)]) == n_workers + 1
     assert [t.number for t in s.trials if t.user_attrs.get("base")] == [0]  # one base trial, first
@@ -299,7 +300,7 @@ def test_check_reports_a_record_that_does_not_add_up(tmp_path: Path, mlflow_db: 
     assert proc.returncode == 0, proc.stderr
     from mlflow.entities import Metric
 
-    s = study.load("smoke", study.open_storage(None, heartbeat=None))
+    s = load("smoke", open_storage(None, heartbeat=None))
     run_id = s.trials[0].user_attrs["mlflow_run_id"]
     client = MlflowClient(mlflow_db)
     client.log_batch(run_id, metrics=[Metric("val_acc", 50.0, 0, 1)])  # a duplicated epoch
@@ -332,7 +333,7 @@ def test_a_long_mlflow_outage_keeps_training_and_repair_sends_what_was_kept(tmp_
         worker.kill()
     assert worker.returncode == 0, err
     assert "unsent metrics kept in" in err and "trains without its run" in err, err
-    s = study.load("smoke", study.open_storage(None, heartbeat=None))
+    s = load("smoke", open_storage(None, heartbeat=None))
     assert len([t for t in s.trials if trained(t)]) == 2  # the outage stopped no training
     server, _ = start_mlflow_server(backend, tmp_path / "server-artifacts", port)
     print(f"MLflow outage ridden out: {time.monotonic() - down:.0f} s, the rest of the study")
@@ -367,7 +368,7 @@ def test_commands_starting_together_in_a_fresh_folder_create_each_store_once(tmp
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["mnistlab.parent"] == "true"
-    s = study.load("smoke", study.open_storage(None, heartbeat=None))
+    s = load("smoke", open_storage(None, heartbeat=None))
     assert len(s.trials) == 1 and s.trials[0].state == TrialState.WAITING  # the base trial, enqueued once
 
 
@@ -384,7 +385,7 @@ def test_a_half_migrated_mlflow_store_is_refused_in_one_line_with_the_remedy(tmp
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "half-migrated" in proc.stderr and "_alembic_tmp_runs" in proc.stderr
     assert f"delete {tmp_path / 'mlflow.db'}" in proc.stderr  # it holds no runs: making it anew loses nothing
-    assert optuna.get_all_study_names(study.open_storage(None, heartbeat=None)) == []  # no study was created
+    assert optuna.get_all_study_names(open_storage(None, heartbeat=None)) == []  # no study was created
 
 
 def test_a_resumed_trial_that_is_pruned_logs_its_restored_epochs_and_repair_backfills(
@@ -405,7 +406,7 @@ enqueue_base: false
 space:
   train.lr: {{type: float, low: 0.00001, high: 0.2, log: true}}
 """)
-    s = study.create(space.load_study(path), study.open_storage(None, heartbeat=None))
+    s = create(space.load_study(path), open_storage(None, heartbeat=None))
     s.enqueue_trial({"train.lr": 0.1})
     s.enqueue_trial({"train.lr": 0.00001})
     cmd = [sys.executable, "-m", "mnistlab", "study", "run", str(path), *SLOW, "--n-trials", "2"]
@@ -416,7 +417,7 @@ space:
     assert worker.returncode == 128 + signal.SIGTERM
     resumed = run_cli("study", "run", str(path), *SLOW, "--n-trials", "2", "--verbose")
     assert resumed.returncode == 0 and "Resuming from" in resumed.stdout, resumed.stderr
-    retry = study.load("smoke", study.open_storage(None, heartbeat=None)).trials[-1]
+    retry = load("smoke", open_storage(None, heartbeat=None)).trials[-1]
     assert retry.state == TrialState.PRUNED and retry.user_attrs["root_trial"] == 1
     assert retry.user_attrs["pruned_at_epoch"] == 2
     client = MlflowClient(mlflow_db)

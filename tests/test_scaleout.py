@@ -25,8 +25,8 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop
-from mnistlab import study
 from mnistlab.objective import trained
+from mnistlab.storage import load, open_storage
 
 # All in the full tier: servers, workers, and docker-compose run as a program several times.
 pytestmark = pytest.mark.slow
@@ -262,7 +262,7 @@ def assert_consistent(storage_url: str, tracking_uri: str, n_trained: int) -> No
     """Exact trial count, no gaps, nothing RUNNING; one FINISHED parent; one complete child per trial."""
     from mlflow import MlflowClient
 
-    s = study.load("smoke", study.open_storage(storage_url, heartbeat=None))
+    s = load("smoke", open_storage(storage_url, heartbeat=None))
     numbers = [t.number for t in s.trials]
     assert numbers == list(range(len(numbers)))
     done = [t for t in s.trials if trained(t)]

@@ -12,6 +12,7 @@ from conftest import ROOT, cli, one_line_error, run_cli
 from mnistlab import objective as objective_mod
 from mnistlab import space, study
 from mnistlab.errors import UserError
+from mnistlab.storage import ID_ATTR, create, load, open_storage
 
 SMOKE = ROOT / "studies" / "smoke.yaml"
 FAST = ["--epochs", "1", "--limit-train", "1000", "--limit-eval", "500"]
@@ -48,7 +49,7 @@ space:
   model.widths.4: {type: int, low: 4, high: 8}
 """))
     # The smallest config of this space, widths.1 = 40 and widths.4 = 4, has 10,152 params.
-    storage = study.open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat=None)
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat=None)
     with pytest.raises(UserError, match="over the budget"):
         study.run(cfg, study.RunOptions(n_trials=1, storage=f"sqlite:///{tmp_path / 'o.db'}"))
     cfg = space.load_study(study_file(tmp_path, """
@@ -57,7 +58,7 @@ enqueue_base: false
 space:
   model.widths.1: {type: int, low: 8, high: 64}
 """))
-    s = study.create(cfg, storage)
+    s = create(cfg, storage)
     for width in (60, 64, 48):
         s.enqueue_trial({"model.widths.1": width})
     s.optimize(objective_mod.Objective(cfg, n_trials=1), n_trials=3)
@@ -165,7 +166,7 @@ def test_safe_names_pass_and_an_unsafe_name_in_a_storage_is_shown_but_refused(tm
     code, out, _ = cli(capsys, "study", "list")
     assert code == 0 and "fine" in out and "'../escape' (unsafe name, refused)" in out, out
     with pytest.raises(UserError, match="study name '../escape' is not allowed"):
-        study.load("../escape", study.open_storage(url, heartbeat=None))
+        load("../escape", open_storage(url, heartbeat=None))
     code, _, err = cli(capsys, "study", "report", "--name", "../escape")
     assert code == 2 and "is not allowed" in err
     assert not (tmp_path / "mnistlab-artifacts").exists() and not (tmp_path.parent / "escape").exists()
@@ -189,22 +190,22 @@ def test_a_real_study_completes_and_resumes(tmp_path: Path) -> None:
     proc = run_cli("study", "run", str(SMOKE), *FAST)
     assert proc.returncode == 0, proc.stderr
     assert "trained 3/3" in proc.stdout
-    storage = study.open_storage(None, heartbeat=None)
-    s = study.load("smoke", storage)
+    storage = open_storage(None, heartbeat=None)
+    s = load("smoke", storage)
     assert len(trained_numbers(s)) == 3
     assert s.trials[0].params["model.widths.1"] == 32 and s.trials[0].user_attrs["base"]  # the yardstick
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in s.trials)
     # The same command again continues the same study: it is already complete.
     again = run_cli("study", "run", str(SMOKE), *FAST)
     assert again.returncode == 0 and "already has 3 trained trials" in again.stdout
-    assert len(study.load("smoke", storage).trials) == len(s.trials)
+    assert len(load("smoke", storage).trials) == len(s.trials)
     more = run_cli("study", "run", str(SMOKE), *FAST, "--n-trials", "5")
     assert more.returncode == 0, more.stderr
-    assert len(trained_numbers(study.load("smoke", storage))) == 5
+    assert len(trained_numbers(load("smoke", storage))) == 5
     status = run_cli("study", "status", str(SMOKE), "--csv", "trials.csv")
     assert status.returncode == 0 and "param_count" in status.stdout
     rows = (tmp_path / "trials.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + len(study.load("smoke", storage).trials)
+    assert len(rows) == 1 + len(load("smoke", storage).trials)
     listing = run_cli("study", "list")
     assert "smoke" in listing.stdout
     # The storage stays a plain Optuna storage: Optuna's own CLI reads it.
@@ -226,7 +227,7 @@ def run_cli_optuna(*args: str) -> str:
 def test_two_workers_on_postgresql_train_exactly_n_trials(pg_url: str) -> None:
     proc = run_cli("study", "run", str(SMOKE), *FAST, "--storage", pg_url, "--workers", "2", "--n-trials", "4")
     assert proc.returncode == 0, proc.stderr
-    s = study.load("smoke", study.open_storage(pg_url, heartbeat=None))
+    s = load("smoke", open_storage(pg_url, heartbeat=None))
     numbers = [t.number for t in s.trials]
     assert numbers == list(range(len(numbers)))  # no gaps, no duplicates
     assert len(trained_numbers(s)) == 4
@@ -250,17 +251,17 @@ space:
     assert run_cli("study", "run", str(path), *fast, "--n-trials", "2").returncode == 0
     more = run_cli("study", "run", str(path), *fast, "--n-trials", "4")
     assert more.returncode == 0, more.stderr
-    s = study.load("s", study.open_storage(None, heartbeat=None))
+    s = load("s", open_storage(None, heartbeat=None))
     sampled = [tuple(sorted(t.params.items())) for t in s.trials]
     assert len(sampled) == 4 and len(set(sampled)) == 4, sampled
 
 
 def test_a_study_folder_is_keyed_by_its_id_and_an_older_study_keeps_its_own(tmp_path: Path) -> None:
-    storage = study.open_storage(f"sqlite:///{tmp_path / 'k.db'}", heartbeat=None)
-    made = study.create(space.load_study(SMOKE), storage)
-    uid = made.user_attrs[study.ID_ATTR]
+    storage = open_storage(f"sqlite:///{tmp_path / 'k.db'}", heartbeat=None)
+    made = create(space.load_study(SMOKE), storage)
+    uid = made.user_attrs[ID_ATTR]
     assert len(uid) == 32 and study.study_folder(made) == f"smoke-{uid[:8]}"
-    assert study.create(space.load_study(SMOKE), storage).user_attrs[study.ID_ATTR] == uid  # set once
+    assert create(space.load_study(SMOKE), storage).user_attrs[ID_ATTR] == uid  # set once
     older = optuna.create_study(storage=storage, study_name="older")  # as made before study ids
     assert study.study_folder(older) == "older"
 
@@ -272,14 +273,14 @@ def test_same_named_studies_in_two_storages_keep_their_own_checkpoints_and_runs(
     tiny = ["--epochs", "1", "--limit-train", "300", "--limit-eval", "100", "--threads", "1", "--n-trials", "1"]
     first, second = (f"sqlite:///{tmp_path / name}" for name in ("a.db", "b.db"))
     assert run_cli("study", "run", str(SMOKE), *tiny, "--storage", first).returncode == 0
-    a = study.load("smoke", study.open_storage(first, heartbeat=None)).trials[0]
+    a = load("smoke", open_storage(first, heartbeat=None)).trials[0]
     last = Path(a.user_attrs["checkpoint_dir"]) / "last.pt"
     written = last.stat().st_mtime_ns
     taken = run_cli("study", "run", str(SMOKE), *tiny, "--storage", second)
     assert taken.returncode == 2, taken.stdout + taken.stderr
     assert len(taken.stderr.strip().splitlines()) == 1 and "another study named 'smoke'" in taken.stderr
     assert "a.db" in taken.stderr  # where that other study lives
-    assert optuna.get_all_study_names(study.open_storage(second, heartbeat=None)) == []  # nothing created
+    assert optuna.get_all_study_names(open_storage(second, heartbeat=None)) == []  # nothing created
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_db)
@@ -288,7 +289,7 @@ def test_same_named_studies_in_two_storages_keep_their_own_checkpoints_and_runs(
     apart = run_cli("study", "run", str(SMOKE), *tiny, "--storage", second,
                     "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}")
     assert apart.returncode == 0, apart.stderr
-    b = study.load("smoke", study.open_storage(second, heartbeat=None)).trials[0]
+    b = load("smoke", open_storage(second, heartbeat=None)).trials[0]
     assert Path(b.user_attrs["checkpoint_dir"]).parent != last.parent.parent
     assert last.stat().st_mtime_ns == written  # the first study's checkpoints untouched
     assert run_cli("study", "check", "--name", "smoke", "--storage", first).returncode == 0
@@ -310,7 +311,7 @@ def test_a_query_password_is_masked_in_the_banner_and_in_mlflow(capsys: pytest.C
                                                                           *r.data.tags.values()])]
     assert recorded and not [v for v in recorded if secret in v]
     assert any("password=***" in v for v in recorded)  # study.storage, masked
-    assert secret not in str(study.load("smoke", study.open_storage(storage, heartbeat=None)).user_attrs)
+    assert secret not in str(load("smoke", open_storage(storage, heartbeat=None)).user_attrs)
 
 
 def test_workers_get_the_storage_and_tracking_uri_through_the_environment(tmp_path: Path) -> None:
@@ -351,7 +352,7 @@ space: {model.dropout: {type: float, low: 0.0, high: 0.1}}
     code, out, err = cli(capsys, "study", "run", str(path), "--epochs", "1", "--limit-train", "300",
                          "--limit-eval", "100", "--threads", "1")
     assert code == 0, err
-    s = study.load("s", study.open_storage(None, heartbeat=None))
+    s = load("s", open_storage(None, heartbeat=None))
     assert [t.state for t in s.trials] == [TrialState.FAIL, TrialState.FAIL]  # not COMPLETE with NaN
     assert all(t.user_attrs["reason"].startswith("Diverged: training diverged at epoch 1") for t in s.trials)
     from mlflow import MlflowClient

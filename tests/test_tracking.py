@@ -15,8 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, start_mlflow_server, stop
-from mnistlab import config, data, space, study
+from mnistlab import config, data, space
 from mnistlab.model import build_model
+from mnistlab.storage import create, open_storage
 from mnistlab.train import evaluate
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data_dir")]
@@ -39,7 +40,7 @@ enqueue_base: false
 space:
   train.lr: {{type: float, low: 0.00001, high: 0.2, log: true}}
 """)
-    s = study.create(space.load_study(path), study.open_storage(storage, heartbeat=None))
+    s = create(space.load_study(path), open_storage(storage, heartbeat=None))
     s.enqueue_trial({"train.lr": 0.1})
     s.enqueue_trial({"train.lr": 0.00001})
     return path
