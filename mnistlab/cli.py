@@ -153,6 +153,8 @@ def study_run(
     threads: Annotated[int, typer.Option(min=0, help="Torch threads per worker (0: split the cores).")] = 0,
     verbose: Annotated[bool, typer.Option(help="Per-epoch lines and progress bars.")] = False,
     wait: Wait = 0,
+    worker_index: Annotated[int | None, typer.Option(
+        min=0, hidden=True, help="Set by --workers in the worker processes it starts.")] = None,
 ) -> None:
     """Run (or continue) a study: sample, check the budget, train, log every trial to MLflow."""
     from mnistlab import space
@@ -164,7 +166,7 @@ def study_run(
                             epochs=epochs, limit_train=limit_train, limit_eval=limit_eval,
                             tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),
                             heartbeat=heartbeat, threads=threads, verbose=verbose, wait=wait,
-                            oversubscribe=oversubscribe)
+                            oversubscribe=oversubscribe, worker_index=worker_index)
     code = study.run(cfg, opts)
     if code:
         raise typer.Exit(code)

@@ -344,21 +344,21 @@ def make_sampler(study: StudyConfig, salt: str | None = None) -> optuna.samplers
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials)
 
 
-def worker_salt(trials: list[optuna.trial.FrozenTrial]) -> str | None:
+def worker_salt(trials: list[optuna.trial.FrozenTrial], worker_index: int | None = None) -> str | None:
     """What keeps a seeded sampler from repeating itself.
 
     The first worker on a fresh study uses the study file's seed as it is (a single-process
-    study is reproducible). A worker joining or continuing a study, one of `--workers N`, or
-    one with MNISTLAB_SEED_PER_WORKER=1 (the compose workers) mixes in its worker index, host,
-    process and the trials done so far: the same seed again would replay the same samples.
+    study is reproducible). A worker joining or continuing a study, one of `--workers N` (its
+    ``worker_index`` above 0), or one with MNISTLAB_SEED_PER_WORKER=1 (the compose workers) mixes
+    in its worker index, host, process and the trials done so far: the same seed again would
+    replay the same samples.
     """
     from optuna.trial import TrialState
 
-    spawned = os.environ.get("MNISTLAB_WORKER")
     started = any(t.state != TrialState.WAITING for t in trials)
-    if not started and spawned in (None, "0") and os.environ.get("MNISTLAB_SEED_PER_WORKER") != "1":
+    if not started and worker_index in (None, 0) and os.environ.get("MNISTLAB_SEED_PER_WORKER") != "1":
         return None
-    return f"{spawned}:{socket.gethostname()}:{os.getpid()}:{len(trials)}"
+    return f"{worker_index}:{socket.gethostname()}:{os.getpid()}:{len(trials)}"
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:

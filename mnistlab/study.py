@@ -55,6 +55,7 @@ class RunOptions:
     verbose: bool = False  # per-epoch lines and bars
     wait: float = 0.0  # seconds to wait for the storage and the MLflow server to come up
     oversubscribe: bool = False  # start --workers beyond the cores (or memory) of this machine anyway
+    worker_index: int | None = None  # set in the processes `--workers N` starts (0..N-1); None in any other
 
     def extra(self) -> dict[str, Any]:
         """CLI overrides applied to every trial's config."""
@@ -80,7 +81,8 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    salt = worker_salt(storage.get_all_trials(storage.get_study_id_from_name(cfg.name), deepcopy=False))
+    salt = worker_salt(storage.get_all_trials(storage.get_study_id_from_name(cfg.name), deepcopy=False),
+                       opts.worker_index)
     study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg, salt),
                               pruner=make_pruner(cfg))
     n_trials = opts.n_trials or cfg.n_trials
@@ -116,14 +118,15 @@ def _confirmation(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objec
         print(f"confirmation: {ran} seed repeats trained by this worker", flush=True)
 
 
-def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int) -> list[str]:
-    """The `mnistlab study run` arguments of one worker process of ``opts``.
+def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int, index: int) -> list[str]:
+    """The `mnistlab study run` arguments of worker process ``index`` of ``opts``; ``--worker-index``
+    tells it that it is one.
 
     The storage URL and tracking URI are not among them: they may hold a password, and any
     user of the machine can read a process's arguments (``ps``); see worker_env.
     """
-    args = [str(cfg.path), "--workers", "1", "--threads", str(threads), "--heartbeat", str(opts.heartbeat),
-            "--artifacts", str(opts.artifacts), "--wait", str(opts.wait)]
+    args = [str(cfg.path), "--workers", "1", "--worker-index", str(index), "--threads", str(threads),
+            "--heartbeat", str(opts.heartbeat), "--artifacts", str(opts.artifacts), "--wait", str(opts.wait)]
     flags = {"--n-trials": opts.n_trials, "--timeout": opts.timeout, "--device": opts.device, "--epochs": opts.epochs,
              "--limit-train": opts.limit_train, "--limit-eval": opts.limit_eval, "--data-dir": opts.data_dir}
     for flag, value in flags.items():
@@ -132,12 +135,12 @@ def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int) -> list[str]:
     return args + (["--verbose"] if opts.verbose else [])
 
 
-def worker_env(opts: RunOptions, index: int) -> dict[str, str]:
-    """The environment of worker ``index``: the storage and tracking URI travel here, where only
-    the same user can read them, resolved as this process resolved them."""
+def worker_env(opts: RunOptions) -> dict[str, str]:
+    """The environment of the worker processes: the storage and tracking URI travel here, where
+    only the same user can read them, resolved as this process resolved them."""
     from mnistlab.uri import resolve_uri
 
-    return dict(os.environ, MNISTLAB_WORKER=str(index), MNISTLAB_STORAGE=storage_url(opts.storage),
+    return dict(os.environ, MNISTLAB_STORAGE=storage_url(opts.storage),
                 MLFLOW_TRACKING_URI=resolve_uri(opts.tracking_uri))
 
 
@@ -197,10 +200,10 @@ def spawn_workers(cfg: StudyConfig, opts: RunOptions) -> int:
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
     procs = []
     for i in range(opts.workers):
-        env = worker_env(opts, i)
+        env = worker_env(opts)
         if n_gpu:
             env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpu)  # one GPU per worker, round robin
-        cmd = [sys.executable, "-m", "mnistlab", "study", "run", *worker_args(cfg, opts, threads)]
+        cmd = [sys.executable, "-m", "mnistlab", "study", "run", *worker_args(cfg, opts, threads, i)]
         procs.append(subprocess.Popen(cmd, env=env))
     try:
         codes = [p.wait() for p in procs]
@@ -297,7 +300,7 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
     check_writable(opts.artifacts, "--artifacts")
     check_workers(opts)
     study, storage, recorder, tracker, url = prepare(cfg, opts)
-    worker = "MNISTLAB_WORKER" in os.environ
+    worker = opts.worker_index is not None  # one of the processes of `--workers N`: its parent reports
     if not worker:
         tracker.set_status(recorder.parent_id, "RUNNING")
         print(f"study {cfg.name!r} in {mask(url)}; MLflow {mask(tracker.uri)} parent run {recorder.parent_id}",

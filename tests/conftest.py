@@ -45,7 +45,7 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.Fi
     monkeypatch.chdir(tmp_path)
     no_data = tmp_path / "no-mnist-cache"
     monkeypatch.setenv("MNISTLAB_DATA_DIR", str(no_data))
-    for name in ("MLFLOW_TRACKING_URI", "MNISTLAB_STORAGE", "MNISTLAB_WORKER", "MNISTLAB_WAIT", "MNISTLAB_DEBUG"):
+    for name in ("MLFLOW_TRACKING_URI", "MNISTLAB_STORAGE", "MNISTLAB_WAIT", "MNISTLAB_DEBUG"):
         monkeypatch.delenv(name, raising=False)
     yield
     if "data_dir" not in request.fixturenames and (no_data / data.CACHE_FILE).exists():

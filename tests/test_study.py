@@ -317,11 +317,22 @@ def test_a_query_password_is_masked_in_the_banner_and_in_mlflow(capsys: pytest.C
 def test_workers_get_the_storage_and_tracking_uri_through_the_environment(tmp_path: Path) -> None:
     storage, tracking = "postgresql://u:WorkerS3cret@db/optuna", "postgresql://u:WorkerS3cret@db/mlflow"
     opts = study.RunOptions(storage=storage, tracking_uri=tracking, workers=2, artifacts=tmp_path)
-    args = study.worker_args(space.load_study(SMOKE), opts, threads=1)
+    args = study.worker_args(space.load_study(SMOKE), opts, threads=1, index=1)
     assert not [a for a in args if "WorkerS3cret" in a or a in ("--storage", "--tracking-uri")]
-    env = study.worker_env(opts, 1)
+    assert args[args.index("--worker-index") + 1] == "1"  # who it is travels in its arguments
+    env = study.worker_env(opts)
     assert env["MNISTLAB_STORAGE"] == storage and env["MLFLOW_TRACKING_URI"] == tracking
-    assert env["MNISTLAB_WORKER"] == "1"
+
+
+def test_a_worker_is_told_its_index_not_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a worker of `--workers N` past the first (or any, with MNISTLAB_SEED_PER_WORKER=1) mixes a salt
+    into the sampler's seed on a fresh study."""
+    monkeypatch.setenv("MNISTLAB_WORKER", "3")  # the variable that once said so is read no more
+    monkeypatch.delenv("MNISTLAB_SEED_PER_WORKER", raising=False)
+    assert space.worker_salt([]) is None and space.worker_salt([], 0) is None
+    assert space.worker_salt([], 2).startswith("2:")
+    monkeypatch.setenv("MNISTLAB_SEED_PER_WORKER", "1")
+    assert space.worker_salt([]).startswith("None:")
 
 
 def test_more_workers_than_the_machine_holds_are_refused_before_anything_starts(capsys: pytest.CaptureFixture,
