@@ -15,6 +15,7 @@ try:  # typer vendors click from 0.2x on; its exceptions live there
 except ImportError:  # pragma: no cover - older typer on the real click
     from click import exceptions as cli_errors
 
+from mnistlab.config import FLAGS
 from mnistlab.errors import UserError
 
 app = typer.Typer(help="Search for small, accurate MNIST networks; every experiment tracked.",
@@ -100,9 +101,9 @@ def model_summary(experiment: Path, overrides: Overrides = None) -> None:
 def train_cmd(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
     overrides: Overrides = None,
-    epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option(help=f"Override {FLAGS['epochs']}.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Override train.seed.")] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Override {FLAGS['seed']}.")] = None,
     limit_train: Annotated[int | None, typer.Option(help="Train on the first N images.")] = None,
     limit_eval: Annotated[int | None, typer.Option(help="Evaluate on the first N images.")] = None,
     data_dir: DataDir = None,
@@ -143,7 +144,7 @@ def study_run(
         "--oversubscribe", envvar="MNISTLAB_OVERSUBSCRIBE",
         help="Start --workers beyond the cores or memory anyway.")] = False,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N for every trial.")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help=f"Override {FLAGS['epochs']}.")] = None,
     limit_train: Annotated[int | None, typer.Option(min=1, help="Train on the first N images.")] = None,
     limit_eval: Annotated[int | None, typer.Option(min=1, help="Evaluate on the first N images.")] = None,
     tracking_uri: TrackingUri = None,

@@ -146,13 +146,23 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentCo
     return from_dict(raw, str(path))
 
 
+# The CLI flags that set one config value (`mnistlab train`, `mnistlab study run`), by option name,
+# and the dotted name each sets: the one place the pairs are spelled.
+FLAGS = {
+    "epochs": "train.epochs", "device": "train.device", "seed": "train.seed",
+    "limit_train": "data.limit_train", "limit_eval": "data.limit_eval",
+}
+
+
+def flag_values(**flags: Any) -> dict[str, Any]:
+    """The dotted config values that CLI flags set (``epochs=3`` -> ``{"train.epochs": 3}``); a flag
+    left unset (None) sets nothing."""
+    return {FLAGS[k]: v for k, v in flags.items() if v is not None}
+
+
 def resolve(path: str | Path, overrides: typing.Sequence[str], **flags: Any) -> ExperimentConfig:
     """The experiment file with ``key=value`` overrides, then the CLI's flags (``epochs=3``...) on top."""
-    names = {
-        "epochs": "train.epochs", "device": "train.device", "seed": "train.seed",
-        "limit_train": "data.limit_train", "limit_eval": "data.limit_eval",
-    }
-    extra = [f"{names[k]}={v}" for k, v in flags.items() if v is not None]
+    extra = [f"{k}={v}" for k, v in flag_values(**flags).items()]
     return load(path, [*overrides, *extra])
 
 

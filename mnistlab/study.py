@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnistlab import interrupts
+from mnistlab.config import FLAGS, flag_values
 from mnistlab.errors import UserError
 from mnistlab.objective import Objective, StudyFull, search_trained
 from mnistlab.progress import Progress
@@ -57,11 +58,13 @@ class RunOptions:
     oversubscribe: bool = False  # start --workers beyond the cores (or memory) of this machine anyway
     worker_index: int | None = None  # set in the processes `--workers N` starts (0..N-1); None in any other
 
+    def config_flags(self) -> dict[str, Any]:
+        """The flags of config.FLAGS that `study run` takes (all but --seed), as given (None: unset)."""
+        return {name: getattr(self, name) for name in FLAGS if name in self.__dataclass_fields__}
+
     def extra(self) -> dict[str, Any]:
         """CLI overrides applied to every trial's config."""
-        names = {"train.device": self.device, "train.epochs": self.epochs,
-                 "data.limit_train": self.limit_train, "data.limit_eval": self.limit_eval}
-        return {k: v for k, v in names.items() if v is not None}
+        return flag_values(**self.config_flags())
 
 
 def study_folder(study: optuna.Study) -> str:
@@ -127,8 +130,8 @@ def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int, index: int) ->
     """
     args = [str(cfg.path), "--workers", "1", "--worker-index", str(index), "--threads", str(threads),
             "--heartbeat", str(opts.heartbeat), "--artifacts", str(opts.artifacts), "--wait", str(opts.wait)]
-    flags = {"--n-trials": opts.n_trials, "--timeout": opts.timeout, "--device": opts.device, "--epochs": opts.epochs,
-             "--limit-train": opts.limit_train, "--limit-eval": opts.limit_eval, "--data-dir": opts.data_dir}
+    flags = {"--n-trials": opts.n_trials, "--timeout": opts.timeout, "--data-dir": opts.data_dir,
+             **{"--" + name.replace("_", "-"): value for name, value in opts.config_flags().items()}}
     for flag, value in flags.items():
         if value is not None:
             args += [flag, str(value)]

@@ -153,3 +153,18 @@ def test_an_override_value_is_parsed_with_the_same_limits(tmp_path: Path) -> Non
     path = write(tmp_path, "name: x")
     with pytest.raises(UserError, match="override 'train.lr=.inf': refused.*not a finite number"):
         config.load(path, ["train.lr=.inf"])
+
+
+def test_the_cli_flags_set_real_config_fields(tmp_path: Path) -> None:
+    """config.FLAGS is the one map from a CLI flag to the dotted name it sets (`train`, `study run`)."""
+    from mnistlab import study
+    from mnistlab.cli import train_cmd
+
+    for name, dotted in config.FLAGS.items():
+        config.check_path(dotted)
+        assert name in train_cmd.__code__.co_varnames  # `mnistlab train --epochs ...` takes every one
+    path = write(tmp_path, "name: x")
+    cfg = config.resolve(path, ["train.epochs=5"], epochs=2, device="cpu", seed=None, limit_eval=7)
+    assert (cfg.train.epochs, cfg.train.device, cfg.train.seed, cfg.data.limit_eval) == (2, "cpu", 1, 7)
+    opts = study.RunOptions(epochs=3, limit_train=64)
+    assert opts.extra() == {"train.epochs": 3, "data.limit_train": 64}
