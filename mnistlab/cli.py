@@ -253,9 +253,7 @@ def _study_tracker(tracking_uri: str | None, loaded: Any) -> Any:
     from mnistlab import study as st
     from mnistlab.tracking import Tracker
 
-    recorded = loaded.user_attrs.get(st.TRACKING_ATTR) if loaded is not None else None
-    return Tracker(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (
-        recorded if recorded and "***" not in recorded else None))
+    return Tracker(tracking_uri, recorded=loaded.user_attrs.get(st.TRACKING_ATTR))
 
 
 @study_app.command("status")

@@ -65,8 +65,8 @@ def describe_error(exc: BaseException) -> str:
 class Tracker:
     """An MLflow client bound to one tracking URI, with a local queue for what fails to send."""
 
-    def __init__(self, uri: str | None = None) -> None:
-        self.uri = resolve_uri(uri)
+    def __init__(self, uri: str | None = None, recorded: str | None = None) -> None:
+        self.uri = resolve_uri(uri, recorded)  # ``recorded``: the URI a study recorded, used when nothing else is given
         self._client: Any = None
         self.pending: list[tuple[str, list[Any]]] = []  # (run_id, metrics) not yet accepted
         self._warned = False

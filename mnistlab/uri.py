@@ -21,9 +21,13 @@ from mnistlab.errors import UserError
 SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
 
 
-def resolve_uri(uri: str | None = None) -> str:
-    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working folder."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+def resolve_uri(uri: str | None = None, recorded: str | None = None) -> str:
+    """The one rule for the MLflow tracking URI: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else
+    the URI a study ``recorded`` (unless it was recorded masked: its password is gone), else
+    ``mlflow.db`` in the working folder."""
+    if recorded and "***" in recorded:
+        recorded = None
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or recorded or f"sqlite:///{Path('mlflow.db').resolve()}"
     uri = quote_userinfo(uri)
     scheme = split_url(uri, "tracking URI").scheme
     if scheme == "" and not uri.startswith("databricks"):

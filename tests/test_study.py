@@ -324,6 +324,18 @@ def test_workers_get_the_storage_and_tracking_uri_through_the_environment(tmp_pa
     assert env["MNISTLAB_STORAGE"] == storage and env["MLFLOW_TRACKING_URI"] == tracking
 
 
+def test_one_rule_resolves_the_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the URI the study recorded (unless masked), else mlflow.db."""
+    from mnistlab.uri import resolve_uri
+
+    flag, env, recorded = "http://flag:5000", "http://env:5000", "http://recorded:5000"
+    assert resolve_uri(flag, recorded) == flag
+    assert resolve_uri(None, recorded) == recorded
+    assert resolve_uri(None, "http://u:***@recorded:5000") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    assert resolve_uri(None, recorded) == env and resolve_uri(flag, recorded) == flag
+
+
 def test_a_worker_is_told_its_index_not_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a worker of `--workers N` past the first (or any, with MNISTLAB_SEED_PER_WORKER=1) mixes a salt
     into the sampler's seed on a fresh study."""
