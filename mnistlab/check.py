@@ -277,3 +277,39 @@ class Checker:
 def check(study: optuna.Study, tracker: Any, repair: bool = False) -> list[Finding]:
     """Every finding; the invariant holds when none is unfixed."""
     return Checker(study, tracker, repair).run()
+
+
+def check_study(study: optuna.Study, storage: str | None, tracking_uri: str | None, repair: bool,
+                heartbeat: int) -> int:
+    """`mnistlab study check`: print each finding and the verdict; 1 when a problem is left, else 0.
+
+    The study's MLflow store is checked first (reachable, known, allowed); ``repair`` fails stale
+    trials, which needs the workers' ``heartbeat``, and ends their runs in this study's store.
+    """
+    from mnistlab import stored
+    from mnistlab.errors import UserError
+    from mnistlab.storage import load, open_storage
+    from mnistlab.study import PARENT_ATTR
+    from mnistlab.uri import check_reachable
+
+    name = study.study_name
+    tracker = stored.tracker(study, tracking_uri)
+    if study.user_attrs.get(PARENT_ATTR):
+        check_reachable(tracker.uri)
+        if not tracker.known():
+            raise UserError(f"study {name!r} logs to MLflow, but there is no MLflow store at {tracker.uri}: "
+                            "pass --tracking-uri")
+        tracker.check_access()
+    if repair:
+        study = load(name, open_storage(storage, heartbeat=heartbeat, tracker=tracker, create=False))
+    findings = check(study, tracker, repair=repair)
+    for finding in findings:
+        print(finding)
+    open_ = [f for f in findings if not f.fixed]
+    n = len(study.trials)
+    if open_:
+        print(f"study {name!r}: {len(open_)} problem(s) in {n} trials" + ("" if repair else "; try --repair"))
+        return 1
+    print(f"study {name!r}: consistent ({n} trials, nothing RUNNING, every finished trial has its one MLflow run, "
+          "metrics and checkpoint)")
+    return 0

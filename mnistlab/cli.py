@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,11 +64,7 @@ def data_prepare(
     """Build the uint8 MNIST cache once; print split sizes and per-class counts."""
     from mnistlab import data
 
-    root = _data_dir(data_dir)
-    cache = data.prepare(root, source)
-    print(f"cache: {cache}")
-    for split, (_, y) in data.load_arrays(root).items():
-        print(f"{split:>5}: {len(y):6,d} images  per class: {data.class_counts(y)}")
+    data.prepare_and_describe(_data_dir(data_dir), source)
 
 
 @data_app.command("info")
@@ -77,13 +72,7 @@ def data_info(data_dir: DataDir = None) -> None:
     """Where the cache is, its size and its SHA-256."""
     from mnistlab import data
 
-    root = _data_dir(data_dir)
-    arrays = data.load_arrays(root)  # verifies the checksum
-    cache = root / data.CACHE_FILE
-    print(f"cache:  {cache}")
-    print(f"bytes:  {cache.stat().st_size:,}")
-    print(f"sha256: {data.sha256(cache)}")
-    print("splits: " + ", ".join(f"{s} {len(y):,}" for s, (_, y) in arrays.items()))
+    data.describe_cache(_data_dir(data_dir))
 
 
 @model_app.command("summary")
@@ -119,16 +108,8 @@ def train_cmd(
     cfg = config.resolve(experiment, overrides or [], epochs=epochs, device=device, seed=seed,
                          limit_train=limit_train, limit_eval=limit_eval)
     from mnistlab import experiment as exp  # torch and MLflow: only once the file is read
-    from mnistlab.tracking import Tracker
 
-    out = output or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tracker = Tracker(tracking_uri) if track else None
-    figures = exp.run_experiment(cfg, out, data_dir, tracker, source=experiment, resume=resume)
-    print(f"params {figures['params']:,} | best validation {figures['best_val_acc']:.2f}% at epoch "
-          f"{figures['best_epoch']} | test {figures['test_acc']:.2f}% | "
-          f"{figures['seconds_per_epoch']:.1f} s/epoch | run folder {out}")
-
-
+    exp.train_command(cfg, experiment, output, data_dir, tracking_uri, track=track, resume=resume)
 
 
 @study_app.command("run")
@@ -185,30 +166,15 @@ def study_create(
 
     cfg = space.load_study(study_file)
     from mnistlab import study
-    from mnistlab.uri import mask
 
-    made = study.prepare(cfg, study.RunOptions(storage=storage, tracking_uri=tracking_uri, wait=wait))
-    print(f"study {cfg.name!r} ready in {mask(made.url)}: {len(made.study.trials)} trials so far; "
-          f"MLflow {mask(made.tracker.uri)} experiment {made.recorder.experiment_id} "
-          f"parent run {made.recorder.parent_id}")
+    study.create_study(cfg, study.RunOptions(storage=storage, tracking_uri=tracking_uri, wait=wait))
 
 
-def _study(study_file: Path | None, name: str | None, storage: str | None) -> tuple[object, object, tuple]:
+def _study(study_file: Path | None, name: str | None, storage: str | None) -> Any:
     """The stored study a command names, by its file or --name (the file read before Optuna is imported)."""
-    from mnistlab import space
+    from mnistlab import stored
 
-    if (study_file is None) == (name is None):
-        raise UserError("give a study file or --name NAME (one of them)")
-    objectives: tuple = ()
-    if study_file is not None:
-        cfg = space.load_study(study_file)
-        name, objectives = cfg.name, cfg.objectives
-    space.check_name(name, "--name")
-    from mnistlab.storage import load, open_storage
-
-    store = open_storage(storage, heartbeat=None, create=False)
-    loaded = load(name, store)
-    return loaded, store, objectives or tuple(loaded.user_attrs.get("objectives", ["val_acc"]))
+    return stored.load(study_file, name, storage)
 
 
 @study_app.command("check")
@@ -220,40 +186,12 @@ def study_check(
         min=1, help="The workers' --heartbeat: a RUNNING trial silent for 3x this is stale.")] = 30,
 ) -> None:
     """Verify that nothing is RUNNING and every trial's MLflow record and checkpoint are whole."""
-    loaded, _, _ = _study(study_file, name, storage)
-    from mnistlab import check as chk
-    from mnistlab import study as st
-    from mnistlab.storage import load, open_storage
-    from mnistlab.uri import check_reachable
+    found = _study(study_file, name, storage)
+    from mnistlab.check import check_study
 
-    name = loaded.study_name
-    tracker = _study_tracker(tracking_uri, loaded)
-    if loaded.user_attrs.get(st.PARENT_ATTR):
-        check_reachable(tracker.uri)
-        if not tracker.known():
-            raise UserError(f"study {name!r} logs to MLflow, but there is no MLflow store at {tracker.uri}: "
-                            "pass --tracking-uri")
-        tracker.check_access()
-    if repair:  # failing stale trials needs the workers' heartbeat, and their runs this study's tracker
-        loaded = load(name, open_storage(storage, heartbeat=heartbeat, tracker=tracker, create=False))
-    findings = chk.check(loaded, tracker, repair=repair)
-    for finding in findings:
-        print(finding)
-    open_ = [f for f in findings if not f.fixed]
-    n = len(loaded.trials)
-    if open_:
-        print(f"study {name!r}: {len(open_)} problem(s) in {n} trials" + ("" if repair else "; try --repair"))
-        raise typer.Exit(1)
-    print(f"study {name!r}: consistent ({n} trials, nothing RUNNING, every finished trial has its one MLflow run, "
-          "metrics and checkpoint)")
-
-
-def _study_tracker(tracking_uri: str | None, loaded: Any) -> Any:
-    """The MLflow store of a study: --tracking-uri, $MLFLOW_TRACKING_URI, the one it recorded, the default."""
-    from mnistlab import study as st
-    from mnistlab.tracking import Tracker
-
-    return Tracker(tracking_uri, recorded=loaded.user_attrs.get(st.TRACKING_ATTR))
+    code = check_study(found.study, storage, tracking_uri, repair, heartbeat)
+    if code:
+        raise typer.Exit(code)
 
 
 @study_app.command("status")
@@ -262,17 +200,10 @@ def study_status(
     csv: Annotated[Path | None, typer.Option(help="Also write the table to this CSV file.")] = None,
 ) -> None:
     """The study's trials as a table; the best (or the Pareto front) marked with *."""
-    loaded, _, objectives = _study(study_file, name, storage)
-    import pandas as pd
+    found = _study(study_file, name, storage)
+    from mnistlab.tables import print_status
 
-    from mnistlab.tables import status_table
-
-    table = status_table(loaded, objectives)
-    with pd.option_context("display.max_rows", 500, "display.width", 200, "display.max_columns", 30):
-        print(table.to_string() if not table.empty else "no trials yet")
-    if csv is not None:
-        table.to_csv(csv)
-        print(f"wrote {csv}")
+    print_status(found.study, found.objectives, csv)
 
 
 @study_app.command("list")
@@ -291,20 +222,10 @@ def study_report(
     tracking_uri: TrackingUri = None, artifacts: Artifacts = Path("mnistlab-artifacts"),
 ) -> None:
     """Draw the study's plots and attach them to its MLflow parent run."""
-    loaded, _, objectives = _study(study_file, name, storage)
-    from mnistlab import report, study
-    from mnistlab.runs import StudyRecorder
-    from mnistlab.tracking import Tracker
+    found = _study(study_file, name, storage)
+    from mnistlab import study
 
-    tracker = Tracker(tracking_uri)
-    parent = loaded.user_attrs.get(study.PARENT_ATTR)
-    recorder = StudyRecorder(tracker, loaded.study_name, loaded.user_attrs.get(study.EXPERIMENT_ATTR, ""),
-                             parent, Path(loaded.user_attrs.get("study_file", ""))) if parent else None
-    paths = report.write(loaded, objectives, artifacts.resolve() / study.study_folder(loaded) / "plots", recorder)
-    for path in paths:
-        if recorder is not None:
-            tracker.log_artifact(parent, path, "plots")
-        print(f"wrote {path}")
+    study.report_study(found.study, found.objectives, tracking_uri, artifacts)
 
 
 @app.command("best")
@@ -328,72 +249,14 @@ def best(
     data_dir: DataDir = None,
 ) -> None:
     """Print a study's best trial; --refit retrains it on all data; --export delivers it, verified in every format."""
-    loaded, _, objectives = _study(study_file, name, storage)
-    from mnistlab import export as ex
-    from mnistlab import refit as rf
-    from mnistlab import space
-    from mnistlab.uri import check_reachable
+    found = _study(study_file, name, storage)
+    from mnistlab import delivery
 
-    choice = ex.pick(loaded, objectives, min_accuracy, max_params)
-    print(ex.describe(choice))
-    if export is None and not refit:
-        return
-    tracker = _study_tracker(tracking_uri, loaded)
-    check_reachable(tracker.uri)
-    tracker.check_access()
-    known = tracker if tracker.known() else None
-    refitted = None
-    if refit:
-        budget = int(loaded.user_attrs.get("max_params", 1 << 62))
-        if study_file is not None:
-            budget = min(budget, space.load_study(study_file).max_params)
-        print()
-        try:
-            refitted = rf.for_choice(choice, loaded, budget, seeds, artifacts, known, data_dir)
-        except KeyboardInterrupt as exc:  # SIGTERM/SIGINT: the seed in progress keeps its last checkpoint
-            raise _stopped(exc, "the refit in progress resumes from its last checkpoint when the same command "
-                                "runs again") from None
-        print(rf.describe(refitted))
-    if export is None:
-        return
-    try:
-        done = ex.export(choice, loaded, export, force=force, tracker=known, data_dir=data_dir, refit=refitted)
-    except KeyboardInterrupt as exc:  # the export's temporary folder is removed on the way out
-        raise _stopped(exc, f"nothing exported, {export} is as it was") from None
-    formats = ", ".join(f"{k} {v:.2f}%" for k, v in done.accuracies.items())
-    print(f"exported to {done.folder}: test accuracy {done.test_acc:.2f}% on {done.info['test_images']:,} "
-          f"images, the same from every format ({formats})")
-    if register:
-        _register(tracker, loaded, done)
-
-
-def _stopped(exc: BaseException, what: str) -> typer.Exit:
-    """One line on SIGTERM/SIGINT and the shell's exit code for the signal (143, 130)."""
-    import signal
-
-    name = getattr(exc, "signame", "SIGINT")
-    print(f"interrupted by {name}: {what}", file=sys.stderr, flush=True)
-    return typer.Exit(128 + int(getattr(signal, name, signal.SIGINT)))
-
-
-def _register(tracker: Any, loaded: Any, done: Any) -> None:
-    from mnistlab import export as ex
-    from mnistlab import study as st
-    from mnistlab.registry import register_model
-
-    run_id = done.info["mlflow_run_id"]
-    if not run_id or not tracker.has_run(run_id):
-        raise UserError(f"exported to {done.folder}, but MLflow at {tracker.uri} has no run "
-                        f"{run_id}: pass the study's --tracking-uri, or --no-register")
-    try:
-        version = register_model(tracker, loaded.study_name, run_id, loaded.user_attrs.get(st.EXPERIMENT_ATTR),
-                                 done.folder / ex.ONNX, done.example,
-                                 {"mnistlab.trial": done.info["trial"], "test_acc": done.test_acc,
-                                  "params": done.info["params"]})
-    except Exception as exc:
-        raise UserError(f"exported to {done.folder}, but registering in MLflow failed "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    print(f"registered models:/{loaded.study_name}@best (version {version}) in MLflow at {tracker.uri}")
+    code = delivery.best(found, delivery.BestOptions(
+        min_accuracy=min_accuracy, max_params=max_params, export=export, force=force, register=register, refit=refit,
+        seeds=seeds, artifacts=artifacts, tracking_uri=tracking_uri, data_dir=data_dir))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("evaluate")
@@ -402,16 +265,9 @@ def evaluate_cmd(
     data_dir: DataDir = None,
 ) -> None:
     """Re-measure an exported model's test accuracy from its files alone, in every format."""
-    from mnistlab import export as ex
+    from mnistlab import delivery
 
-    result = ex.evaluate_folder(folder, data_dir)
-    recorded = result["info"]["test_acc"]
-    for name, acc in result["accuracies"].items():
-        print(f"{name:>12}: {acc:.2f}% on {result['test_images']:,} test images")
-    measured = result["accuracies"]["safetensors"]
-    if abs(measured - recorded) > 1e-9:
-        raise UserError(f"{folder}: re-measured {measured:.2f}% but config.json records {recorded:.2f}%")
-    print(f"matches the recorded {recorded:.2f}%")
+    delivery.evaluate(folder, data_dir)
 
 
 @app.command("ui")

@@ -240,3 +240,21 @@ def augment(x: torch.Tensor, cfg: DataConfig, generator: torch.Generator) -> tor
 def class_counts(y: np.ndarray) -> list[int]:
     """Images per digit 0-9."""
     return np.bincount(y, minlength=10).tolist()
+
+
+def prepare_and_describe(data_dir: Path, source: Path | None = None) -> None:
+    """`mnistlab data prepare`: build the cache once, print where it is and each split's size and
+    per-class counts."""
+    print(f"cache: {prepare(data_dir, source)}")
+    for split, (_, y) in load_arrays(data_dir).items():
+        print(f"{split:>5}: {len(y):6,d} images  per class: {class_counts(y)}")
+
+
+def describe_cache(data_dir: Path) -> None:
+    """`mnistlab data info`: where the cache is, its size, its SHA-256 and its splits (the checksum verified)."""
+    arrays = load_arrays(data_dir)
+    cache = data_dir / CACHE_FILE
+    print(f"cache:  {cache}")
+    print(f"bytes:  {cache.stat().st_size:,}")
+    print(f"sha256: {sha256(cache)}")
+    print("splits: " + ", ".join(f"{s} {len(y):,}" for s, (_, y) in arrays.items()))

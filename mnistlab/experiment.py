@@ -129,3 +129,15 @@ def run_experiment(
         raise UserError(f"{output}: trained, but cannot write metrics.csv and summary.json ({exc.strerror or exc}); "
                         "the checkpoints are intact") from None
     return figures
+
+
+def train_command(cfg: ExperimentConfig, source: Path, output: Path | None = None, data_dir: Path | None = None,
+                  tracking_uri: str | None = None, track: bool = True, resume: bool = False) -> None:
+    """`mnistlab train`: run the experiment read from ``source`` into ``output`` (default
+    runs/NAME-TIME), tracked unless ``track`` is off, and print its summary line."""
+    out = output or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker = Tracker(tracking_uri) if track else None
+    figures = run_experiment(cfg, out, data_dir, tracker, source=source, resume=resume)
+    print(f"params {figures['params']:,} | best validation {figures['best_val_acc']:.2f}% at epoch "
+          f"{figures['best_epoch']} | test {figures['test_acc']:.2f}% | "
+          f"{figures['seconds_per_epoch']:.1f} s/epoch | run folder {out}")

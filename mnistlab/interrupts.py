@@ -10,6 +10,7 @@ signal arriving then is held and raised as soon as the call returns.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,3 +65,11 @@ def shielded() -> Iterator[None]:
         if _state.depth == 0 and held is not None:
             _state.held = None
             raise Interrupted(held)
+
+
+def stopped(exc: BaseException, what: str) -> int:
+    """One line on stderr for the SIGTERM/SIGINT that stopped a command, saying ``what`` became of its
+    work; returns the shell's exit code for the signal (143, 130)."""
+    name = getattr(exc, "signame", "SIGINT")
+    print(f"interrupted by {name}: {what}", file=sys.stderr, flush=True)
+    return 128 + int(getattr(signal, name, signal.SIGINT))

@@ -281,6 +281,32 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
     return Prepared(study, storage, recorder_for(study, cfg, tracker, url), tracker, url)
 
 
+def create_study(cfg: StudyConfig, opts: RunOptions) -> None:
+    """`mnistlab study create`: the study, its MLflow experiment and parent run made (or found), and said."""
+    made = prepare(cfg, opts)
+    print(f"study {cfg.name!r} ready in {mask(made.url)}: {len(made.study.trials)} trials so far; "
+          f"MLflow {mask(made.tracker.uri)} experiment {made.recorder.experiment_id} "
+          f"parent run {made.recorder.parent_id}")
+
+
+def report_study(study: optuna.Study, objectives: tuple[str, ...], tracking_uri: str | None,
+                 artifacts: Path) -> None:
+    """`mnistlab study report`: draw the study's plots and attach them to its MLflow parent run."""
+    from mnistlab import report
+    from mnistlab.runs import StudyRecorder
+    from mnistlab.tracking import Tracker
+
+    tracker = Tracker(tracking_uri)
+    parent = study.user_attrs.get(PARENT_ATTR)
+    recorder = StudyRecorder(tracker, study.study_name, study.user_attrs.get(EXPERIMENT_ATTR, ""),
+                             parent, Path(study.user_attrs.get("study_file", ""))) if parent else None
+    paths = report.write(study, objectives, artifacts.resolve() / study_folder(study) / "plots", recorder)
+    for path in paths:
+        if recorder is not None:
+            tracker.log_artifact(parent, path, "plots")
+        print(f"wrote {path}")
+
+
 def check_writable(folder: Path, what: str) -> None:
     """UserError unless ``folder`` is a folder this process may write in, or can be made as one:
     checked before the study exists, not found out by its first trial."""
@@ -319,10 +345,8 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
         else:
             run_worker(cfg, opts, storage, recorder)
     except KeyboardInterrupt as exc:
-        name = getattr(exc, "signame", "SIGINT")
-        status, code = "KILLED", 128 + int(getattr(signal, name, signal.SIGINT))
-        print(f"interrupted by {name}: the trial in progress is recorded and queued to resume from its last "
-              "checkpoint; run the same command to continue", file=sys.stderr, flush=True)
+        status, code = "KILLED", interrupts.stopped(exc, "the trial in progress is recorded and queued to resume "
+                                                         "from its last checkpoint; run the same command to continue")
     except OSError as exc:  # a full disk, an unwritable folder: the trial is recorded and queued again
         status, code = "FAILED", 2
         failure = UserError(f"stopped by an I/O error ({exc}); finished trials and checkpoints are intact and "

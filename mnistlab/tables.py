@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -65,6 +66,18 @@ def status_table(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -
     if df.empty:
         return df
     return df.set_index("number")
+
+
+def print_status(study: optuna.Study, objectives: list[str] | tuple[str, ...], csv: Path | None = None) -> None:
+    """`mnistlab study status`: the trials table printed (and written to ``csv``)."""
+    import pandas as pd
+
+    table = status_table(study, objectives)
+    with pd.option_context("display.max_rows", 500, "display.width", 200, "display.max_columns", 30):
+        print(table.to_string() if not table.empty else "no trials yet")
+    if csv is not None:
+        table.to_csv(csv)
+        print(f"wrote {csv}")
 
 
 def list_studies(storage: optuna.storages.BaseStorage) -> Any:
