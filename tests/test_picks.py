@@ -160,7 +160,7 @@ def test_finalists_are_enqueued_once(tmp_path: Path) -> None:
 # -- real studies -----------------------------------------------------------------------------------
 
 def _repeats(s: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in s.get_trials() if tr.is_repeat(t) and objective_mod.trained(t)]
+    return [t for t in s.get_trials() if tr.is_repeat(t) and tr.trained(t)]
 
 
 @pytest.mark.slow
