@@ -35,6 +35,7 @@ from mnistlab import trials as trials_mod
 from mnistlab.config import ExperimentConfig, from_dict
 from mnistlab.errors import UserError, clip
 from mnistlab.model import build_model, count_params, summary
+from mnistlab.report import trial_curves
 
 FORMAT = "mnistlab-export/1"
 WEIGHTS, CONFIG, TORCHSCRIPT, ONNX, CARD, CURVES = (
@@ -70,13 +71,6 @@ def candidates(study: optuna.Study) -> list[trials_mod.Group]:
             if trials_mod.PARAM_COUNT in g.first.user_attrs and (budget is None or g.params <= budget)]
 
 
-def pareto(groups: list[trials_mod.Group]) -> list[trials_mod.Group]:
-    """Configurations no other beats on both (seed-mean) validation score and size, smallest first."""
-    front = [g for g in groups if not any(
-        o.mean >= g.mean and o.params <= g.params and (o.mean, o.params) != (g.mean, g.params) for o in groups)]
-    return sorted(front, key=lambda g: (g.params, -g.mean, g.number))
-
-
 def pick(study: optuna.Study, objectives: tuple[str, ...] | list[str], min_accuracy: float | None = None,
          max_params: int | None = None) -> Choice:
     """The configuration to export, by validation scores only.
@@ -91,7 +85,7 @@ def pick(study: optuna.Study, objectives: tuple[str, ...] | list[str], min_accur
     name = study.study_name
     if not pool:
         raise UserError(f"study {name!r} has no completed trials to pick from")
-    front = pareto(pool) if len(objectives) > 1 else []
+    front = trials_mod.pareto(pool) if len(objectives) > 1 else []
     if max_params is not None:
         best_size = min(g.params for g in pool)
         pool = [g for g in pool if g.params <= max_params]
@@ -401,7 +395,7 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
         accuracies = agreement(outputs(tmp, cfg, x), y)
         test_acc = accuracies["safetensors"]
         a = trial.user_attrs
-        curves = refit is None and _learning_curves(trial, tracker, tmp / CURVES)
+        curves = refit is None and trial_curves(trial, tracker, tmp / CURVES)
         files = [*MODEL_FILES] + ([CURVES] if curves else [])
         info = {
             "format": FORMAT,
@@ -497,36 +491,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _learning_curves(trial: optuna.trial.FrozenTrial, tracker: Any, path: Path) -> bool:
-    """The trial's per-epoch accuracy from MLflow (or its checkpoint); False when neither has it."""
-    from mnistlab.report import _pyplot, _save
-
-    series: dict[str, list[tuple[int, float]]] = {}
-    run_id = trial.user_attrs.get(trials_mod.MLFLOW_RUN_ID)
-    if tracker is not None and run_id:
-        try:
-            series = {k: tracker.metric_history(run_id, k) for k in ("train_acc", "val_acc")}
-        except Exception:  # an unreachable server: fall back to the checkpoint
-            series = {}
-    if not any(series.values()):
-        last = Path(trial.user_attrs.get(trials_mod.CHECKPOINT_DIR, "")) / checkpoint.LAST
-        if checkpoint.verified(last):
-            history = checkpoint.load_state(last)["history"]
-            series = {k: [(m["epoch"], m[k]) for m in history] for k in ("train_acc", "val_acc")}
-    if not any(series.values()):
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("train_acc", "train"), ("val_acc", "validation")):
-        if series.get(key):
-            steps, values = zip(*sorted(series[key]), strict=True)
-            ax.plot(steps, values, marker=".", label=label)
-    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Trial {trial.number}")
-    ax.legend()
-    _save(fig, path)
-    return True
 
 
 def _seeds(info: dict[str, Any]) -> str:

@@ -204,6 +204,13 @@ def tied_numbers(gs: list[Group], best: Group | None) -> set[int]:
     return {g.number for g in gs if tied(g, best)} if best is not None else set()
 
 
+def pareto(gs: list[Group]) -> list[Group]:
+    """Configurations no other beats on both (seed-mean) validation score and size, smallest first."""
+    front = [g for g in gs if not any(
+        o.mean >= g.mean and o.params <= g.params and (o.mean, o.params) != (g.mean, g.params) for o in gs)]
+    return sorted(front, key=lambda g: (g.params, -g.mean, g.number))
+
+
 def record_score(trial: Any, val_accs: Sequence[float], val_total: int) -> float:
     """Set the score attributes of a trial from its per-epoch validation accuracies."""
     value = trial_score(val_accs)
