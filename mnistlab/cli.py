@@ -329,12 +329,13 @@ def best(
     """Print a study's best trial; --refit retrains it on all data; --export delivers it, verified in every format."""
     loaded, _, objectives = _study(study_file, name, storage)
     from mnistlab import export as ex
+    from mnistlab import picks as pk
     from mnistlab import refit as rf
     from mnistlab import space
     from mnistlab.uri import check_reachable
 
-    choice = ex.pick(loaded, objectives, min_accuracy, max_params)
-    print(ex.describe(choice))
+    choice = pk.pick(loaded, objectives, min_accuracy, max_params)
+    print(pk.describe(choice))
     if export is None and not refit:
         return
     tracker = _study_tracker(tracking_uri, loaded)
@@ -376,7 +377,7 @@ def _stopped(exc: BaseException, what: str) -> typer.Exit:
 
 
 def _register(tracker: Any, loaded: Any, done: Any) -> None:
-    from mnistlab import export as ex
+    from mnistlab import formats
     from mnistlab import study as st
     from mnistlab.registry import register_model
 
@@ -386,7 +387,7 @@ def _register(tracker: Any, loaded: Any, done: Any) -> None:
                         f"{run_id}: pass the study's --tracking-uri, or --no-register")
     try:
         version = register_model(tracker, loaded.study_name, run_id, loaded.user_attrs.get(st.EXPERIMENT_ATTR),
-                                 done.folder / ex.ONNX, done.example,
+                                 done.folder / formats.ONNX, done.example,
                                  {"mnistlab.trial": done.info["trial"], "test_acc": done.test_acc,
                                   "params": done.info["params"]})
     except Exception as exc:
