@@ -26,8 +26,8 @@ import statistics
 
 from optuna.trial import TrialState
 
-from mnistlab.objective import trained
 from mnistlab.storage import load, open_storage
+from mnistlab.trials import trained
 
 
 def figures(s: object, target: float) -> dict[str, object]:

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from mnistlab import checkpoint
 from mnistlab import trials as tr
 from mnistlab.data import sha256
-from mnistlab.objective import trained
+from mnistlab.trials import trained
 
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
 CHECKPOINT_FILES = checkpoint.KEPT

@@ -467,7 +467,7 @@ MAX_LAYERS = 64
 
 
 def _scaled(m: ModelConfig) -> list[int]:
-    from mnistlab.model import widths
+    from mnistlab.layers import widths
 
     return list(widths(m))
 
@@ -509,7 +509,7 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> None:
     need(d.limit_eval is None or d.limit_eval >= 1, "data.limit_eval must be >= 1")
     need(0 <= d.translate < 0.5, "data.translate must be in [0, 0.5)")
     # Shapes: raises UserError if the spatial size collapses.
-    from mnistlab.model import plan
+    from mnistlab.layers import plan
 
     plan(m, where)
 

@@ -32,12 +32,13 @@ def best(found: stored.Stored, opts: BestOptions) -> int:
     ``export`` deliver it (verified in every format) and register it. Returns the exit code: 0, or
     the signal's (143, 130) when SIGTERM/SIGINT stopped the refit or the export."""
     from mnistlab import export as ex
+    from mnistlab import picks as pk
     from mnistlab import refit as rf
     from mnistlab.uri import check_reachable
 
     loaded = found.study
-    choice = ex.pick(loaded, found.objectives, opts.min_accuracy, opts.max_params)
-    print(ex.describe(choice))
+    choice = pk.pick(loaded, found.objectives, opts.min_accuracy, opts.max_params)
+    print(pk.describe(choice))
     if opts.export is None and not opts.refit:
         return 0
     tracker = stored.tracker(loaded, opts.tracking_uri)
@@ -73,7 +74,7 @@ def best(found: stored.Stored, opts: BestOptions) -> int:
 
 def register(tracker: Any, loaded: Any, done: Any) -> None:
     """The export ``done`` of study ``loaded`` registered as models:/STUDY@best; UserError when it cannot be."""
-    from mnistlab import export as ex
+    from mnistlab import formats
     from mnistlab.registry import register_model
     from mnistlab.study import EXPERIMENT_ATTR
 
@@ -83,7 +84,7 @@ def register(tracker: Any, loaded: Any, done: Any) -> None:
                         f"{run_id}: pass the study's --tracking-uri, or --no-register")
     try:
         version = register_model(tracker, loaded.study_name, run_id, loaded.user_attrs.get(EXPERIMENT_ATTR),
-                                 done.folder / ex.ONNX, done.example,
+                                 done.folder / formats.ONNX, done.example,
                                  {"mnistlab.trial": done.info["trial"], "test_acc": done.test_acc,
                                   "params": done.info["params"]})
     except Exception as exc:

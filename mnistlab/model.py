@@ -1,4 +1,5 @@
-"""The network family, built from a ModelConfig alone, and its exact parameter count.
+"""The network family as torch modules, built from a ModelConfig alone (the layer plan in
+layers.py), and its exact parameter count.
 
 Body: 3x3 blocks Conv-ReLU-BatchNorm-Dropout2d, with one bare 1x1 transition conv followed
 by MaxPool(2) at ``pool_after``. Head: ``conv_gap`` (the reference's Conv(c->10, 3) and a
@@ -7,75 +8,12 @@ global AvgPool), ``gap_conv`` or ``gap_linear``. Output: log-probabilities.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mnistlab.config import ModelConfig
-from mnistlab.errors import UserError
-
-IMAGE_SIDE = 28
-CLASSES = 10
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One leaf module of the network as the summary table shows it."""
-
-    kind: str  # Conv2d, ReLU, BatchNorm2d, Dropout2d, MaxPool2d, AvgPool2d, Linear
-    shape: tuple[int, ...]  # output shape without the batch dimension
-    params: int
-    args: tuple[int, ...] = ()  # Conv2d: (in, out, kernel, padding); pools: (kernel,)
-
-
-def widths(cfg: ModelConfig) -> tuple[int, ...]:
-    """The body widths after ``width_mult``."""
-    return tuple(max(1, round(w * cfg.width_mult)) for w in cfg.widths)
-
-
-def plan(cfg: ModelConfig, where: str = "config") -> list[Layer]:
-    """Every leaf layer with its output shape and parameter count; no tensors are made."""
-    layers: list[Layer] = []
-    c, side = 1, IMAGE_SIDE
-    bias = 1 if cfg.bias else 0
-
-    def conv(cout: int, k: int, pad: int) -> None:
-        nonlocal c, side
-        side = side + 2 * pad - k + 1
-        if side < 1:
-            raise UserError(f"{where}: the network shrinks the image to nothing at conv {_n(layers)}")
-        layers.append(Layer("Conv2d", (cout, side, side), c * cout * k * k + bias * cout, (c, cout, k, pad)))
-        c = cout
-
-    for i, (w, pad) in enumerate(zip(widths(cfg), cfg.paddings, strict=True), start=1):
-        if i == cfg.pool_after:
-            conv(w, 1, pad)
-            if side < 2:
-                raise UserError(f"{where}: nothing left to pool after conv {i}")
-            side //= 2
-            layers.append(Layer("MaxPool2d", (c, side, side), 0, (2,)))
-            continue
-        conv(w, 3, pad)
-        layers.append(Layer("ReLU", (c, side, side), 0))
-        layers.append(Layer("BatchNorm2d", (c, side, side), 2 * c))
-        layers.append(Layer("Dropout2d", (c, side, side), 0))
-    if cfg.head == "conv_gap":
-        conv(CLASSES, 3, 0)
-        layers.append(Layer("AvgPool2d", (CLASSES, 1, 1), 0, (side,)))
-    elif cfg.head == "gap_conv":
-        layers.append(Layer("AvgPool2d", (c, 1, 1), 0, (side,)))
-        side = 1
-        conv(CLASSES, 1, 0)
-    else:
-        layers.append(Layer("AvgPool2d", (c, 1, 1), 0, (side,)))
-        layers.append(Layer("Linear", (CLASSES,), c * CLASSES + CLASSES, (c, CLASSES)))
-    return layers
-
-
-def _n(layers: list[Layer]) -> int:
-    return sum(1 for layer in layers if layer.kind == "Conv2d") + 1
+from mnistlab.layers import Layer, plan
 
 
 def count_params(cfg: ModelConfig) -> int:

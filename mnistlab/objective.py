@@ -23,8 +23,6 @@ from mnistlab.model import count_params
 from mnistlab.space import StudyConfig
 from mnistlab.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
 
 class StudyFull(Exception):
     """This trial is not needed: the study already has its trained trials or met its target."""
@@ -177,33 +175,6 @@ def _suggest(trial: optuna.Trial, p: Any) -> Any:
     return trial.suggest_categorical(p.name, list(p.choices))
 
 
-def trained(t: optuna.trial.FrozenTrial) -> bool:
-    """A trial that trained (or is training): not over budget, not skipped, not failed, unless it
-    failed by diverging: that is an outcome of its config, and it used its slot (else a study whose
-    configs all diverge would never reach its n_trials)."""
-    states = (*FINISHED, TrialState.RUNNING) + ((TrialState.FAIL,) if t.user_attrs.get(tr.DIVERGED) else ())
-    return bool(t.user_attrs.get(tr.TRAINED)) and t.state in states
-
-
-def search_trained(t: optuna.trial.FrozenTrial) -> bool:
-    """A trained trial of the search itself; seed repeats do not count toward n_trials."""
-    return trained(t) and not tr.is_repeat(t)
-
-
-def state_label(t: optuna.trial.FrozenTrial) -> str:
-    """The trial's state, with OVER_BUDGET and SKIPPED for pruned trials that never trained."""
-    if t.state == TrialState.PRUNED and not t.user_attrs.get(tr.TRAINED):
-        return "OVER_BUDGET" if "over budget" in t.user_attrs.get(tr.REASON, "") else "SKIPPED"
-    return t.state.name
-
-
-def best_trial(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
-    """The search trial of the best configuration (see trials.best_group): highest score,
-    seed-averaged where it was repeated; fewest params, then the earlier trial, break ties."""
-    group = tr.best_group(trials)
-    return group.first if group is not None else None
-
-
 def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait: float = 10.0) -> None:
     """Take one of the study's ``n_trials`` training slots, exactly, even with many workers.
 
@@ -223,8 +194,8 @@ def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait:
             break
         time.sleep(0.1)
     reached = target is not None and any(
-        t.state in FINISHED and t.user_attrs.get(tr.BEST_VAL_ACC, 0) >= target for t in earlier)
-    if reached or (n_trials is not None and sum(map(search_trained, earlier)) >= n_trials):
+        t.state in tr.FINISHED and t.user_attrs.get(tr.BEST_VAL_ACC, 0) >= target for t in earlier)
+    if reached or (n_trials is not None and sum(map(tr.search_trained, earlier)) >= n_trials):
         why = f"target {target}% reached" if reached else f"the study has its {n_trials} trained trials"
         trial.set_user_attr(tr.TRAINED, False)
         trial.set_user_attr(tr.REASON, f"not run: {why}")
@@ -247,7 +218,7 @@ def claim_repeat(trial: optuna.Trial, wait: float = 10.0) -> None:
         if not undecided or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    if any(trained(t) for t in same):
+    if any(tr.trained(t) for t in same):
         trial.set_user_attr(tr.TRAINED, False)
         trial.set_user_attr(tr.REASON, f"not run: seed {key[1]} of trial {key[0]} is already trained")
         raise StudyFull("duplicate seed repeat")

@@ -9,8 +9,8 @@ import optuna
 from optuna.trial import TrialState
 
 from mnistlab import trials as tr
-from mnistlab.objective import search_trained, state_label
 from mnistlab.space import StudyConfig
+from mnistlab.trials import search_trained, state_label
 
 
 class Progress:

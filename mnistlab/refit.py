@@ -205,15 +205,15 @@ def for_choice(choice: Any, study: Any, max_params: int, n_seeds: int, artifacts
                data_dir: Path | None = None, verbose: bool = False) -> Refit:
     """`mnistlab best --refit`: refit the picked configuration, log each seed under the study's
     parent run, keep the figures in the study's attributes (``refit:T``)."""
-    from mnistlab import export as ex
     from mnistlab import study as st
     from mnistlab.runs import StudyRecorder
     from mnistlab.storage import ID_ATTR
+    from mnistlab.weights import trial_weights
 
     check_seeds(n_seeds)
     trial = choice.trial
     with tempfile.TemporaryDirectory() as scratch:  # the trial's checkpoint, if it has to come from MLflow
-        cfg, _, _ = ex.trial_weights(trial, tracker, Path(scratch))
+        cfg, _, _ = trial_weights(trial, tracker, Path(scratch))
     attrs = study.user_attrs
     recorder = None
     if tracker is not None and attrs.get(st.PARENT_ATTR) and attrs.get(st.EXPERIMENT_ATTR):

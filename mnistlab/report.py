@@ -1,4 +1,5 @@
-"""A study's plots as PNG files: history, importances, accuracy vs size, learning curves."""
+"""Plots as PNG files: a study's history, importances, accuracy vs size, learning curves; one
+trial's learning curves for its export."""
 
 from __future__ import annotations
 
@@ -65,9 +66,7 @@ def accuracy_vs_params(study: optuna.Study, done: list[optuna.trial.FrozenTrial]
     ax.errorbar([g.params for g in groups], [g.mean for g in groups], yerr=[g.se for g in groups], fmt="o", ms=4,
                 capsize=2, label="configuration (seed mean ± 1 standard error)")
     if multi:
-        from mnistlab.export import pareto
-
-        front = pareto(groups)
+        front = tr.pareto(groups)
         ax.plot([g.params for g in front], [g.mean for g in front], "o-", color="C3", label="Pareto front")
     budget = study.user_attrs.get("max_params")
     if budget:
@@ -113,6 +112,36 @@ def learning_curves(done: list[optuna.trial.FrozenTrial], recorder: Any, path: P
     _integer_x(ax)
     ax.legend()
     return _save(fig, path)
+
+
+def trial_curves(trial: optuna.trial.FrozenTrial, tracker: Any, path: Path) -> bool:
+    """The trial's per-epoch accuracy from MLflow (or its checkpoint); False when neither has it."""
+    from mnistlab import checkpoint  # torch: only where a checkpoint may be read
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    run_id = trial.user_attrs.get(tr.MLFLOW_RUN_ID)
+    if tracker is not None and run_id:
+        try:
+            series = {k: tracker.metric_history(run_id, k) for k in ("train_acc", "val_acc")}
+        except Exception:  # an unreachable server: fall back to the checkpoint
+            series = {}
+    if not any(series.values()):
+        last = Path(trial.user_attrs.get(tr.CHECKPOINT_DIR, "")) / checkpoint.LAST
+        if checkpoint.verified(last):
+            history = checkpoint.load_state(last)["history"]
+            series = {k: [(m["epoch"], m[k]) for m in history] for k in ("train_acc", "val_acc")}
+    if not any(series.values()):
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_acc", "train"), ("val_acc", "validation")):
+        if series.get(key):
+            steps, values = zip(*sorted(series[key]), strict=True)
+            ax.plot(steps, values, marker=".", label=label)
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Trial {trial.number}")
+    ax.legend()
+    _save(fig, path)
+    return True
 
 
 def _integer_x(ax: Any) -> None:

@@ -222,8 +222,7 @@ class StudyRecorder:
     def summary(self, study: Any, trials: list[Any]) -> None:
         """Counts by state and the best trial so far, on the parent run (step = trials finished)."""
         from mnistlab import trials as tr
-        from mnistlab.objective import state_label
-        from mnistlab.trials import best_of, groups, tied_numbers
+        from mnistlab.trials import best_of, groups, state_label, tied_numbers
 
         counts = {"n_complete": 0, "n_pruned": 0, "n_over_budget": 0, "n_failed": 0, "n_running": 0}
         for t in trials:

@@ -22,13 +22,14 @@ from optuna.trial import TrialState
 from mnistlab import interrupts
 from mnistlab.config import FLAGS, flag_values
 from mnistlab.errors import UserError
-from mnistlab.objective import Objective, StudyFull, search_trained
+from mnistlab.objective import Objective, StudyFull
 from mnistlab.progress import Progress
 from mnistlab.space import StudyConfig, make_pruner, make_sampler, worker_salt
 from mnistlab.storage import ID_ATTR, check_name_free, create, open_storage, storage_url
 from mnistlab.tables import status_table
 from mnistlab.tracking import sharing_warning
 from mnistlab.train import Diverged
+from mnistlab.trials import search_trained
 from mnistlab.uri import mask
 
 PARENT_ATTR = "mlflow_parent_run_id"

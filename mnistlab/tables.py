@@ -8,8 +8,8 @@ from typing import Any
 import optuna
 
 from mnistlab import trials as tr
-from mnistlab.objective import best_trial, state_label
 from mnistlab.storage import shown_name
+from mnistlab.trials import best_trial, state_label
 
 
 def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -> Any:

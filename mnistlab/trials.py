@@ -1,4 +1,5 @@
-"""Scores a study can trust: each trial's score with its uncertainty, seed groups, ties.
+"""Trial records: what a trial's user attributes say (trained or not, its state), and scores a
+study can trust: each trial's score with its uncertainty, seed groups, ties, the Pareto front.
 
 A validation accuracy measured on n images has a binomial standard error of
 sqrt(p (1 - p) / n): about 0.07% at 99.5% on 10,000 images, as large as the gaps between a
@@ -53,6 +54,7 @@ RETRIED = "retried"  # the failed trial was queued again for a retry
 BASE = "base"  # the study's first trial: the base config's own values, a yardstick
 
 Z = 1.96  # two scores closer than Z standard errors of their difference are tied (95%)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def binomial_se(acc: float, n: int) -> float:
@@ -84,6 +86,26 @@ def se(t: FrozenTrial) -> float:
 
 def is_repeat(t: FrozenTrial) -> bool:
     return REPEAT_OF in t.user_attrs
+
+
+def trained(t: FrozenTrial) -> bool:
+    """A trial that trained (or is training): not over budget, not skipped, not failed, unless it
+    failed by diverging: that is an outcome of its config, and it used its slot (else a study whose
+    configs all diverge would never reach its n_trials)."""
+    states = (*FINISHED, TrialState.RUNNING) + ((TrialState.FAIL,) if t.user_attrs.get(DIVERGED) else ())
+    return bool(t.user_attrs.get(TRAINED)) and t.state in states
+
+
+def search_trained(t: FrozenTrial) -> bool:
+    """A trained trial of the search itself; seed repeats do not count toward n_trials."""
+    return trained(t) and not is_repeat(t)
+
+
+def state_label(t: FrozenTrial) -> str:
+    """The trial's state, with OVER_BUDGET and SKIPPED for pruned trials that never trained."""
+    if t.state == TrialState.PRUNED and not t.user_attrs.get(TRAINED):
+        return "OVER_BUDGET" if "over budget" in t.user_attrs.get(REASON, "") else "SKIPPED"
+    return t.state.name
 
 
 def scored(t: FrozenTrial) -> bool:
@@ -170,9 +192,23 @@ def best_group(trials: Iterable[FrozenTrial]) -> Group | None:
     return best_of(groups(trials))
 
 
+def best_trial(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
+    """The search trial of the best configuration (see best_group): highest score, seed-averaged
+    where it was repeated; fewest params, then the earlier trial, break ties."""
+    group = best_group(trials)
+    return group.first if group is not None else None
+
+
 def tied_numbers(gs: list[Group], best: Group | None) -> set[int]:
     """Trial numbers of the groups tied with ``best`` (``best`` included)."""
     return {g.number for g in gs if tied(g, best)} if best is not None else set()
+
+
+def pareto(gs: list[Group]) -> list[Group]:
+    """Configurations no other beats on both (seed-mean) validation score and size, smallest first."""
+    front = [g for g in gs if not any(
+        o.mean >= g.mean and o.params <= g.params and (o.mean, o.params) != (g.mean, g.params) for o in gs)]
+    return sorted(front, key=lambda g: (g.params, -g.mean, g.number))
 
 
 def record_score(trial: Any, val_accs: Sequence[float], val_total: int) -> float:

@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import ROOT, cli, one_line_error, run_cli
-from mnistlab import data, export
+from mnistlab import data, export, picks
 from mnistlab.errors import UserError
 from mnistlab.storage import load, open_storage
 
@@ -233,7 +233,7 @@ def test_force_replaces_an_earlier_export_and_nothing_else(finished: dict, tmp_p
     (mixed / "notes.txt").write_text("mine")
     before = files_under(tmp_path)
     s = load("smoke", open_storage(env["MNISTLAB_STORAGE"], heartbeat=None))
-    choice = export.pick(s, ("val_acc",))
+    choice = picks.pick(s, ("val_acc",))
     monkeypatch.chdir(root)
     for target in (root, Path("."), tmp_path, root / "artifacts", root / "mlruns", tmp_path / "link", mixed):
         with pytest.raises(UserError, match="^export folder .*(--force replaces only|symbolic link)"):
@@ -396,23 +396,23 @@ def recorded_study(tmp_path: Path, records: list[tuple[float, int]], objectives:
 def test_pick_rules_for_two_objectives(tmp_path: Path) -> None:
     s = recorded_study(tmp_path, [(99.45, 12_400), (99.41, 7_800), (99.30, 5_000), (99.20, 6_000), (99.50, 19_000)])
     both = ("val_acc", "params")
-    assert export.pick(s, both, min_accuracy=99.4).trial.number == 1  # fewest params at >= 99.4
-    assert export.pick(s, both, max_params=13_000).trial.number == 0  # most accurate under 13k
-    plain = export.pick(s, both)
+    assert picks.pick(s, both, min_accuracy=99.4).trial.number == 1  # fewest params at >= 99.4
+    assert picks.pick(s, both, max_params=13_000).trial.number == 0  # most accurate under 13k
+    plain = picks.pick(s, both)
     assert plain.trial.number == 4 and [t.number for t in plain.front] == [2, 1, 0, 4]  # trial 3 is dominated
-    assert "Pareto front" in export.describe(plain)
+    assert "Pareto front" in picks.describe(plain)
     with pytest.raises(UserError, match=r"no completed trial reaches 99.6% .* \(the best is 99.50%\)"):
-        export.pick(s, both, min_accuracy=99.6)
+        picks.pick(s, both, min_accuracy=99.6)
     with pytest.raises(UserError, match="at most 4,000 params"):
-        export.pick(s, both, max_params=4_000)
+        picks.pick(s, both, max_params=4_000)
 
 
 def test_pick_one_objective_and_no_completed_trials(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     s = recorded_study(tmp_path, [(99.1, 9_000), (99.3, 15_000), (99.3, 11_000)], objectives=1)
-    assert export.pick(s, ("val_acc",)).trial.number == 2  # a tie goes to the smaller network
+    assert picks.pick(s, ("val_acc",)).trial.number == 2  # a tie goes to the smaller network
     empty = optuna.create_study(storage=f"sqlite:///{tmp_path / 'e.db'}", study_name="e")
     with pytest.raises(UserError, match="no completed trials"):
-        export.pick(empty, ("val_acc",))
+        picks.pick(empty, ("val_acc",))
     code, _, err = cli(capsys, "best", "--name", "e", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
     one_line_error(code, err, "study 'e' has no completed trials")
     code, _, err = cli(capsys, "best", "--name", "missing", "--storage", f"sqlite:///{tmp_path / 'e.db'}")

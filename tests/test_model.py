@@ -8,7 +8,8 @@ import torch
 from mnistlab import config
 from mnistlab.config import ModelConfig
 from mnistlab.errors import UserError
-from mnistlab.model import build_model, count_params, plan, summary
+from mnistlab.layers import plan
+from mnistlab.model import build_model, count_params, summary
 
 # The reference table from the original exercise's write-up, row for row.
 REFERENCE = """\

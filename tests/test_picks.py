@@ -17,7 +17,7 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import ROOT, cli, run_cli
-from mnistlab import confirm, export, space
+from mnistlab import confirm, picks, space
 from mnistlab import objective as objective_mod
 from mnistlab import trials as tr
 from mnistlab.errors import UserError
@@ -83,10 +83,10 @@ def test_ties_and_seed_groups_decide_the_pick(tmp_path: Path) -> None:
     assert groups[0].se > tr.binomial_se(99.4, 10_000)  # the seed spread adds to the image noise
     assert tr.best_group(s.trials).number == 1  # confirmed configurations rank before single seeds
     assert tr.tied_numbers(list(groups.values()), tr.best_group(s.trials)) == {0, 1}  # 0.06 apart; trial 2 is not
-    choice = export.pick(s, ("val_acc",))
+    choice = picks.pick(s, ("val_acc",))
     assert choice.trial.number == 1 and "mean of 2 seeds" in choice.rule
     assert [g.number for g in choice.tied] == [0]
-    text = export.describe(choice)
+    text = picks.describe(choice)
     assert "99.46% ± " in text and "per seed:" in text and "within noise of the best" in text
     assert "~ trial    0" in text
     table = status_table(s, ("val_acc",))
@@ -98,9 +98,9 @@ def test_ties_and_seed_groups_decide_the_pick(tmp_path: Path) -> None:
 def test_without_repeats_the_highest_score_wins_and_close_ones_are_marked(tmp_path: Path) -> None:
     s = recorded(tmp_path, [{"score": 99.40, "params": 9_000}, {"score": 99.45, "params": 16_000},
                             {"score": 98.90, "params": 5_000}])
-    choice = export.pick(s, ("val_acc",))
+    choice = picks.pick(s, ("val_acc",))
     assert choice.trial.number == 1 and [g.number for g in choice.tied] == [0]
-    assert export.pick(s, ("val_acc",), max_params=10_000).trial.number == 0
+    assert picks.pick(s, ("val_acc",), max_params=10_000).trial.number == 0
 
 
 class _AlwaysPrune(optuna.pruners.BasePruner):
@@ -160,7 +160,7 @@ def test_finalists_are_enqueued_once(tmp_path: Path) -> None:
 # -- real studies -----------------------------------------------------------------------------------
 
 def _repeats(s: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in s.get_trials() if tr.is_repeat(t) and objective_mod.trained(t)]
+    return [t for t in s.get_trials() if tr.is_repeat(t) and tr.trained(t)]
 
 
 @pytest.mark.slow
@@ -333,7 +333,7 @@ def test_shuffled_test_labels_change_no_pick(tmp_path: Path, data_dir: Path) -> 
 
 def test_export_of_a_plain_pick_still_names_its_measurements(tmp_path: Path) -> None:
     s = recorded(tmp_path, [{"score": 99.4, "params": 9_000}])
-    text = export.describe(export.pick(s, ("val_acc",)))
+    text = picks.describe(picks.pick(s, ("val_acc",)))
     assert "on 10,000 validation images" in text and "test acc:" in text and "never used to choose" in text
 
 

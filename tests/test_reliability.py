@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop, trial_dir
 from mnistlab import checkpoint
-from mnistlab.objective import trained
 from mnistlab.storage import create, load, open_storage
+from mnistlab.trials import trained
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data_dir")]
 

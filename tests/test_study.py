@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from conftest import ROOT, cli, one_line_error, run_cli
 from mnistlab import objective as objective_mod
 from mnistlab import space, study
+from mnistlab import trials as tr
 from mnistlab.errors import UserError
 from mnistlab.storage import ID_ATTR, create, load, open_storage
 
@@ -181,7 +182,7 @@ def test_an_artifacts_folder_that_cannot_be_written_is_refused_before_the_study_
 
 
 def trained_numbers(s: optuna.Study) -> list[int]:
-    return [t.number for t in s.get_trials() if objective_mod.trained(t)]
+    return [t.number for t in s.get_trials() if tr.trained(t)]
 
 
 @pytest.mark.slow
