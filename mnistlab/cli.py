@@ -223,9 +223,9 @@ def study_report(
 ) -> None:
     """Draw the study's plots and attach them to its MLflow parent run."""
     found = _study(study_file, name, storage)
-    from mnistlab import study
+    from mnistlab import stored, study
 
-    study.report_study(found.study, found.objectives, tracking_uri, artifacts)
+    study.report_study(found.study, found.objectives, stored.tracker(found.study, tracking_uri), artifacts)
 
 
 @app.command("best")

@@ -1,7 +1,8 @@
 """Study files: a base experiment, a search space over its dotted config names, a budget.
 
 Every search-space name is checked against the config's real fields when the file is
-read, so a typo fails before a study is created.
+read, so a typo fails before a study is created. A little over 350 lines: the study file's
+every key (space, sampler, pruner, confirmation, budget) is parsed and checked in this one place.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 run, train its trials in one worker or in worker processes on this machine, report at the end.
 
 The storage itself (opening it, creating or loading a study) is storage.py's; the line after
-each trial is progress.py's; the trials tables are tables.py's.
+each trial is progress.py's; the trials tables are tables.py's. A little over 350 lines: the
+worker processes (arguments, environment, signals passed on) stay beside the one loop they run.
 """
 
 from __future__ import annotations
@@ -290,14 +291,12 @@ def create_study(cfg: StudyConfig, opts: RunOptions) -> None:
           f"parent run {made.recorder.parent_id}")
 
 
-def report_study(study: optuna.Study, objectives: tuple[str, ...], tracking_uri: str | None,
-                 artifacts: Path) -> None:
-    """`mnistlab study report`: draw the study's plots and attach them to its MLflow parent run."""
+def report_study(study: optuna.Study, objectives: tuple[str, ...], tracker: Any, artifacts: Path) -> None:
+    """`mnistlab study report`: draw the study's plots and attach them to its MLflow parent run
+    in ``tracker`` (the store the study recorded, as `check` and `best` find it)."""
     from mnistlab import report
     from mnistlab.runs import StudyRecorder
-    from mnistlab.tracking import Tracker
 
-    tracker = Tracker(tracking_uri)
     parent = study.user_attrs.get(PARENT_ATTR)
     recorder = StudyRecorder(tracker, study.study_name, study.user_attrs.get(EXPERIMENT_ATTR, ""),
                              parent, Path(study.user_attrs.get("study_file", ""))) if parent else None

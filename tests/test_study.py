@@ -385,3 +385,23 @@ space: {model.dropout: {type: float, low: 0.0, high: 0.1}}
     runs = client.search_runs([client.get_experiment_by_name("s").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FINISHED"]  # two trials, the parent
     assert cli(capsys, "study", "check", str(path))[0] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
+def test_study_report_attaches_its_plots_in_the_store_the_study_recorded(tmp_path: Path) -> None:
+    """`study report` without --tracking-uri finds the study's own MLflow store (as `check` and
+    `best` do): the plots go to its parent run, no default store is made in the working folder."""
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+    (tmp_path / "elsewhere").mkdir()
+    ran = run_cli("study", "run", str(SMOKE), "--n-trials", "3", "--epochs", "1", "--limit-train", "300",
+                  "--limit-eval", "100", "--tracking-uri", store)
+    assert ran.returncode == 0, ran.stderr
+    reported = run_cli("study", "report", "--name", "smoke")
+    assert reported.returncode == 0, reported.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    parent = load("smoke", open_storage(None, heartbeat=None)).user_attrs["mlflow_parent_run_id"]
+    plots = {Path(a.path).name for a in MlflowClient(store).list_artifacts(parent, "plots")}
+    assert "optimization_history.png" in plots, plots
