@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import sqlite3
-import sys
 import time
 import uuid
 import warnings
@@ -25,6 +24,7 @@ from mnistlab.errors import UserError, clip
 from mnistlab.locks import creating
 from mnistlab.space import StudyConfig, check_name, make_pruner, make_sampler, safe_name
 from mnistlab.uri import mask, quote_userinfo, split_url
+from mnistlab.waiting import Wait
 
 # Heartbeats and the retry callback are marked experimental; they are what makes workers crash-safe.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -105,7 +105,7 @@ class ShieldedStorage(optuna.storages.RDBStorage):
 
 def _connect(url: str, kwargs: dict[str, Any], hb: dict[str, Any], wait: float) -> optuna.storages.RDBStorage:
     """Open the storage, retrying creation races and (with ``wait``) a server still starting."""
-    deadline, told, races = time.monotonic() + wait, False, 0
+    waiting, races = Wait(wait), 0
     while True:
         try:
             return ShieldedStorage(url, engine_kwargs=kwargs, **hb)
@@ -115,14 +115,9 @@ def _connect(url: str, kwargs: dict[str, Any], hb: dict[str, Any], wait: float) 
                 races += 1  # another worker is creating the same tables this instant
                 time.sleep(0.2 + 0.3 * random.random())
                 continue
-            if time.monotonic() >= deadline or not any(sign in detail.lower() for sign in TRANSIENT):
-                waited = f" after waiting {wait:.0f} s" if told else ""
-                raise UserError(mask(f"storage {url}: cannot open ({detail}){waited}", url)) from None
-            if not told:
-                print(mask(f"waiting for the storage {url} ({detail}); retrying for up to {wait:.0f} s", url),
-                      file=sys.stderr, flush=True)
-                told = True
-            time.sleep(2)
+            if waiting.over() or not any(sign in detail.lower() for sign in TRANSIENT):
+                raise UserError(mask(f"storage {url}: cannot open ({detail}){waiting.waited()}", url)) from None
+            waiting.again(mask(f"waiting for the storage {url} ({detail})", url))
 
 
 def _first_line(exc: BaseException) -> str:

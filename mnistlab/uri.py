@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from mnistlab.errors import UserError
+from mnistlab.waiting import Wait
 
 SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
 
@@ -116,7 +115,7 @@ def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
     """
     if urlsplit(uri).scheme not in ("http", "https"):
         return
-    deadline, told = time.monotonic() + wait, False
+    waiting = Wait(wait)
     while True:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
@@ -126,14 +125,9 @@ def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
             raise UserError(f"MLflow server {mask(uri)} answered its health check with HTTP {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            if time.monotonic() >= deadline:
-                waited = f" after waiting {wait:.0f} s" if wait else ""
-                raise UserError(f"MLflow server {mask(uri)} is unreachable ({reason}){waited}; "
+            if waiting.over():
+                raise UserError(f"MLflow server {mask(uri)} is unreachable ({reason}){waiting.waited()}; "
                                 "nothing was trained") from None
-            if not told:
-                print(f"waiting for the MLflow server {mask(uri)} ({reason}); retrying for up to {wait:.0f} s",
-                      file=sys.stderr, flush=True)
-                told = True
-            time.sleep(2)
+            waiting.again(f"waiting for the MLflow server {mask(uri)} ({reason})")
             continue
         raise UserError(f"MLflow server {mask(uri)} answered its health check with an error")

@@ -94,3 +94,4 @@ def test_a_signal_landing_inside_optuna_writes_leaves_the_storage_writable(tmp_p
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         assert time.monotonic() - started < 4, f"the storage stayed locked after a signal at {delay:.3f} s"
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 60
+

@@ -1,0 +1,49 @@
+"""Waiting for a server that is not up yet (`--wait`): the rule mnistlab.waiting gives both servers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+
+def test_waiting_for_a_tracking_server_that_comes_up_late_and_one_that_never_does(
+        capsys: pytest.CaptureFixture) -> None:
+    """`--wait`: one line on stderr, retries every 2 s; a real HTTP server answering /health
+    after 1 s ends the wait, a port nobody listens on ends it with one error line."""
+    import http.server
+    import socket
+
+    from mnistlab.errors import UserError
+    from mnistlab.uri import check_reachable
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    servers = []
+
+    def start_late() -> None:  # the port is closed for the first second: connections are refused
+        servers.append(http.server.HTTPServer(("127.0.0.1", port), Health))
+        servers[0].serve_forever()
+
+    threading.Timer(1.0, start_late).start()
+    try:
+        check_reachable(f"http://127.0.0.1:{port}", wait=30)
+    finally:
+        while not servers:
+            time.sleep(0.05)
+        servers[0].shutdown()
+        servers[0].server_close()
+    err = capsys.readouterr().err
+    assert err.count("waiting for the MLflow server") == 1 and "retrying for up to 30 s" in err, err
+    with pytest.raises(UserError, match=r"is unreachable .* after waiting 3 s; nothing was trained"):
+        check_reachable(f"http://127.0.0.1:{port}", wait=3)
