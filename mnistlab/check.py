@@ -22,7 +22,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
@@ -31,6 +31,9 @@ from mnistlab import checkpoint
 from mnistlab import trials as tr
 from mnistlab.data import sha256
 from mnistlab.trials import trained
+
+if TYPE_CHECKING:
+    from mnistlab.tracking import Tracker
 
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
 CHECKPOINT_FILES = checkpoint.KEPT
@@ -49,7 +52,7 @@ class Finding:
 
 
 class Checker:
-    def __init__(self, study: optuna.Study, tracker: Any, repair: bool = False) -> None:
+    def __init__(self, study: optuna.Study, tracker: Tracker, repair: bool = False) -> None:
         self.study, self.tracker, self.repair = study, tracker, repair
         self.findings: list[Finding] = []
 
@@ -274,7 +277,7 @@ class Checker:
         return sorted(d for d in dirs if d.is_dir())
 
 
-def check(study: optuna.Study, tracker: Any, repair: bool = False) -> list[Finding]:
+def check(study: optuna.Study, tracker: Tracker, repair: bool = False) -> list[Finding]:
     """Every finding; the invariant holds when none is unfixed."""
     return Checker(study, tracker, repair).run()
 

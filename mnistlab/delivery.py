@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mnistlab import interrupts, stored
 from mnistlab.errors import UserError
+
+if TYPE_CHECKING:
+    from mnistlab.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def best(found: stored.Stored, opts: BestOptions) -> int:
     return 0
 
 
-def register(tracker: Any, loaded: Any, done: Any) -> None:
+def register(tracker: Tracker, loaded: Any, done: Any) -> None:
     """The export ``done`` of study ``loaded`` registered as models:/STUDY@best; UserError when it cannot be."""
     from mnistlab import formats
     from mnistlab.registry import register_model

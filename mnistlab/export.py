@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
@@ -35,6 +35,9 @@ from mnistlab.model import count_params
 from mnistlab.picks import Choice
 from mnistlab.report import trial_curves
 from mnistlab.weights import refit_weights, trial_weights
+
+if TYPE_CHECKING:
+    from mnistlab.tracking import Tracker
 
 FORMAT = "mnistlab-export/1"
 OWN_FILES = frozenset({*MODEL_FILES, CONFIG, CARD, CURVES})
@@ -89,7 +92,7 @@ def _check_replaceable(out: Path) -> None:
                         "those: choose another folder")
 
 
-def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = False, tracker: Any = None,
+def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = False, tracker: Tracker | None = None,
            data_dir: Path | None = None, refit: Any = None) -> Exported:
     """Write the picked trial's model (or, with ``refit``, its exported refit) into ``out``:
     all of it, checked, or nothing."""

@@ -21,13 +21,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mnistlab import checkpoint, data, interrupts
 from mnistlab import trials as tr
 from mnistlab.config import ExperimentConfig, from_dict
 from mnistlab.errors import UserError
 from mnistlab.model import build_model, count_params
+
+if TYPE_CHECKING:
+    from mnistlab.tracking import Tracker
 
 RESULT = "result.json"
 REFIT_TAG = "mnistlab.refit"
@@ -201,7 +204,7 @@ def check_seeds(n: int) -> None:
         raise UserError(f"--seeds {n}: expected 1 to 100")
 
 
-def for_choice(choice: Any, study: Any, max_params: int, n_seeds: int, artifacts: Path, tracker: Any = None,
+def for_choice(choice: Any, study: Any, max_params: int, n_seeds: int, artifacts: Path, tracker: Tracker | None = None,
                data_dir: Path | None = None, verbose: bool = False) -> Refit:
     """`mnistlab best --refit`: refit the picked configuration, log each seed under the study's
     parent run, keep the figures in the study's attributes (``refit:T``)."""

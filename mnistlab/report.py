@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from mnistlab import trials as tr
+
+if TYPE_CHECKING:
+    from mnistlab.tracking import Tracker
 
 
 def _pyplot() -> Any:
@@ -114,7 +117,7 @@ def learning_curves(done: list[optuna.trial.FrozenTrial], recorder: Any, path: P
     return _save(fig, path)
 
 
-def trial_curves(trial: optuna.trial.FrozenTrial, tracker: Any, path: Path) -> bool:
+def trial_curves(trial: optuna.trial.FrozenTrial, tracker: Tracker, path: Path) -> bool:
     """The trial's per-epoch accuracy from MLflow (or its checkpoint); False when neither has it."""
     from mnistlab import checkpoint  # torch: only where a checkpoint may be read
 

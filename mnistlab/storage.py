@@ -14,7 +14,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -25,6 +25,9 @@ from mnistlab.locks import creating
 from mnistlab.space import StudyConfig, check_name, make_pruner, make_sampler, safe_name
 from mnistlab.uri import mask, quote_userinfo, split_url
 from mnistlab.waiting import Wait
+
+if TYPE_CHECKING:
+    from mnistlab.tracking import Tracker
 
 # Heartbeats and the retry callback are marked experimental; they are what makes workers crash-safe.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -52,7 +55,7 @@ TRANSIENT = ("connection refused", "could not connect", "starting up", "shutting
 RACES = ("already exists", "duplicate key", "uniqueviolation", "deadlock detected", "database is locked")
 
 
-def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Any = None,
+def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Tracker | None = None,
                  wait: float = 0.0, create: bool = True) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats; a dead worker's trial is failed and retried.
 
@@ -144,7 +147,7 @@ def _sqlite_wal(path: Path) -> None:
 class _StaleTrial:
     """Heartbeat callback: retry the dead worker's trial and fail its MLflow run."""
 
-    def __init__(self, tracker: Any) -> None:
+    def __init__(self, tracker: Tracker) -> None:
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
         self.tracker = tracker
 
@@ -208,7 +211,7 @@ def _id_in(storage: optuna.storages.BaseStorage, name: str) -> str | None:
     return study.user_attrs.get(ID_ATTR, "")
 
 
-def check_name_free(cfg: StudyConfig, storage: optuna.storages.BaseStorage, tracker: Any) -> None:
+def check_name_free(cfg: StudyConfig, storage: optuna.storages.BaseStorage, tracker: Tracker) -> None:
     """UserError when the study's name is held in the tracker by a study of another storage.
 
     The tracker is read first: a study's id reaches its storage before its MLflow experiment,

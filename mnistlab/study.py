@@ -15,7 +15,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import optuna
 from optuna.trial import TrialState
@@ -32,6 +32,9 @@ from mnistlab.tracking import sharing_warning
 from mnistlab.train import Diverged
 from mnistlab.trials import search_trained
 from mnistlab.uri import mask
+
+if TYPE_CHECKING:
+    from mnistlab.tracking import Tracker
 
 PARENT_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
@@ -225,7 +228,7 @@ def spawn_workers(cfg: StudyConfig, opts: RunOptions) -> int:
     return max(codes, key=abs)
 
 
-def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Any, storage_url_: str) -> Any:
+def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Tracker, storage_url_: str) -> Any:
     """The study's MLflow experiment and its one parent run, kept as study attributes."""
     from mnistlab.runs import StudyRecorder
 
@@ -255,7 +258,7 @@ class Prepared(NamedTuple):
     study: optuna.Study
     storage: optuna.storages.RDBStorage
     recorder: Any  # runs.StudyRecorder
-    tracker: Any  # tracking.Tracker
+    tracker: Tracker
     url: str
 
 
@@ -291,7 +294,7 @@ def create_study(cfg: StudyConfig, opts: RunOptions) -> None:
           f"parent run {made.recorder.parent_id}")
 
 
-def report_study(study: optuna.Study, objectives: tuple[str, ...], tracker: Any, artifacts: Path) -> None:
+def report_study(study: optuna.Study, objectives: tuple[str, ...], tracker: Tracker, artifacts: Path) -> None:
     """`mnistlab study report`: draw the study's plots and attach them to its MLflow parent run
     in ``tracker`` (the store the study recorded, as `check` and `best` find it)."""
     from mnistlab import report

@@ -5,7 +5,7 @@ refit's final weights."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
@@ -16,8 +16,11 @@ from mnistlab.config import ExperimentConfig, from_dict
 from mnistlab.errors import UserError
 from mnistlab.model import build_model, count_params
 
+if TYPE_CHECKING:
+    from mnistlab.tracking import Tracker
 
-def trial_weights(trial: optuna.trial.FrozenTrial, tracker: Any, scratch: Path
+
+def trial_weights(trial: optuna.trial.FrozenTrial, tracker: Tracker, scratch: Path
                   ) -> tuple[ExperimentConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """The trial's best-epoch weights and config, checksum- and shape-verified.
 
