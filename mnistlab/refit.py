@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from mnistlab.tracking import Tracker
 
 RESULT = "result.json"
-REFIT_TAG = "mnistlab.refit"
 
 
 @dataclass

@@ -60,16 +60,6 @@ class Param:
     log: bool = False
     choices: tuple[Any, ...] = ()
 
-    def distribution(self) -> optuna.distributions.BaseDistribution:
-        import optuna
-
-        if self.type == "float":
-            return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
-        if self.type == "int":
-            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log,
-                                                        step=int(self.step or 1))
-        return optuna.distributions.CategoricalDistribution(list(self.choices))
-
     def smallest_values(self) -> list[Any]:
         """Values that can give the smallest network: the low end, or every choice."""
         return list(self.choices) if self.type == "categorical" else [self.low]
