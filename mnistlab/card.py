@@ -49,8 +49,8 @@ def model_card(info: dict[str, Any], cfg: ExperimentConfig, accuracies: dict[str
         "| | |",
         "|---|---|",
         f"| parameters | {info['params']:,} |",
-        f"| validation score | {info['val_score']:.2f}% ± {info['val_score_se']:.2f} (mean of the last "
-        f"epochs{_seeds(info)}; what picked it) |",
+        f"| validation score | {info['val_score']:.2f}% ± {info['val_score_se']:.2f} (the last epoch's "
+        f"accuracy{_seeds(info)}; what picked it) |",
         f"| test accuracy (re-measured at export) | {info['test_acc']:.2f}% on {info['test_images']:,} images |",
         f"| test accuracy per format | {acc} |",
         *_test_rows(info),

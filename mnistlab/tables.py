@@ -15,7 +15,7 @@ from mnistlab.trials import best_trial, state_label
 def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -> Any:
     """One row a trial: number, state, params, scores with their uncertainty, sampled values.
 
-    ``val_acc`` is the trial's score (mean validation accuracy of its last epochs) and
+    ``val_acc`` is the trial's score (the validation accuracy of its last epoch) and
     ``val_se`` its binomial standard error; ``val_mean``/``seeds`` the seed-mean score of a
     configuration that was repeated; ``best`` marks the pick ``*`` and the trials within
     noise of it ``~`` (the Pareto front ``*`` for two objectives).

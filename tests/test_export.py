@@ -417,3 +417,17 @@ def test_pick_one_objective_and_no_completed_trials(capsys: pytest.CaptureFixtur
     one_line_error(code, err, "study 'e' has no completed trials")
     code, _, err = cli(capsys, "best", "--name", "missing", "--storage", f"sqlite:///{tmp_path / 'e.db'}")
     one_line_error(code, err, "no study named 'missing'")
+
+
+def test_the_model_card_names_the_score_that_picked_the_model() -> None:
+    """The card says what the validation score is: the last epoch's accuracy (trials.trial_score),
+    a seed mean when the configuration was repeated."""
+    from mnistlab import card, config
+
+    cfg = config.load(ROOT / "experiments" / "eva4-s4.yaml")
+    info = {"study": "s", "trial": 3, "params": 12_400, "picked_by": "highest validation score",
+            "val_score": 99.41, "val_score_se": 0.08, "val_seeds": 2, "test_acc": 99.4, "test_images": 10_000,
+            "trial_test_acc": 99.4, "trial_test_images": 10_000, "git_commit": "abc", "mlflow_run_id": "r"}
+    text = card.model_card(info, cfg, {"safetensors": 99.4}, curves=False)
+    assert "| validation score | 99.41% ± 0.08 (the last epoch's accuracy, mean of 2 seeds; what picked it) |" in text
+    assert "mean of the last epochs" not in text
