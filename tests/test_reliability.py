@@ -186,8 +186,10 @@ def test_a_trial_killed_on_one_machine_resumes_on_another_from_its_mlflow_checkp
 
 def test_the_artifact_server_down_while_a_checkpoint_is_due_loses_nothing(tmp_path: Path, pg_url: str,
                                                                         _mlflow_template: Path) -> None:
-    """The MLflow server goes away after epoch 1 (its checkpoint sent) and comes back later: training
-    goes on, and in the end MLflow holds the final checkpoint and every epoch."""
+    """The MLflow server goes away after epoch 1 (its checkpoint sent) and comes back only after the
+    trial has ended: training goes on, and after `study check --repair` MLflow holds the final
+    checkpoint and every epoch. (Back while the trial still ran, MLflow's own retries could carry a
+    send over the outage, and nothing would be left to test.)"""
     shutil.copy(_mlflow_template, tmp_path / "server.db")
     backend, port = f"sqlite:///{tmp_path / 'server.db'}", free_port()
     server, url = start_mlflow_server(backend, tmp_path / "server-artifacts", port)
@@ -197,11 +199,10 @@ def test_the_artifact_server_down_while_a_checkpoint_is_due_loses_nothing(tmp_pa
         epochs = (line for line in worker.stdout if line.startswith("Validation:"))
         assert next(epochs, None), "the worker ended before its first epoch"
         stop(server)  # epoch 1 and its checkpoint are sent; the next ones are due with no server
-        assert next(epochs, None), "the worker ended before its second epoch"
-        server, _ = start_mlflow_server(backend, tmp_path / "server-artifacts", port)
         out, err = worker.communicate(timeout=600)
         assert worker.returncode == 0, out + err
         assert "could not send the checkpoint" in err, err
+        server, _ = start_mlflow_server(backend, tmp_path / "server-artifacts", port)
         repaired = check("--repair", env=env)  # sends what the end of the trial could not
         assert repaired.returncode == 0, repaired.stdout + repaired.stderr
         assert check(env=env).returncode == 0
