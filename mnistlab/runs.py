@@ -63,12 +63,8 @@ class RunLog:
         training goes on, and the next epoch's send or the end of the run sends what is current."""
         for name in checkpoint.SHARED:
             path = self.checkpoint_dir / name
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            stamp = (stat.st_mtime_ns, stat.st_size)
-            if self.shared.get(name) == stamp:
+            stamp = _stamp(path)
+            if stamp is None or self.shared.get(name) == stamp:
                 continue
             try:
                 self.tracker.log_artifact(self.run_id, path, "checkpoints")
@@ -95,8 +91,7 @@ class RunLog:
         for path, where in uploads:
             if not path.is_file():
                 continue
-            if where == "checkpoints" and self.shared.get(path.name) == (path.stat().st_mtime_ns,
-                                                                         path.stat().st_size):
+            if where == "checkpoints" and self.shared.get(path.name) == _stamp(path):
                 continue  # sent with its epoch already
             try:
                 self.tracker.log_artifact(self.run_id, path, where)
@@ -144,6 +139,15 @@ class RunLog:
             note.write_text(json.dumps(runs) + "\n")
             warnings.warn(f"could not end MLflow run {self.run_id} ({type(exc).__name__}); noted in {note}",
                           stacklevel=2)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime, size) of a file, None if it is not there: what tells a changed checkpoint file."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def _score_metrics(history: list[Any]) -> dict[str, float]:
