@@ -1,8 +1,9 @@
 """The MLflow UI as a user meets it: `mnistlab ui` over a store, pages rendered by headless Chromium.
 
-Starts `mnistlab ui` on a free loopback port, opens the runs link it prints for a study, the study's parent
-run and one trial's metric charts in Debian's `chromium --headless`, saves a screenshot of each (small PNGs)
-and checks the rendered pages: the study's link must open the runs table listing every trial, not MLflow's
+Starts `mnistlab ui` on a free loopback port and opens, in Debian's `chromium --headless`, a study's
+experiment page, the runs link `mnistlab ui` prints for it, its parent run and one trial's metric charts;
+saves a screenshot of each (small PNGs) and checks the rendered pages: the plain experiment address (where a
+click in MLflow's list goes) and the study's link must open the runs table listing every trial, not MLflow's
 GenAI overview. Exit code 1 names what is wrong.
 
     python docs/screenshots.py --tracking-uri sqlite:///mlflow.db --study smoke --out docs/img
@@ -27,6 +28,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 WINDOW = "1280,800"
+TALL = "1280,1200"
+ATTEMPTS = 4
 RENDER_MS = 40_000  # virtual time for the UI's JavaScript to fetch and draw (charts load last), not wall time
 
 
@@ -60,10 +63,10 @@ def start_ui(uri: str, study: str, port: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("error: the MLflow UI did not answer within 90 s")
 
 
-def chromium(url: str, profile: Path, *mode: str) -> str:
+def chromium(url: str, profile: Path, *mode: str, window: str = WINDOW) -> str:
     """One headless Chromium page load (a fresh profile: what a first visit shows); its stdout."""
     cmd = [shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
-           "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={WINDOW}",
+           "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={window}",
            f"--virtual-time-budget={RENDER_MS}", *mode, url]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=True).stdout
 
@@ -74,32 +77,44 @@ def page_text(dom: str) -> str:
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
 
 
-def shoot(url: str, png: Path, work: Path) -> str:
-    """Screenshot ``url`` into ``png`` (palette PNG, a few tens of KB) and return the page's text."""
-    profile = Path(tempfile.mkdtemp(dir=work))
-    chromium(url, profile, f"--screenshot={png}")
+def shoot(url: str, png: Path, work: Path, drawn: str | None = None) -> str:
+    """Screenshot ``url`` into ``png`` (palette PNG, a few tens of KB) and return the page's text, both from one
+    page load. The chart panes load last, lazily: with ``drawn`` (a word only a drawn chart shows) the page is
+    loaded again, up to ATTEMPTS times, until the screenshot shows them; a warning says when it never did."""
+    tall = png.name == "ui-trial-metrics.png"  # three rows of charts, the training curves among them
+    for _ in range(ATTEMPTS if drawn else 1):
+        text = page_text(chromium(url, Path(tempfile.mkdtemp(dir=work)), "--dump-dom", f"--screenshot={png}",
+                                  window=TALL if tall else WINDOW))
+        if drawn is None or drawn in text:
+            break
+    else:
+        print(f"warning: {png.name}: the charts did not draw within {ATTEMPTS} page loads", file=sys.stderr)
     with Image.open(png) as img:
         img.convert("RGB").quantize(colors=128).save(png, optimize=True)
-    return page_text(chromium(url, Path(tempfile.mkdtemp(dir=work)), "--dump-dom"))
+    return text
 
 
-def pages(client: MlflowClient, study: str, link: str) -> dict[str, tuple[str, list[str]]]:
-    """file name -> (url, words the rendered page must show) for the three pages."""
+def pages(client: MlflowClient, study: str, link: str) -> dict[str, tuple[str, list[str], str | None]]:
+    """file name -> (url, words the rendered page must show, a word its drawn charts show) for each page."""
     exp = client.get_experiment_by_name(study)
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("mnistlab.parent") == "true")
     trials = sorted((r for r in runs if "mnistlab.trial" in r.data.tags), key=lambda r: r.info.run_name)
     if not trials:
         raise SystemExit(f"error: study {study!r} has no trial runs to show")
-    base = link.split("/#/", 1)[0] + f"/#/experiments/{exp.experiment_id}/runs"
+    names = [t.info.run_name for t in trials]
+    root = link.split("/#/", 1)[0]
+    base = f"{root}/#/experiments/{exp.experiment_id}/runs"
     mode = "?workflowType=machine_learning"  # MLflow's model-training side bar on the run pages too
     return {
-        "ui-runs.png": (link, ["Runs", *(t.info.run_name for t in trials)]),
-        "ui-parent-run.png": (f"{base}/{parent.info.run_id}{mode}", [parent.info.run_name, "Child runs"]),
-        # The chart panes load last, lazily: on a busy machine headless Chromium's render budget can end before
-        # they draw, so this page is checked for its run and metrics section only.
+        # Where a click on the experiment in MLflow's list goes, in a browser that never chose a view.
+        "ui-experiment.png": (f"{root}/#/experiments/{exp.experiment_id}", ["Runs", *names], None),
+        "ui-runs.png": (link, ["Runs", *names], None),
+        "ui-parent-run.png": (f"{base}/{parent.info.run_id}{mode}", [parent.info.run_name, "Child runs"], None),
+        # On a busy machine the charts may not draw within the render budget of any attempt: this page must
+        # show its run and metrics section; its charts are retried (see shoot) but not required.
         "ui-trial-metrics.png": (f"{base}/{trials[0].info.run_id}/model-metrics{mode}",
-                                 [trials[0].info.run_name, "Model metrics"]),
+                                 [trials[0].info.run_name, "Model metrics"], f"{trials[0].info.run_name} (train_loss)"),
     }
 
 
@@ -117,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     problems = []
     try:
         with tempfile.TemporaryDirectory(prefix="mnistlab-shots-") as work:
-            for name, (url, wanted) in pages(MlflowClient(args.tracking_uri), args.study, link).items():
-                text = shoot(url, args.out / name, Path(work))
+            for name, (url, wanted, drawn) in pages(MlflowClient(args.tracking_uri), args.study, link).items():
+                text = shoot(url, args.out / name, Path(work), drawn)
                 missing = [w for w in wanted if w not in text]
                 if missing or "Traces 0" in text:  # the GenAI overview of an experiment with no traces
                     problems.append(f"{name}: {url} shows {text[:300]!r}; missing {missing}")

@@ -34,7 +34,7 @@ def serve_ui(uri: str | None, host: str, port: int, auth: bool = False) -> int:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
-           *(["--app-name", "basic-auth"] if auth else [])]
+           "--app-name", "mnistlab-basic-auth" if auth else "mnistlab"]  # mnistlab/ui_app.py
     base = f"http://{host}:{port}"
     print(f"MLflow UI: {base}  (store {mask(uri)}; Ctrl-C stops it)", flush=True)
     tracker = Tracker(uri)
@@ -45,9 +45,9 @@ def serve_ui(uri: str | None, host: str, port: int, auth: bool = False) -> int:
     return 1  # not reached
 
 
-# MLflow 3.17's UI ignores mlflow.experimentKind when it picks an experiment's first page: a switch kept per
-# browser (GenAI, the default, or "Model training") decides. These parameters open the runs table in model-training
-# mode; sorting by a metric lists the trials flat, best first, instead of folded under the parent run.
+# The printed link opens a study's runs table in model-training mode, sorted by val_acc (the trials flat, best
+# first) whatever the browser chose before; the page's own first-visit defaults (ui_app.py) do the same for a
+# plain click in a browser that has not chosen.
 RUNS_VIEW = "workflowType=machine_learning&orderByKey=metrics.%60val_acc%60&orderByAsc=false"
 
 

@@ -107,7 +107,9 @@ def test_the_compose_stack_is_valid_and_wired(tmp_path: Path) -> None:
     assert published and all(str(p).startswith("127.0.0.1:") for p in published), published
     # Both databases live in the one PostgreSQL; MLflow proxies artifacts on its volume.
     server = services["mlflow"]["command"]
-    assert server[server.index("--backend-store-uri") + 1].endswith("@postgres:5432/mlflow")
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].endswith("@postgres:5432/mlflow")
+    assert "--backend-store-uri" not in server  # its password stays off the command line
+    assert server[server.index("--app-name") + 1] == "mnistlab"
     assert "--serve-artifacts" in server and server[server.index("--host") + 1] == "0.0.0.0"
     assert "mlflow:5000" in services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"]
     assert services["postgres"]["environment"]["MLFLOW_DB"] == "mlflow"
@@ -136,7 +138,8 @@ def test_the_gpu_and_auth_variants(tmp_path: Path) -> None:
     cli_parses(gpu["worker"]["command"])
     auth = resolved("docker-compose.yml", "docker-compose.auth.yml")["services"]
     server = auth["mlflow"]
-    assert server["command"][server["command"].index("--app-name") + 1] == "basic-auth"
+    assert server["command"][server["command"].index("--app-name") + 1] == "mnistlab-basic-auth"
+    assert "--backend-store-uri" not in server["command"] and server["environment"]["MLFLOW_BACKEND_STORE_URI"]
     assert server["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == "change-me-mlflow"  # from .env.example
     for name in ("create", "worker", "secrets"):
         assert auth[name]["environment"]["MLFLOW_TRACKING_PASSWORD"] == "change-me-mlflow"
@@ -182,6 +185,12 @@ def test_the_stack_refuses_the_example_passwords() -> None:
     assert check_secrets({k: f"real-{k}" for k in auth}).returncode == 0
 
 
+def compose_app(compose_file: str) -> list[str]:
+    """The `--app-name NAME` a compose file gives the mlflow service, to run the same server natively."""
+    command = yaml.safe_load((ROOT / compose_file).read_text())["services"]["mlflow"]["command"]
+    return command[command.index("--app-name"):][:2]
+
+
 def compose_env(service: str) -> dict[str, str]:
     """A service's environment from the raw compose file, ${VAR:-default} resolved to defaults."""
     raw = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -193,8 +202,8 @@ def test_the_stack_topology_runs_natively(tmp_path: Path, pg_database: Any, data
     """PostgreSQL + mlflow server (PostgreSQL backend, proxied artifacts) + create + 3 workers."""
     optuna_db, mlflow_db = pg_database(), pg_database()
     server_env = compose_env("mlflow")
-    server, url = start_mlflow_server(mlflow_db, tmp_path / "mlflow-artifacts", extra=["--serve-artifacts"],
-                                      env=server_env)
+    server, url = start_mlflow_server(mlflow_db, tmp_path / "mlflow-artifacts",
+                                      extra=["--serve-artifacts", *compose_app("docker-compose.yml")], env=server_env)
     try:
         worker_env = compose_env("worker")
         env = {name: {"MNISTLAB_STORAGE": optuna_db, "MLFLOW_TRACKING_URI": url,
@@ -298,7 +307,7 @@ def test_authenticated_mlflow_and_no_secret_leaks(tmp_path: Path, mlflow_db: str
         "sqlite:////mlflow/basic_auth.db", f"sqlite:///{tmp_path / 'auth.db'}"))
     server_env = {**compose_env("mlflow"), "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
                   "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32}
-    server, url = start_mlflow_server(mlflow_db, tmp_path / "artifacts", extra=["--app-name", "basic-auth"],
+    server, url = start_mlflow_server(mlflow_db, tmp_path / "artifacts", extra=compose_app("docker-compose.auth.yml"),
                                       env=server_env)
     try:
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -307,6 +316,9 @@ def test_authenticated_mlflow_and_no_secret_leaks(tmp_path: Path, mlflow_db: str
         import base64
 
         login = base64.b64encode(f"admin:{password}".encode()).decode()
+        page = urllib.request.Request(f"{url}/", headers={"Authorization": f"Basic {login}"})
+        with urllib.request.urlopen(page, timeout=30) as resp:
+            assert "mlflow.workflowType_v1" in resp.read().decode()  # the UI opens studies on their trials
         request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
                                          headers={"Host": "evil.example", "Authorization": f"Basic {login}"})
         with pytest.raises(urllib.error.HTTPError) as rebinding:

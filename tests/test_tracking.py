@@ -205,8 +205,16 @@ def test_an_unwritable_artifact_store_warns_and_keeps_the_results(mlflow_db: str
 
 
 def test_ui_serves_the_store_on_loopback(mlflow_db: str) -> None:
-    from conftest import free_port
+    """The store over HTTP; the page starts with the defaults that open each study on its trials (ui_app)."""
+    import urllib.request
 
+    from conftest import free_port
+    from mnistlab.tracking import Tracker
+    from mnistlab.ui_app import WORKFLOW_KEY, state_key
+
+    tracker = Tracker(mlflow_db)
+    study = tracker.experiment("a-study", "0123abcd", "sqlite:///optuna.db")
+    plain = tracker.client.create_experiment("not-a-study")
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "mnistlab", "ui", "--port", str(port)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -221,6 +229,12 @@ def test_ui_serves_the_store_on_loopback(mlflow_db: str) -> None:
             except Exception:
                 time.sleep(1)
         assert "Default" in names  # the same store, served over HTTP
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as resp:
+            page = resp.read().decode()
+        head = page.split("<script defer", 1)[0]  # before MLflow's own script
+        keys = [json.dumps(state_key(i)) for i in (study, plain)]  # as the script's JSON spells them
+        assert WORKFLOW_KEY in head and keys[0] in head and keys[1] not in head
+        assert page.count("</script>") == page.count("<script")  # the page is MLflow's, whole
     finally:
         stop(ui)
 
@@ -298,5 +312,5 @@ def test_the_ui_opens_a_study_on_its_runs_table_in_a_real_browser(mlflow_db: str
                            "--study", "track", "--out", str(tmp_path / "img")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    for name in ("ui-runs.png", "ui-parent-run.png", "ui-trial-metrics.png"):
+    for name in ("ui-experiment.png", "ui-runs.png", "ui-parent-run.png", "ui-trial-metrics.png"):
         assert 5_000 < (tmp_path / "img" / name).stat().st_size < 200_000, name
