@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 from mnistlab import checkpoint
 from mnistlab import trials as tr
 from mnistlab.data import sha256
+from mnistlab.errors import UserError
 from mnistlab.trials import trained
 
 if TYPE_CHECKING:
@@ -265,8 +266,8 @@ class Checker:
             got = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{checkpoint.BEST_META}", Path(tmp))
             weights = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{checkpoint.BEST}", Path(tmp))
             try:
-                recorded = json.loads(got.read_text()).get("sha256")
-            except ValueError:
+                recorded = checkpoint.read_meta(got).get("sha256")
+            except UserError:
                 recorded = None
             if recorded != sha256(weights):
                 self.note(where, f"checkpoints/{checkpoint.BEST} does not match the SHA-256 in {checkpoint.BEST_META}")
@@ -290,7 +291,6 @@ def check_study(study: optuna.Study, storage: str | None, tracking_uri: str | No
     trials, which needs the workers' ``heartbeat``, and ends their runs in this study's store.
     """
     from mnistlab import stored
-    from mnistlab.errors import UserError
     from mnistlab.storage import load, open_storage
     from mnistlab.study import PARENT_ATTR
     from mnistlab.uri import check_reachable

@@ -158,15 +158,21 @@ def save_best(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> 
     return path
 
 
-def load_best(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Best-epoch weights and their metadata, checksum-verified."""
-    path, meta_path = directory / BEST, directory / BEST_META
+def read_meta(meta_path: Path) -> dict[str, Any]:
+    """A best.json: a JSON object, or UserError naming the file (missing, not JSON, too deep, another type)."""
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         raise UserError(f"{meta_path}: missing or unreadable") from None
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def load_best(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Best-epoch weights and their metadata, checksum-verified."""
+    path, meta_path = directory / BEST, directory / BEST_META
+    meta = read_meta(meta_path)
     if not path.is_file() or sha256(path) != meta.get("sha256"):
         raise UserError(f"{path}: missing, or its checksum does not match {meta_path.name}")
     try:

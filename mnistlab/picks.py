@@ -3,7 +3,6 @@ validation scores only, and what `mnistlab best` prints about the pick."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +142,6 @@ def _recorded_config(t: optuna.trial.FrozenTrial) -> ExperimentConfig | None:
     """The full config a trial trained, from its checkpoint folder's best.json (None if not here)."""
     meta = Path(t.user_attrs.get(trials_mod.CHECKPOINT_DIR, "")) / checkpoint.BEST_META
     try:
-        return from_dict(json.loads(meta.read_text())["config"], str(meta))
-    except (OSError, ValueError, KeyError, UserError):
+        return from_dict(checkpoint.read_meta(meta).get("config"), str(meta))
+    except UserError:
         return None

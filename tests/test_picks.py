@@ -35,7 +35,7 @@ def recorded(tmp_path: Path, rows: list[dict]) -> optuna.Study:
     for row in rows:
         attrs = {"val_score": row["score"], "val_se": tr.binomial_se(row["score"], 10_000), "val_total": 10_000,
                  "best_val_acc": row["score"] + 0.05, "param_count": row["params"], "trained": True}
-        attrs.update({k: row[k] for k in ("repeat_of", "seed") if k in row})
+        attrs.update({k: row[k] for k in ("repeat_of", "seed", "checkpoint_dir") if k in row})
         s.add_trial(optuna.trial.create_trial(value=row["score"], params={"x": row.get("x", row["params"])},
                                               distributions={"x": optuna.distributions.IntDistribution(1, 10**6)},
                                               user_attrs=attrs))
@@ -335,6 +335,22 @@ def test_export_of_a_plain_pick_still_names_its_measurements(tmp_path: Path) -> 
     s = recorded(tmp_path, [{"score": 99.4, "params": 9_000}])
     text = picks.describe(picks.pick(s, ("val_acc",)))
     assert "on 10,000 validation images" in text and "test acc:" in text and "never used to choose" in text
+
+
+@pytest.mark.parametrize("meta", ["[{\"config\": {}}]", "{\"config\": 5}", "[" * 100_000, "\xff", ""])
+def test_a_malformed_best_json_never_breaks_what_best_prints(tmp_path: Path, meta: str) -> None:
+    """best.json is read before the weights are checked (the pick's seed and test-set size): a list, a config of
+    the wrong type, deep nesting or undecodable bytes read as 'not recorded', and the export's check refuses it."""
+    from mnistlab import checkpoint
+
+    folder = tmp_path / "trial-0"
+    folder.mkdir()
+    (folder / "best.json").write_bytes(meta.encode("latin-1"))
+    s = recorded(tmp_path, [{"score": 99.4, "params": 9_000, "checkpoint_dir": str(folder)}])
+    text = picks.describe(picks.pick(s, ("val_acc",)))
+    assert "test acc:" in text and "10,000 test images" in text
+    with pytest.raises(UserError, match=r"best\.(json|safetensors): "):
+        checkpoint.load_best(folder)
 
 
 @pytest.mark.slow
