@@ -7,6 +7,7 @@ workers failed; those are retried with the same parameters and resume from their
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
@@ -85,8 +86,11 @@ def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Tracker |
     if not create:  # a command that only reads never makes a database (nor its lock) for a mistyped path
         if not database.is_file():
             raise UserError(f"storage {database}: no such database (run `mnistlab study run` to create a study)")
+        if not optuna_tables(database):  # Optuna would add its tables to whatever file this is
+            raise UserError(f"storage {database}: holds no Optuna studies (run `mnistlab study run` to create one)")
         return _connect(url, kwargs, hb, wait)
     with creating(database):  # processes starting together would create Optuna's tables at once
+        optuna_tables(database)
         _sqlite_wal(database)
         return _connect(url, kwargs, hb, wait)
 
@@ -127,6 +131,39 @@ def _first_line(exc: BaseException) -> str:
     """The driver's own message, first line (psycopg's is the useful one)."""
     text = str(getattr(exc, "orig", None) or exc).strip()
     return (text.splitlines() or [type(exc).__name__])[0][:200]
+
+
+def check_file(url: str) -> None:
+    """UserError at once when an SQLite storage names a file that is not Optuna's (see optuna_tables)."""
+    path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ""
+    if path and path != ":memory:":
+        optuna_tables(Path(path))
+
+
+OPTUNA_TABLES = {"studies", "version_info"}
+MLFLOW_TABLES = {"experiments", "runs", "alembic_version"}
+
+
+def optuna_tables(database: Path) -> bool:
+    """Whether an SQLite file holds Optuna's tables (False for a missing or empty file); UserError
+    for a file Optuna must not write into: not SQLite, or another program's database (an MLflow
+    store given as the storage) that Optuna would otherwise fill with its own tables."""
+    if not database.is_file() or database.stat().st_size == 0:
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(database, timeout=60)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError as exc:  # locked past the timeout, unreadable
+        raise UserError(f"storage {database}: cannot read ({exc})") from None
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"storage {database}: not an SQLite database ({exc})") from None
+    if tables >= OPTUNA_TABLES:
+        return True
+    if tables:
+        what = "an MLflow store" if tables >= MLFLOW_TABLES else "another program's database"
+        raise UserError(f"storage {database}: {what}, not an Optuna storage (it holds {', '.join(sorted(tables)[:5])}"
+                        f"{', …' if len(tables) > 5 else ''}); give the study its own file")
+    return False
 
 
 def _sqlite_connect(path: str) -> sqlite3.Connection:

@@ -26,7 +26,7 @@ from mnistlab.errors import UserError
 from mnistlab.objective import Objective, StudyFull
 from mnistlab.progress import Progress
 from mnistlab.space import StudyConfig, make_pruner, make_sampler, worker_salt
-from mnistlab.storage import ID_ATTR, check_name_free, create, open_storage, storage_url
+from mnistlab.storage import ID_ATTR, check_file, check_name_free, create, open_storage, storage_url
 from mnistlab.tables import status_table
 from mnistlab.tracking import sharing_warning
 from mnistlab.train import Diverged
@@ -277,13 +277,25 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
                         f"params, over the budget of {cfg.max_params:,}")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress line and the trial's reason say it
     url = storage_url(opts.storage)
+    check_file(url)  # before the MLflow store is made: a bad storage creates nothing
     tracker = Tracker(opts.tracking_uri)
+    check_apart(url, tracker.uri)
     check_reachable(tracker.uri, wait=opts.wait)
     tracker.check_access()
     storage = open_storage(url, opts.heartbeat, tracker, wait=opts.wait)
     check_name_free(cfg, storage, tracker)  # makes a local MLflow store (or finds it broken) before the study
     study = create(cfg, storage)
     return Prepared(study, storage, recorder_for(study, cfg, tracker, url), tracker, url)
+
+
+def check_apart(storage: str, tracking_uri: str) -> None:
+    """UserError when the Optuna storage and the MLflow store are one SQLite file: each needs its own."""
+    from mnistlab.tracking_client import sqlite_file
+
+    mine, theirs = sqlite_file(storage), sqlite_file(tracking_uri)
+    if mine is not None and theirs is not None and mine.resolve() == theirs.resolve():
+        raise UserError(f"the storage and the tracking URI are one file, {mine}: Optuna and MLflow each need "
+                        "their own database (the defaults are optuna.db and mlflow.db)")
 
 
 def create_study(cfg: StudyConfig, opts: RunOptions) -> None:

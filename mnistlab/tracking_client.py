@@ -77,6 +77,9 @@ def _check_migrated(database: Path) -> None:
             runs = con.execute("SELECT count(*) FROM runs").fetchone()[0] if left and "runs" in tables else 0
     except sqlite3.Error:  # not a state this check knows; MLflow's own error says what is wrong
         return
+    if {"studies", "version_info"} <= set(tables) and "experiments" not in tables:
+        raise UserError(f"MLflow store {database}: an Optuna storage, not an MLflow store; "
+                        "give the tracking URI its own file (the default is mlflow.db)")
     if not left:
         return
     broken = f"MLflow store {database} is half-migrated (table {left[0]} left by an interrupted creation or upgrade)"

@@ -37,13 +37,14 @@ def resolve_uri(uri: str | None = None, recorded: str | None = None) -> str:
 
 
 # Query parameters that carry credentials in SQLAlchemy, libpq, MySQL and cloud storage URLs
-# (password, passwd, pwd, token, api_key, secret, sslpassword, sas signatures, ...).
-# Names are bounded (64 characters each side) to keep matching linear on hostile text.
-_SECRET_QUERY = re.compile(r"(?i)([?&;][\w.-]{0,64}(?:pass(?:word|wd)?|pwd|token|secret|key|credential|auth|sig)"
-                           r"[\w.-]{0,64})=([^&;#\s'\"]*)")
-# user:password@ after a scheme; the password may itself hold '@' or ':' (up to the last '@').
-# The look-behind starts a match only where a scheme can start: linear time on a long word.
-_USERINFO = re.compile(r"((?<![\w+.-])[a-z][\w+.-]*://[^:/@\s'\"]*):([^\s/?#'\"]*)@", re.IGNORECASE)
+# (password, passwd, pwd, token, api_key, secret, sslpassword, sas signatures, ...), their names
+# read percent-decoded (?pass%77ord= is ?password=). Names are bounded to keep matching linear.
+_QUERY_PARAM = re.compile(r"([?&;])([\w.%+-]{1,200})=([^&;#\s'\"]*)")
+_SECRET_NAME = re.compile(r"(?i)pass(?:word|wd)?|pwd|token|secret|key|credential|auth|sig")
+# user:password@ after a scheme, up to the last '@' of the URL: a password may hold '@', ':', and
+# also an unencoded '/', '?' or '#' that cut the URL short for a parser (over-masking a path that
+# holds an '@' is the safe side). The look-behind starts a match only where a scheme can start.
+_USERINFO = re.compile(r"((?<![\w+.-])[a-z][\w+.-]*://[^:/@\s'\"]*):([^\s'\"]*)@", re.IGNORECASE)
 # Variables whose values are secrets mnistlab, MLflow or a database driver reads.
 SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD",
               "MYSQL_PWD", "POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -63,7 +64,7 @@ def mask(text: str, *sources: str) -> str:
     for url in (text, *sources):
         secrets.update(_secrets_of(url))
     out = _USERINFO.sub(r"\1:***@", text)
-    out = _SECRET_QUERY.sub(r"\1=***", out)
+    out = _QUERY_PARAM.sub(lambda m: f"{m[1]}{m[2]}=***" if _secret_param(m[2]) else m[0], out)
     for secret in sorted(secrets, key=len, reverse=True):
         out = out.replace(secret, "***")
     return out
@@ -75,7 +76,10 @@ def split_url(url: str, what: str) -> Any:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - a port that is not a number raises here, not later in a driver
     except ValueError as exc:
-        raise UserError(f"{what} {mask(url)!r}: not a valid URL ({exc})") from None
+        detail = str(exc)
+        if "could not be cast" in detail:  # the message quotes the "port", which may be a piece of a password
+            detail = "its port is not a number; a password holding '/', '?', '#' or '@' must be percent-encoded"
+        raise UserError(f"{what} {mask(url)!r}: not a valid URL ({mask(detail, url)})") from None
     return parts
 
 
@@ -98,13 +102,27 @@ def _secrets_of(url: str) -> set[str]:
     """The credentials in a URL (raw and percent-decoded), and their '@'/':' separated pieces."""
     from urllib.parse import unquote
 
-    found = [m.group(2) for m in _USERINFO.finditer(url)] + [m.group(2) for m in _SECRET_QUERY.finditer(url)]
+    found = [m[2] for m in _USERINFO.finditer(url)] + [m[3] for m in _QUERY_PARAM.finditer(url) if _secret_param(m[2])]
     out: set[str] = set()
     for secret in found:
         for form in {secret, unquote(secret)}:
             out.add(form)
-            out.update(re.split(r"[@:]", form))
+            out.update(re.split(r"[@:/?#]", form))
     return {s for s in out if len(s) >= _MIN_SECRET}
+
+
+def _secret_param(name: str) -> bool:
+    from urllib.parse import unquote_plus
+
+    return _SECRET_NAME.search(unquote_plus(name)) is not None
+
+
+def _without_userinfo(uri: str) -> str:
+    """``uri`` without ``user:password@``: urllib cannot log in with it (MLflow's client can)."""
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl()
 
 
 def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
@@ -113,16 +131,19 @@ def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
     With ``wait``, a server that is not up yet (connection refused, unknown host) is retried
     every 2 s for that many seconds, with one line on stderr saying so.
     """
-    if urlsplit(uri).scheme not in ("http", "https"):
+    if split_url(uri, "tracking URI").scheme not in ("http", "https"):
         return
+    health = _without_userinfo(uri).rstrip("/") + "/health"
     waiting = Wait(wait)
     while True:
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(health, timeout=timeout) as resp:  # noqa: S310
                 if resp.status == 200:
                     return
         except urllib.error.HTTPError as exc:
             raise UserError(f"MLflow server {mask(uri)} answered its health check with HTTP {exc.code}") from None
+        except ValueError as exc:  # http.client.InvalidURL: a URL urllib cannot send
+            raise UserError(f"tracking URI {mask(uri)!r}: not a valid URL ({mask(str(exc), uri)})") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             if waiting.over():

@@ -15,6 +15,7 @@ from mnistlab.errors import UserError
 from test_model import REFERENCE
 
 EXP = str(ROOT / "experiments" / "eva4-s4.yaml")
+EXP_STUDY = ROOT / "studies" / "smoke.yaml"
 
 
 def test_model_summary_prints_the_reference_table(capsys: pytest.CaptureFixture) -> None:
@@ -101,6 +102,10 @@ def test_help_shows_where_defaults_come_from(capsys: pytest.CaptureFixture) -> N
     "https://server/?api_key=S3cretPw&x=1",
     "azure://acct/c?sig=S3cretPw",
     "postgresql://user:S3cretPw@[::1/optuna",  # not even a valid URL
+    "postgresql+psycopg2://postgres:ab/S3cretPw@127.0.0.1/db",  # unencoded '/', '?', '#' cut the URL short
+    "postgresql://u:ab?S3cretPw@h/db",
+    "postgresql://u:ab#S3cretPw@h/db",
+    "postgresql://u@h/db?pass%77ord=S3cretPw",  # a percent-encoded parameter name
 ])
 def test_mask_hides_every_credential_form(url: str) -> None:
     from mnistlab.uri import mask
@@ -131,14 +136,68 @@ def test_a_storage_password_never_reaches_the_error_line(capsys: pytest.CaptureF
 
 @pytest.mark.parametrize(("flag", "url", "message"), [
     ("--storage", "postgresql://u:S3cretPw@[::1/optuna", "storage URL 'postgresql://u:***@[::1/optuna': not a valid"),
-    ("--storage", "postgresql://u@db:port/optuna", "not a valid URL (Port could not be cast"),
+    ("--storage", "postgresql://u@db:port/optuna", "not a valid URL (its port is not a number"),
+    ("--storage", "postgresql://u:ab/S3cretPw@db/optuna", "not a valid URL (its port is not a number"),
     ("--tracking-uri", "http://[::1:5000", "tracking URI 'http://[::1:5000': not a valid URL"),
 ])
 def test_a_malformed_url_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path, flag: str, url: str,
                                      message: str) -> None:
     code, _, err = cli(capsys, "study", "run", str(ROOT / "studies" / "smoke.yaml"), flag, url)
     one_line_error(code, err, message)
+    assert "S3cr" not in err and "'ab'" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tracking_uri_with_a_login_passes_the_health_check() -> None:
+    """urllib cannot send user:password@ (MLflow's client can): the health check asks without it."""
+    import http.server
+    import threading
+
+    from mnistlab.uri import check_reachable
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_reachable(f"http://admin:S3cret@127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+
+
+def test_the_storage_and_the_tracking_uri_in_one_file_are_refused(capsys: pytest.CaptureFixture,
+                                                                 tmp_path: Path) -> None:
+    same = f"sqlite:///{tmp_path / 'one.db'}"
+    code, _, err = cli(capsys, "study", "run", str(ROOT / "studies" / "smoke.yaml"), "--storage", same,
+                       "--tracking-uri", same)
+    one_line_error(code, err, "are one file")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_storage_that_is_not_optuna_s_is_refused_and_left_as_it_was(capsys: pytest.CaptureFixture,
+                                                                       tmp_path: Path, mlflow_db: str) -> None:
+    """An MLflow store, an empty file or a file of other bytes given as the storage: read-only commands and
+    study run refuse in one line, and Optuna adds no tables to the file."""
+    store = Path(mlflow_db.split("sqlite:///", 1)[1])
+    before = store.read_bytes()
+    other = ["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    for command in (["study", "list"], ["study", "status", "--name", "x"], ["study", "run", str(EXP_STUDY), *other]):
+        code, _, err = cli(capsys, *command, "--storage", mlflow_db)
+        one_line_error(code, err, "an MLflow store, not an Optuna storage")
+    assert store.read_bytes() == before and not (tmp_path / "m.db").exists()
+    (tmp_path / "empty.db").write_bytes(b"")
+    code, _, err = cli(capsys, "study", "list", "--storage", f"sqlite:///{tmp_path / 'empty.db'}")
+    one_line_error(code, err, "holds no Optuna studies")
+    (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
+    code, _, err = cli(capsys, "study", "list", "--storage", f"sqlite:///{tmp_path / 'junk.db'}")
+    one_line_error(code, err, "not an SQLite database")
+    assert (tmp_path / "empty.db").stat().st_size == 0
 
 
 def test_ui_warns_only_beyond_loopback_without_a_login() -> None:
