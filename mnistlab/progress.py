@@ -12,6 +12,10 @@ from mnistlab import trials as tr
 from mnistlab.space import StudyConfig
 from mnistlab.trials import search_trained, state_label
 
+# Configurations refused before training (over budget or invalid), in a row, that stop a worker: they do not
+# count toward n_trials, so a search space that hardly holds a valid network would be sampled forever.
+REFUSED_IN_A_ROW = 500
+
 
 class Progress:
     """After each trial: a line a terminal and a log file both read well, and stop checks."""
@@ -20,6 +24,8 @@ class Progress:
         self.cfg, self.n_trials, self.recorder = cfg, n_trials, recorder
         self.start = time.monotonic()
         self.done_here = 0
+        self.refused = 0  # in a row, by this worker
+        self.barren: str | None = None  # why this worker stopped on refused configurations (the last reason)
 
     def __call__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
@@ -30,6 +36,10 @@ class Progress:
         print(self.line(frozen, trials, n_trained), flush=True)
         if self.recorder is not None:
             self.recorder.summary(study, trials)
+        self.refused = self.refused + 1 if state_label(frozen) in ("OVER_BUDGET", "SKIPPED") else 0
+        if self.refused >= REFUSED_IN_A_ROW:
+            self.barren = frozen.user_attrs.get(tr.REASON, "refused")
+            study.stop()
         target = self.cfg.target
         if (self.n_trials is not None and n_trained + n_busy >= self.n_trials) or (
                 target is not None and any(t.user_attrs.get(tr.BEST_VAL_ACC, 0) >= target for t in trials

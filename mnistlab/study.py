@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from mnistlab import interrupts
 from mnistlab.config import FLAGS, flag_values
-from mnistlab.errors import UserError
+from mnistlab.errors import UserError, clip
 from mnistlab.objective import Objective, StudyFull
 from mnistlab.progress import Progress
 from mnistlab.space import StudyConfig, make_pruner, make_sampler, worker_salt
@@ -104,6 +104,10 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
         print(f"study {cfg.name!r} already has {n_trials} trained trials; raise --n-trials to search more")
     else:
         study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=CAUGHT, callbacks=[progress])
+    if progress.barren is not None:
+        raise UserError(f"{cfg.path}: the last {progress.refused} configurations sampled were all refused before "
+                        f"training (the last: {clip(progress.barren, 200)}); the search space hardly holds a valid "
+                        f"network under the budget: narrow its ranges")
     if cfg.confirm is not None:
         _confirmation(study, cfg, opts, objective, progress)
 

@@ -125,6 +125,30 @@ def test_bad_cli_input_exit_2_and_create_nothing(capsys: pytest.CaptureFixture, 
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # read-only commands make no database, nor a lock
 
 
+def test_a_space_that_hardly_holds_a_valid_network_stops_in_one_line(capsys: pytest.CaptureFixture,
+                                                                      tmp_path: Path, data_dir: Path, mlflow_db: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused configurations do not count toward n_trials: a range of paddings almost all invalid was once
+    sampled without end. The worker stops after REFUSED_IN_A_ROW of them, trained nothing, and says why."""
+    from mnistlab import progress
+
+    monkeypatch.setattr(progress, "REFUSED_IN_A_ROW", 25)
+    path = tmp_path / "wide.yaml"
+    path.write_text(f"name: wide\nbase: {ROOT / 'experiments' / 'eva4-s4.yaml'}\nmax_params: 20000\n"
+                    "n_trials: 2\nenqueue_base: false\nsampler: {name: random, seed: 0}\n"
+                    "space:\n  model.paddings.0: {type: int, low: 0, high: 100000000000}\n")
+    code, out, err = cli(capsys, "study", "run", str(path), "--data-dir", str(data_dir))
+    one_line_error(code, err, "the last 25 configurations sampled were all refused before training")
+    assert "model.paddings must be 0..64" in err and out.count("SKIPPED") == 25
+    trials = load("wide", open_storage(None, heartbeat=None)).trials
+    assert len(trials) == 25 and not any(t.user_attrs.get(tr.TRAINED) for t in trials)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_db)
+    (parent,) = client.search_runs([client.get_experiment_by_name("wide").experiment_id])
+    assert parent.info.status == "FAILED"  # the parent run is ended, not left RUNNING
+
+
 BAD_NAMES = ["../../../x", "/tmp/x", "..", ".hidden", "", "a/b", "a'b", "a b", "x\ny", "é", "-x",
              "n" * 101, "n" * 256, "n" * 501]
 
