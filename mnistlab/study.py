@@ -317,6 +317,9 @@ def report_study(study: optuna.Study, objectives: tuple[str, ...], tracker: Trac
     from mnistlab.runs import StudyRecorder
 
     parent = study.user_attrs.get(PARENT_ATTR)
+    if parent and not tracker.known():  # a mistyped store would be created empty, and the plots sent nowhere
+        raise UserError(f"study {study.study_name!r} logs to MLflow, but there is no MLflow store at "
+                        f"{mask(tracker.uri)}: pass --tracking-uri")
     recorder = StudyRecorder(tracker, study.study_name, study.user_attrs.get(EXPERIMENT_ATTR, ""),
                              parent, Path(study.user_attrs.get("study_file", ""))) if parent else None
     paths = report.write(study, objectives, artifacts.resolve() / study_folder(study) / "plots", recorder)

@@ -429,3 +429,6 @@ def test_study_report_attaches_its_plots_in_the_store_the_study_recorded(tmp_pat
     parent = load("smoke", open_storage(None, heartbeat=None)).user_attrs["mlflow_parent_run_id"]
     plots = {Path(a.path).name for a in MlflowClient(store).list_artifacts(parent, "plots")}
     assert "optimization_history.png" in plots, plots
+    typo = run_cli("study", "report", "--name", "smoke", "--tracking-uri", f"sqlite:///{tmp_path / 'typo.db'}")
+    assert typo.returncode == 2 and "no MLflow store at" in typo.stderr, typo.stderr
+    assert not (tmp_path / "typo.db").exists()  # a mistyped store is not made
