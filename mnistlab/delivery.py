@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from mnistlab import interrupts, stored
 from mnistlab.errors import UserError
+from mnistlab.uri import mask
 
 if TYPE_CHECKING:
     from mnistlab.tracking import Tracker
@@ -48,6 +49,13 @@ def best(found: stored.Stored, opts: BestOptions) -> int:
     check_reachable(tracker.uri)
     tracker.check_access()
     known = tracker if tracker.known() else None
+    if opts.export is not None and opts.register:  # found out before anything is refitted or written
+        from mnistlab.study import PARENT_ATTR
+
+        parent = loaded.user_attrs.get(PARENT_ATTR)
+        if parent and (known is None or not tracker.has_run(parent)):
+            raise UserError(f"MLflow at {mask(tracker.uri)} has no run of study {loaded.study_name!r} (its parent run "
+                            f"{parent}) to register the export in: pass the study's --tracking-uri, or --no-register")
     refitted = None
     if opts.refit:
         budget = int(loaded.user_attrs.get("max_params", 1 << 62))

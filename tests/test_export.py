@@ -214,6 +214,16 @@ def test_export_refuses_a_non_empty_folder_and_an_unwritable_one(finished: dict,
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
+def test_an_export_to_register_in_a_store_without_the_study_writes_nothing(finished: dict, tmp_path: Path,
+                                                                          mlflow_db: str) -> None:
+    """The store is checked before the export is written (it once was written, then the command failed)."""
+    out = tmp_path / "out"
+    proc = run_cli("best", str(SMOKE), "--export", str(out), env={**env_of(finished), "MLFLOW_TRACKING_URI": mlflow_db})
+    assert proc.returncode == 2 and "has no run of study 'smoke'" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
 def files_under(root: Path) -> set[str]:
     """Every file and folder under ``root`` (SQLite's transient -wal/-shm files aside)."""
     return {str(p.relative_to(root)) for p in root.rglob("*") if not p.name.endswith(("-wal", "-shm"))}
