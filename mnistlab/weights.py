@@ -4,6 +4,7 @@ refit's final weights."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +14,7 @@ import torch
 from mnistlab import checkpoint
 from mnistlab import trials as trials_mod
 from mnistlab.config import ExperimentConfig, from_dict
-from mnistlab.errors import UserError
+from mnistlab.errors import UserError, clip
 from mnistlab.model import build_model, count_params
 
 if TYPE_CHECKING:
@@ -47,7 +48,22 @@ def trial_weights(trial: optuna.trial.FrozenTrial, tracker: Tracker, scratch: Pa
         first = str(exc).strip().splitlines()
         raise UserError(f"{folder / checkpoint.BEST}: weights do not match their config "
                         f"({first[1].strip() if len(first) > 1 else first[0]})") from None
-    return cfg, weights, meta
+    return cfg, weights, _checked(folder, weights, meta)
+
+
+def _checked(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` once the weights are finite and the figures it records (copied into an export) are numbers:
+    UserError naming the file otherwise (a diverged or tampered checkpoint is never delivered)."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{folder / checkpoint.BEST}: weights hold NaN or infinite values ({', '.join(bad[:3])})")
+    for key, kind in (("epoch", int), ("val_acc", float)):
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or (kind is int and value != int(value))
+                                  or not 0 <= value <= (10**6 if kind is int else 100)):
+            raise UserError(f"{folder / checkpoint.BEST_META}: {key} is {clip(value)}, not a valid {kind.__name__}")
+    return meta
 
 
 def refit_weights(refit: Any) -> tuple[ExperimentConfig, dict[str, torch.Tensor], dict[str, Any]]:
@@ -60,4 +76,4 @@ def refit_weights(refit: Any) -> tuple[ExperimentConfig, dict[str, torch.Tensor]
         net.load_state_dict(weights, strict=True)
     except RuntimeError:
         raise UserError(f"{folder / checkpoint.BEST}: weights do not match their config") from None
-    return cfg, weights, meta
+    return cfg, weights, _checked(folder, weights, meta)

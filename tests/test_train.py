@@ -192,6 +192,38 @@ def test_bad_best_weights_are_one_line(data_dir: Path, tmp_path: Path) -> None:
         checkpoint.load_best(tmp_path)
 
 
+@pytest.mark.slow
+def test_non_finite_weights_or_garbage_figures_are_never_delivered(data_dir: Path, tmp_path: Path) -> None:
+    """A checksum-valid best checkpoint with NaN weights, or a best.json whose epoch or val_acc is not a number,
+    is refused by the weights an export takes (it once exported a 9.80% model and copied the garbage)."""
+    import json
+
+    import optuna
+    from safetensors.torch import load_file, save_file
+
+    from mnistlab import weights as weights_mod
+    from mnistlab.model import count_params
+
+    cfg = small("train.epochs=1", "data.limit_train=300")
+    train(cfg, data.load(cfg.data, "cpu", data_dir), checkpoint_dir=tmp_path, verbose=False)
+    trial = optuna.trial.create_trial(value=1.0, user_attrs={"checkpoint_dir": str(tmp_path),
+                                                             "param_count": count_params(cfg.model)})
+    weights_mod.trial_weights(trial, None, tmp_path)  # as trained: delivered
+    meta_path, best = tmp_path / "best.json", tmp_path / "best.safetensors"
+    good = json.loads(meta_path.read_text())
+    for key, value in (("epoch", "1; rm -rf"), ("epoch", 1.5), ("val_acc", float("nan")), ("val_acc", 1e9)):
+        meta_path.write_text(json.dumps({**good, key: value}))
+        with pytest.raises(UserError, match=f"best.json: {key} is .*, not a valid"):
+            weights_mod.trial_weights(trial, None, tmp_path)
+    tensors = load_file(str(best))
+    first = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, str(best))
+    meta_path.write_text(json.dumps({**good, "sha256": data.sha256(best)}))  # the checksum matches
+    with pytest.raises(UserError, match="weights hold NaN or infinite values"):
+        weights_mod.trial_weights(trial, None, tmp_path)
+
+
 def json_sha(text: str) -> str:
     import json
 
