@@ -7,8 +7,9 @@ bad=""
 for name in POSTGRES_PASSWORD MLFLOW_TRACKING_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY; do
     eval "given=\${$name+yes} value=\${$name:-}"
     [ "$given" = yes ] || continue
-    case "$value" in
-        "" | change-me*) bad="$bad $name" ;;
+    lower=$(printf '%s' "$value" | tr 'A-Z' 'a-z')  # CHANGE-ME-... is the example too
+    case "$lower" in
+        "" | change-me* | changeme*) bad="$bad $name" ;;
     esac
 done
 if [ -n "$bad" ]; then

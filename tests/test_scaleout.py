@@ -181,6 +181,7 @@ def test_the_stack_refuses_the_example_passwords() -> None:
     assert refused.returncode == 1
     assert "MLFLOW_TRACKING_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY:" in refused.stderr
     assert check_secrets({"POSTGRES_PASSWORD": ""}).returncode == 1
+    assert check_secrets({"POSTGRES_PASSWORD": "CHANGE-ME-postgres"}).returncode == 1  # the example, in capitals
     assert check_secrets({"POSTGRES_PASSWORD": "a-real-one"}).returncode == 0
     assert check_secrets({k: f"real-{k}" for k in auth}).returncode == 0
 
