@@ -133,11 +133,11 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines() or [type(exc).__name__])[0][:200]
 
 
-def check_file(url: str) -> None:
-    """UserError at once when an SQLite storage names a file that is not Optuna's (see optuna_tables)."""
+def check_file(url: str) -> bool:
+    """UserError at once when an SQLite storage names a file that is not Optuna's (see optuna_tables);
+    whether it is an SQLite storage yet to be made (False for any other)."""
     path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ""
-    if path and path != ":memory:":
-        optuna_tables(Path(path))
+    return bool(path) and path != ":memory:" and not optuna_tables(Path(path))
 
 
 OPTUNA_TABLES = {"studies", "version_info"}

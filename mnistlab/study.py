@@ -281,11 +281,13 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
                         f"params, over the budget of {cfg.max_params:,}")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress line and the trial's reason say it
     url = storage_url(opts.storage)
-    check_file(url)  # before the MLflow store is made: a bad storage creates nothing
+    new = check_file(url)  # before the MLflow store is made: a bad storage creates nothing
     tracker = Tracker(opts.tracking_uri)
     check_apart(url, tracker.uri)
     check_reachable(tracker.uri, wait=opts.wait)
     tracker.check_access()
+    if new and tracker.known() and (holder := tracker.holder(cfg.name)) is not None:
+        raise tracker.taken(cfg.name, holder[1])  # a study of a storage not made yet holds no name: none is made
     storage = open_storage(url, opts.heartbeat, tracker, wait=opts.wait)
     check_name_free(cfg, storage, tracker)  # makes a local MLflow store (or finds it broken) before the study
     study = create(cfg, storage)
