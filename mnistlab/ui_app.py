@@ -8,8 +8,9 @@ mnistlab`` or ``mnistlab-basic-auth``) are MLflow's own server with one change: 
 starts with a short script that, in a browser that has not chosen yet,
 
 - sets the switch to "Model training", so a click on an experiment opens its runs table;
-- gives each study experiment not yet opened in this browser the table's sort by ``val_acc``, best
-  first, which lists the trials flat instead of folded under the study's parent run.
+- gives each experiment mnistlab made (tagged model training) not yet opened in this browser the
+  table's sort by ``val_acc``, best first, which lists the trials flat instead of folded under the
+  study's parent run.
 
 What a user then chooses in the UI is kept by the browser and never overwritten. The keys are MLflow's
 UI internals: ``docs/screenshots.py`` (run by a test) opens the plain experiment address in a fresh
@@ -28,7 +29,6 @@ from mnistlab.tracking import KIND, KIND_TAG
 WORKFLOW_KEY = "mlflow.workflowType_v1"
 TRAINING = "machine_learning"
 TRIALS_VIEW = {"orderByKey": "metrics.`val_acc`", "orderByAsc": False}  # the runs link's sort (ui.RUNS_VIEW)
-MNISTLAB_TAGS = "mnistlab."  # a study experiment carries its id and storage as mnistlab.* tags
 SEEDED = 1000  # experiments given the trials view per page load, newest first
 
 _log = logging.getLogger(__name__)
@@ -52,13 +52,14 @@ def first_visit_script(experiment_ids: list[str]) -> str:
 
 
 def study_experiments(store: Any) -> list[str]:
-    """Ids of the store's study experiments (model-training kind, made by mnistlab), newest first."""
+    """Ids of the store's model-training experiments (the kind mnistlab gives every experiment it makes, and
+    `study check --repair` gives older ones), newest first."""
     from mlflow.entities import ViewType
 
     found = store.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=SEEDED,
                                      filter_string=f"tags.`{KIND_TAG}` = '{KIND}'",
                                      order_by=["last_update_time DESC"])
-    return [e.experiment_id for e in found if any(k.startswith(MNISTLAB_TAGS) for k in e.tags)]
+    return [e.experiment_id for e in found]
 
 
 def open_on_trials(flask_app: Any) -> None:
@@ -75,7 +76,7 @@ def open_on_trials(flask_app: Any) -> None:
         try:
             ids = study_experiments(_get_tracking_store())
         except Exception as exc:  # the store unreachable: the page still opens, without the trials view
-            _log.warning("mnistlab ui: could not list the study experiments: %s", type(exc).__name__)
+            _log.warning("mnistlab ui: could not list the model-training experiments: %s", type(exc).__name__)
             ids = []
         html = index.read_text(encoding="utf-8")
         return Response(html.replace("<head>", "<head>" + first_visit_script(ids), 1), mimetype="text/html")
