@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import optuna
 
 from mnistlab import trials as tr
+from mnistlab.errors import UserError
 from mnistlab.storage import shown_name
 from mnistlab.trials import best_trial, state_label
 
@@ -72,12 +75,68 @@ def print_status(study: optuna.Study, objectives: list[str] | tuple[str, ...], c
     """`mnistlab study status`: the trials table printed (and written to ``csv``)."""
     import pandas as pd
 
+    if csv is not None:
+        check_csv_target(csv)
     table = status_table(study, objectives)
     with pd.option_context("display.max_rows", 500, "display.width", 200, "display.max_columns", 30):
         print(table.to_string() if not table.empty else "no trials yet")
     if csv is not None:
-        table.to_csv(csv)
+        if table.empty:  # the header alone, so that the file is recognised as ours next time
+            table = pd.DataFrame(columns=["state"]).rename_axis("number")
+        write_csv(csv, table.to_csv())
         print(f"wrote {csv}")
+
+
+# Every status CSV starts so (the index, then the first column): an existing file that does not is
+# someone else's (an Optuna or MLflow store passed by mistake) and is never written over.
+CSV_HEADER = "number,state"
+_SNIFF_BYTES = 4096  # enough for the header; a huge file is not read to decide
+
+
+def check_csv_target(path: Path) -> None:
+    """UserError unless ``path`` is a new file or a status CSV mnistlab wrote: never a symlink, a
+    folder or another kind of file (``--csv optuna.db`` must not destroy the study)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise UserError(f"--csv {path}: no folder {path.parent}") from None
+        return
+    except OSError as exc:
+        raise UserError(f"--csv {path}: cannot be checked ({exc.strerror or type(exc).__name__})") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise UserError(f"--csv {path}: is a symbolic link; give the file itself or a new name")
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"--csv {path}: is a folder; give a file name, e.g. {path / 'trials.csv'}")
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"--csv {path}: not a regular file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+    except OSError as exc:
+        raise UserError(f"--csv {path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    first = head.split(b"\n", 1)[0].rstrip(b"\r")
+    if first != CSV_HEADER.encode() and not first.startswith(CSV_HEADER.encode() + b","):
+        raise UserError(f"--csv {path}: exists and is not a trials CSV written by mnistlab (its first line is not "
+                        f"{CSV_HEADER},...); not overwritten: choose another name or delete it")
+
+
+def write_csv(path: Path, text: str) -> None:
+    """``text`` becomes ``path`` all at once (a temporary file beside it, then a rename): an interrupted
+    write leaves the old file or none, never half a table."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--csv {path}: cannot write ({exc.strerror or type(exc).__name__})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def list_studies(storage: optuna.storages.BaseStorage) -> Any:

@@ -1,0 +1,52 @@
+"""Hostile or mistaken inputs: output files that are not ours, unsafe names, absent devices, checkpoints
+whose contents do not fit, deeply nested JSON. Each is one `error:` line (or a fallback) and loses nothing."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+
+from conftest import cli, one_line_error
+
+
+@pytest.fixture
+def stored_study(tmp_path: Path) -> str:
+    """A plain Optuna study ``fine`` with one finished trial in ./optuna.db."""
+    study = optuna.create_study(study_name="fine", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    return "fine"
+
+
+def test_status_csv_never_overwrites_a_store_a_link_or_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                 stored_study: str) -> None:
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:  # another SQLite store, as MLflow's is
+        db.execute("create table runs (id text)")
+    (tmp_path / "notes.txt").write_text("a user's file\n")
+    os.symlink("notes.txt", tmp_path / "link.csv")
+    (tmp_path / "folder").mkdir()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and not p.is_symlink()}
+    for target, message in [("optuna.db", "exists and is not a trials CSV written by mnistlab"),
+                            ("mlflow.db", "exists and is not a trials CSV written by mnistlab"),
+                            ("notes.txt", "exists and is not a trials CSV written by mnistlab"),
+                            ("link.csv", "is a symbolic link"), ("folder", "is a folder"),
+                            ("nowhere/t.csv", "no folder nowhere")]:
+        code, _, err = cli(capsys, "study", "status", "--name", stored_study, "--csv", target)
+        one_line_error(code, err, f"--csv {target}: {message}")
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and not p.is_symlink()}
+    assert after == before  # the study is still there, byte for byte
+    assert optuna.load_study(study_name="fine", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_status_csv_replaces_its_own_csv_whole(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               stored_study: str) -> None:
+    for _ in range(2):  # the second run replaces the file the first wrote
+        code, out, err = cli(capsys, "study", "status", "--name", stored_study, "--csv", "t.csv")
+        assert code == 0 and "wrote t.csv" in out, err
+    rows = (tmp_path / "t.csv").read_text().splitlines()
+    assert rows[0].startswith("number,state,") and len(rows) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optuna.db", "t.csv"]  # no temporary file left
