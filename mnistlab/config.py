@@ -146,7 +146,18 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentCo
         if not sep or not key:
             raise UserError(f"override {shown(item)}: expected key=value, e.g. train.lr=0.02")
         raw = set_path(raw, key.strip(), _override_value(item, text), where=str(path))
-    return from_dict(raw, str(path))
+    cfg = from_dict(raw, str(path))
+    check_experiment_name(cfg.name, str(path))
+    return cfg
+
+
+def check_experiment_name(name: str, where: str) -> None:
+    """UserError unless ``name`` follows the study name rule: an experiment's name becomes its run
+    folder (runs/NAME-TIME) and its MLflow experiment, so "../x" or "/tmp/x" must never reach a path."""
+    from mnistlab.space import NAME_RULE, safe_name  # the one name rule, kept with the study files
+
+    if not safe_name(name):
+        raise UserError(f"{where}: experiment name {shown(name)} is not allowed; an experiment name is {NAME_RULE}")
 
 
 # The CLI flags that set one config value (`mnistlab train`, `mnistlab study run`), by option name,

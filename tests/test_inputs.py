@@ -50,3 +50,22 @@ def test_status_csv_replaces_its_own_csv_whole(tmp_path: Path, capsys: pytest.Ca
     rows = (tmp_path / "t.csv").read_text().splitlines()
     assert rows[0].startswith("number,state,") and len(rows) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["optuna.db", "t.csv"]  # no temporary file left
+
+
+UNSAFE_NAMES = ["../../../escaped", "/tmp/abs", "..", ".hidden", "", "a/b", "a b", "x\ny", "-x", "n" * 101]
+
+
+@pytest.mark.parametrize("name", UNSAFE_NAMES, ids=lambda n: repr(n[:12]) + f"/{len(n)}")
+def test_unsafe_experiment_names_are_refused_before_anything_is_created(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                        name: str) -> None:
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    os.chdir(work)
+    (work / "e.yaml").write_text(f"name: {name!r}\ntrain: {{epochs: 1}}\n")
+    code, _, err = cli(capsys, "train", "e.yaml", "--no-track")
+    one_line_error(code, err, "experiment name")
+    (work / "ok.yaml").write_text("name: fine\n")  # the same rule for a name set on the command line
+    code, _, err = cli(capsys, "train", "ok.yaml", "--no-track", f"name={name!r}")
+    one_line_error(code, err, "is not allowed")
+    assert sorted(p.name for p in work.iterdir()) == ["e.yaml", "ok.yaml"]  # no runs/ folder
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "c", "e.yaml", "ok.yaml"]
