@@ -143,7 +143,9 @@ def study_run(
 
     cfg = space.load_study(study_file)
     from mnistlab import study  # Optuna and torch: only once the file is read
+    from mnistlab.train import resolve_device
 
+    resolve_device(device or cfg.base.train.device)  # a device this machine lacks: refused before the study exists
     opts = study.RunOptions(n_trials=n_trials, timeout=timeout, storage=storage, workers=workers, device=device,
                             epochs=epochs, limit_train=limit_train, limit_eval=limit_eval,
                             tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),

@@ -89,6 +89,7 @@ def run_experiment(
     if not resume and output.is_dir() and any(output.iterdir()):
         raise UserError(f"run folder {output}: exists and is not empty (use --resume to continue that run, or "
                         "choose another --output)")
+    device = resolve_device(cfg.train.device)  # a device this machine lacks: refused before the run folder exists
     if tracker is not None:
         check_reachable(tracker.uri)
     try:
@@ -96,7 +97,6 @@ def run_experiment(
         (output / "config.yaml").write_text(config_mod.dump_yaml(cfg))
     except OSError as exc:
         raise UserError(f"{output}: cannot write the run folder ({exc.strerror})") from None
-    device = resolve_device(cfg.train.device)
     data = data_mod.load(cfg.data, device, data_dir)
     if verbose:
         print(summary(cfg.model))

@@ -85,10 +85,21 @@ def restored_history(checkpoint_dir: Path) -> list[EpochMetrics]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU."""
+    """``auto`` is CUDA when present, else CPU; UserError for a device this machine lacks (asked
+    before any tensor goes there, where torch would fail with a traceback)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device {name}: this machine has no CUDA device that torch can use; use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"device {name}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                            f"(cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name}: Apple's MPS is not available on this machine; use cpu or auto")
+    return device
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig, steps_per_epoch: int) -> tuple[Any, Any]:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
-from conftest import cli, one_line_error
+from conftest import ROOT, cli, one_line_error
 
 
 @pytest.fixture
@@ -69,3 +70,32 @@ def test_unsafe_experiment_names_are_refused_before_anything_is_created(tmp_path
     one_line_error(code, err, "is not allowed")
     assert sorted(p.name for p in work.iterdir()) == ["e.yaml", "ok.yaml"]  # no runs/ folder
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "c", "e.yaml", "ok.yaml"]
+
+
+# These run for real on a machine without CUDA (and without Apple's MPS), as this test machine is.
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+
+
+@no_cuda
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "mps"])
+def test_train_on_a_device_this_machine_lacks_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          device: str) -> None:
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    (tmp_path / "e.yaml").write_text("name: e\ntrain: {epochs: 1}\n")
+    code, _, err = cli(capsys, "train", "e.yaml", "--device", device, "--output", "out")
+    one_line_error(code, err, f"device {device}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.yaml"]  # no run folder, no MLflow store
+
+
+@no_cuda
+def test_a_study_on_a_device_this_machine_lacks_is_refused_before_it_exists(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    code, _, err = cli(capsys, "study", "run", "smoke", "--device", "cuda")
+    one_line_error(code, err, "device cuda: ")
+    smoke = (ROOT / "studies" / "smoke.yaml").read_text()
+    (tmp_path / "s.yaml").write_text(smoke.replace("base: ../", f"base: {ROOT}/").replace(
+        "overrides:", "overrides:\n  train.device: cuda:1", 1))  # the study file's own device
+    code, _, err = cli(capsys, "study", "run", "s.yaml")
+    one_line_error(code, err, "device cuda:1: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no storage, store or artifacts
