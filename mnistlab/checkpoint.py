@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from mnistlab.config import from_dict
 from mnistlab.data import sha256
-from mnistlab.errors import UserError
+from mnistlab.errors import UserError, clip
+from mnistlab.model import build_model
 
 LAST, PREV, BEST, BEST_META = "last.pt", "prev.pt", "best.safetensors", "best.json"
 SUM = ".sha256"  # a checkpoint's checksum sidecar: last.pt.sha256
@@ -126,8 +128,8 @@ def load_latest(directory: Path, map_location: str | torch.device = "cpu",
 
     Usable means checksum-verified, readable weights-only and holding every STATE_KEYS entry (a
     sidecar can match a file that was zeroed before it was hashed), and, given ``config``, made
-    with that config. Returns (path, state, note): path None and state {} when neither is usable;
-    note says what was passed over, "" if nothing.
+    with that config, with contents that fit (``misfit``). Returns (path, state, note): path None
+    and state {} when neither is usable; note says what was passed over, "" if nothing.
     """
     skipped = []
     for name in (LAST, PREV):
@@ -141,11 +143,78 @@ def load_latest(directory: Path, map_location: str | torch.device = "cpu",
                 raise UserError(f"{path}: not an epoch checkpoint (no {missing[0]!r})")
             if config is not None and state["config"] != config:
                 raise UserError(f"{path}: checkpoint of a different config")
+            problem = misfit(state)
+            if problem:
+                raise UserError(f"{path}: {problem}")
         except UserError as exc:
             skipped.append(str(exc))
             continue
         return path, state, "; ".join(skipped)
     return None, {}, "; ".join(skipped)
+
+
+def misfit(state: dict[str, Any]) -> str:
+    """What in an epoch checkpoint does not fit the config it carries ("" when all does): its weights'
+    names and shapes, the optimiser's parameters, the types a resume restores. A checksum only says
+    the file is the one written; a file that does not fit is passed over like a corrupt one, never
+    half-restored into a model."""
+    from mnistlab.train import EpochMetrics  # train imports this module
+
+    try:
+        cfg = from_dict(state["config"], "its config")
+    except UserError as exc:
+        return str(exc)
+    epoch, history = state["epoch"], state["history"]
+    if type(epoch) is not int or not 0 <= epoch <= cfg.train.epochs:
+        return f"epoch {clip(epoch)} is not an epoch of its config"
+    if not isinstance(history, list) or len(history) != epoch:
+        return f"its history is not a list of its {epoch} epochs"
+    try:
+        for m in history:
+            EpochMetrics(**m)
+    except TypeError:
+        return "its history holds something other than epoch metrics"
+    for key in ("torch_rng", "batch_rng"):
+        if not isinstance(state[key], torch.Tensor) or state[key].dtype != torch.uint8:
+            return f"{key} is not a random generator state"
+    if not isinstance(state["cuda_rng"], list) or not isinstance(state["scheduler"], dict):
+        return "cuda_rng or scheduler of the wrong type"
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation
+        net = build_model(cfg.model)
+    return _weights_misfit(state["model"], net) or _optimizer_misfit(state["optimizer"], net)
+
+
+def _weights_misfit(weights: Any, net: torch.nn.Module) -> str:
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return "its model weights are not a state dict"
+    expected = net.state_dict()
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra:
+        return f"its model weights do not fit its config ({'no ' + missing[0] if missing else 'extra ' + extra[0]})"
+    for name, want in expected.items():
+        got = weights[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return (f"model weight {name} is {got.dtype} {tuple(got.shape)}, its config needs {want.dtype} "
+                    f"{tuple(want.shape)}")
+    return ""
+
+
+def _optimizer_misfit(opt: Any, net: torch.nn.Module) -> str:
+    shapes = [p.shape for p in net.parameters()]
+    groups = opt.get("param_groups") if isinstance(opt, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups) or not isinstance(opt.get("state"), dict):
+        return "its optimizer state is not an optimizer's state dict"
+    ids = [i for g in groups for i in g["params"]]
+    if any(type(i) is not int for i in ids) or sorted(ids) != list(range(len(shapes))):
+        return f"its optimizer holds {len(ids)} parameters, the model {len(shapes)}"
+    for i, per_param in opt["state"].items():
+        if i not in ids or not isinstance(per_param, dict):
+            return f"its optimizer state names parameter {clip(i)}, which the model lacks"
+        for key, value in per_param.items():  # momentum and Adam's moments have the parameter's shape
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != shapes[i]:
+                return f"its optimizer's {key} of parameter {i} is {tuple(value.shape)}, not {tuple(shapes[i])}"
+    return ""
 
 
 def save_best(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:

@@ -279,7 +279,11 @@ def _resume(run: _Run, checkpoint_dir: Path, verbose: bool) -> None:
         return
     if state["config"] != run.cfg.to_dict():
         raise UserError(f"{good}: checkpoint of a different config; not resuming from it")
-    run.restore(state)
+    try:
+        run.restore(state)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # what checkpoint.misfit cannot foresee
+        raise UserError(f"{good}: does not fit this run ({type(exc).__name__}: {str(exc)[:200]}); move it "
+                        "aside to start again") from None
     if verbose:
         print(f"Resuming from {good} after epoch {run.epoch}")
 

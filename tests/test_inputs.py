@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, cli, one_line_error
+from mnistlab import checkpoint, data
 
 
 @pytest.fixture
@@ -99,3 +100,54 @@ def test_a_study_on_a_device_this_machine_lacks_is_refused_before_it_exists(tmp_
     code, _, err = cli(capsys, "study", "run", "s.yaml")
     one_line_error(code, err, "device cuda:1: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no storage, store or artifacts
+
+
+def rewrite_state(path: Path, damage: str) -> None:
+    """Change one thing in a checkpoint and write its SHA-256 sidecar anew: the checksum matches, the contents
+    do not fit the model."""
+    state = checkpoint.load_state(path)
+    if damage == "a weight missing":
+        del state["model"][next(iter(state["model"]))]
+    elif damage == "a weight of another shape":
+        name = next(iter(state["model"]))
+        state["model"][name] = torch.zeros(3, 3)
+    elif damage == "history not a list":
+        state["history"] = 7
+    elif damage == "history of other records":
+        state["history"] = [{"x": 1}] * state["epoch"]
+    elif damage == "an optimizer of another model":
+        state["optimizer"]["param_groups"][0]["params"].pop()
+    path.write_bytes(b"")
+    torch.save(state, path)
+    (path.parent / (path.name + ".sha256")).write_text(data.sha256(path) + "\n")
+
+
+DAMAGES = ["a weight missing", "a weight of another shape", "history not a list", "history of other records",
+           "an optimizer of another model"]
+
+
+@pytest.mark.usefixtures("data_dir")
+def test_a_checkpoint_that_does_not_fit_falls_back_to_prev_then_restarts(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "e.yaml").write_text("name: e\ntrain: {epochs: 2, batch_size: 64}\n"
+                                     "data: {limit_train: 128, limit_eval: 64}\n")
+    train = ("train", "e.yaml", "--no-track", "--output", "run")
+    code, _, err = cli(capsys, *train)
+    assert code == 0, err
+    ckpt = tmp_path / "run" / "checkpoints"
+    pristine = {name: (ckpt / name).read_bytes() for name in ("last.pt", "last.pt.sha256", "prev.pt", "prev.pt.sha256")}
+    for damage in DAMAGES:  # last.pt unusable: resumed from prev.pt
+        for name, content in pristine.items():
+            (ckpt / name).write_bytes(content)
+        rewrite_state(ckpt / "last.pt", damage)
+        code, out, err = cli(capsys, *train, "--resume")
+        assert code == 0 and "Resuming from run/checkpoints/prev.pt after epoch 1" in out, (damage, err)
+    for name, content in pristine.items():  # neither usable: one warning line, trained again from epoch 0
+        (ckpt / name).write_bytes(content)
+    rewrite_state(ckpt / "last.pt", "a weight missing")
+    rewrite_state(ckpt / "prev.pt", "history not a list")
+    code, out, err = cli(capsys, *train, "--resume")
+    lines = err.strip().splitlines()
+    assert code == 0 and "Resuming" not in out, err
+    assert len(lines) == 1 and lines[0].startswith("warning: no usable checkpoint (") and "epoch 0" in lines[0], err
+    assert "last.pt: its model weights do not fit its config" in lines[0] and "prev.pt: its history" in lines[0]
