@@ -31,6 +31,7 @@ from mnistlab import checkpoint
 from mnistlab import trials as tr
 from mnistlab.data import sha256
 from mnistlab.errors import UserError
+from mnistlab.jsonfile import read_json
 from mnistlab.trials import trained
 
 if TYPE_CHECKING:
@@ -90,7 +91,13 @@ class Checker:
                 except Exception as exc:
                     self.note(str(pending), f"metrics still unsent ({type(exc).__name__}: {str(exc)[:120]})")
             if unfinished.is_file():
-                runs = json.loads(unfinished.read_text())
+                try:
+                    runs = read_json(unfinished)
+                    if not isinstance(runs, dict):
+                        raise ValueError(f"a JSON {type(runs).__name__}, not an object")
+                except (OSError, ValueError) as exc:
+                    self.note(str(unfinished), f"unreadable ({str(exc)[:120]}); the runs it notes are not ended")
+                    continue
                 for run_id, record in list(runs.items()):
                     try:
                         self.tracker.finish(run_id, record["status"], record.get("tags"))

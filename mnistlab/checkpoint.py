@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save
 from mnistlab.config import from_dict
 from mnistlab.data import sha256
 from mnistlab.errors import UserError, clip
+from mnistlab.jsonfile import read_json
 from mnistlab.model import build_model
 
 LAST, PREV, BEST, BEST_META = "last.pt", "prev.pt", "best.safetensors", "best.json"
@@ -230,8 +231,8 @@ def save_best(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> 
 def read_meta(meta_path: Path) -> dict[str, Any]:
     """A best.json: a JSON object, or UserError naming the file (missing, not JSON, too deep, another type)."""
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        meta = read_json(meta_path)
+    except (OSError, ValueError):
         raise UserError(f"{meta_path}: missing or unreadable") from None
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")

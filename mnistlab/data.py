@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from mnistlab.config import DataConfig
 from mnistlab.errors import UserError
+from mnistlab.jsonfile import read_json
 
 MEAN, STD = 0.1307, 0.3081
 CACHE_FILE = "mnist-uint8.npz"
@@ -146,8 +147,8 @@ def load_arrays(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         raise UserError(f"{cache}: no data cache; run `mnistlab data prepare`")
     manifest = data_dir / "manifest.json"
     try:
-        expected = json.loads(manifest.read_text())["sha256"]
-    except (OSError, ValueError, KeyError):
+        expected = read_json(manifest)["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{manifest}: missing or unreadable; run `mnistlab data prepare` again") from None
     if sha256(cache) != expected:
         raise UserError(f"{cache}: checksum mismatch (corrupt cache); delete it and run `mnistlab data prepare`")

@@ -31,6 +31,7 @@ from mnistlab.card import model_card
 from mnistlab.config import from_dict
 from mnistlab.errors import UserError, clip
 from mnistlab.formats import CARD, CONFIG, CURVES, FORMATS, INPUT, MODEL_FILES, OUTPUT
+from mnistlab.jsonfile import read_json
 from mnistlab.model import count_params
 from mnistlab.picks import Choice
 from mnistlab.report import trial_curves
@@ -83,7 +84,7 @@ def _check_replaceable(out: Path) -> None:
                         "earlier export")
     strangers = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES or p.is_symlink() or not p.is_file())
     try:
-        fmt = json.loads((out / CONFIG).read_text()).get("format")
+        fmt = read_json(out / CONFIG).get("format")
     except (OSError, ValueError, AttributeError):
         fmt = None
     if strangers or fmt != FORMAT:
@@ -240,7 +241,7 @@ def _export_info(folder: Path) -> dict[str, Any]:
     """config.json of an export, its shape checked: what evaluate reads from it is all there."""
     where = folder / CONFIG
     try:
-        info = json.loads(where.read_text())
+        info = read_json(where)
     except FileNotFoundError:
         raise UserError(f"{folder}: no {CONFIG}; not an mnistlab export") from None
     except (OSError, ValueError) as exc:

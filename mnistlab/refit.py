@@ -27,6 +27,7 @@ from mnistlab import checkpoint, data, interrupts
 from mnistlab import trials as tr
 from mnistlab.config import ExperimentConfig, from_dict
 from mnistlab.errors import UserError
+from mnistlab.jsonfile import read_json
 from mnistlab.model import build_model, count_params
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def folder_for(trial: Any, artifacts: Path, seed: int) -> Path:
 def finished(folder: Path, cfg: ExperimentConfig) -> SeedResult | None:
     """The result of a refit that already finished in ``folder`` (its weights intact), else None."""
     try:
-        r = json.loads((folder / RESULT).read_text())
+        r = read_json(folder / RESULT)
         weights, meta = checkpoint.load_best(folder)
     except (OSError, ValueError, UserError):
         return None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab import checkpoint
+from mnistlab.jsonfile import read_json
 from mnistlab.provenance import environment
 from mnistlab.tracking import STUDY_ID_TAG, STUDY_TAG, TRIAL_TAG, Tracker
 
@@ -134,7 +135,7 @@ class RunLog:
             self.tracker.finish(self.run_id, status, tags)
         except Exception as exc:  # the training result must survive a tracking outage
             note = self.checkpoint_dir / "mlflow-unfinished.json"
-            runs = json.loads(note.read_text()) if note.is_file() else {}
+            runs = read_json(note) if note.is_file() else {}
             runs[self.run_id] = {"status": status, "tags": tags}
             note.write_text(json.dumps(runs) + "\n")
             warnings.warn(f"could not end MLflow run {self.run_id} ({type(exc).__name__}); noted in {note}",

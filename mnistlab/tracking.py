@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mnistlab.errors import UserError
+from mnistlab.jsonfile import read_json
 from mnistlab.tracking_client import connect, sqlite_file
 from mnistlab.uri import mask, resolve_uri
 
@@ -248,7 +249,7 @@ class Tracker:
         """Write unsent metrics to a JSON file (sent later by ``send_pending``)."""
         if self.flush():
             return None
-        rows = json.loads(path.read_text()) if path.is_file() else []  # an earlier attempt's, kept too
+        rows = read_json(path) if path.is_file() else []  # an earlier attempt's, kept too
         rows += [{"run_id": r, "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
                  for r, ms in self.pending for m in ms]
         path.write_text(json.dumps(rows) + "\n")
@@ -259,7 +260,7 @@ class Tracker:
         """Send a file written by ``save_pending``; returns how many metrics went out."""
         from mlflow.entities import Metric
 
-        rows = json.loads(path.read_text())
+        rows = read_json(path)
         for row in rows:
             self.pending.append((row["run_id"], [Metric(row["key"], row["value"], row["timestamp"], row["step"])]))
         if not self.flush():

@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT, cli, one_line_error
 from mnistlab import checkpoint, data
+from mnistlab.errors import UserError
 
 
 @pytest.fixture
@@ -151,3 +152,31 @@ def test_a_checkpoint_that_does_not_fit_falls_back_to_prev_then_restarts(tmp_pat
     assert code == 0 and "Resuming" not in out, err
     assert len(lines) == 1 and lines[0].startswith("warning: no usable checkpoint (") and "epoch 0" in lines[0], err
     assert "last.pt: its model weights do not fit its config" in lines[0] and "prev.pt: its history" in lines[0]
+
+
+DEEP = "[" * 100_000  # deeper than Python's JSON parser goes: RecursionError, not ValueError
+
+
+@pytest.mark.parametrize("content", ["malformed", "deeply nested", "oversize"])
+def test_evaluate_on_a_bad_config_json_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   content: str) -> None:
+    path = tmp_path / "export" / "config.json"
+    path.parent.mkdir()
+    if content == "oversize":
+        with open(path, "wb") as fh:  # sparse: 17 MB of zeros, on disk in no time
+            fh.truncate(17 << 20)
+    else:
+        path.write_text(DEEP if content == "deeply nested" else '{"format":')
+    code, _, err = cli(capsys, "evaluate", str(path.parent))
+    one_line_error(code, err, f"{path}: unreadable (")
+    assert len(err) < 400
+
+
+def test_every_json_file_read_back_is_bounded(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(DEEP)
+    (tmp_path / data.CACHE_FILE).write_bytes(b"")
+    with pytest.raises(UserError, match="manifest.json: missing or unreadable"):
+        data.load_arrays(tmp_path)
+    (tmp_path / checkpoint.BEST_META).write_text(DEEP)
+    with pytest.raises(UserError, match="best.json: missing or unreadable"):
+        checkpoint.load_best(tmp_path)
