@@ -308,8 +308,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = parse_yaml(text)
     except yaml.YAMLError as exc:
         raise UserError(f"{p}: {_yaml_problem(exc)}") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty file (or comments only) is a mistake, not the default config
+        raise UserError(f"{p}: empty file (no settings in it)")
     if not isinstance(data, dict):
         raise UserError(f"{p}: expected a mapping at the top level")
     return data

@@ -89,6 +89,9 @@ def run_experiment(
     if not resume and output.is_dir() and any(output.iterdir()):
         raise UserError(f"run folder {output}: exists and is not empty (use --resume to continue that run, or "
                         "choose another --output)")
+    if resume and output.is_dir() and any(output.iterdir()) and not (output / "config.yaml").is_file():
+        raise UserError(f"run folder {output}: holds files but no config.yaml, so it is no run folder of "
+                        "mnistlab train; --resume writes only into those")
     device = resolve_device(cfg.train.device)  # a device this machine lacks: refused before the run folder exists
     if tracker is not None:
         check_reachable(tracker.uri)

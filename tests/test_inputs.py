@@ -180,3 +180,20 @@ def test_every_json_file_read_back_is_bounded(tmp_path: Path) -> None:
     (tmp_path / checkpoint.BEST_META).write_text(DEEP)
     with pytest.raises(UserError, match="best.json: missing or unreadable"):
         checkpoint.load_best(tmp_path)
+
+
+def test_resume_into_a_folder_that_is_no_run_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "e.yaml").write_text("name: e\ntrain: {epochs: 1}\n")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file\n")
+    code, _, err = cli(capsys, "train", "e.yaml", "--no-track", "--resume", "--output", "mine")
+    one_line_error(code, err, "run folder mine: holds files but no config.yaml")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_experiment_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture, text: str) -> None:
+    (tmp_path / "e.yaml").write_text(text)
+    code, _, err = cli(capsys, "train", "e.yaml", "--no-track")
+    one_line_error(code, err, "e.yaml: empty file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.yaml"]
