@@ -18,7 +18,6 @@ its experiments as model training (``mlflow.experimentKind``) is tagged.
 from __future__ import annotations
 
 import collections
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from mnistlab import checkpoint
 from mnistlab import trials as tr
 from mnistlab.data import sha256
 from mnistlab.errors import UserError
-from mnistlab.jsonfile import read_json
+from mnistlab.jsonfile import read_json, write_json
 from mnistlab.trials import trained
 
 if TYPE_CHECKING:
@@ -107,7 +106,7 @@ class Checker:
                     del runs[run_id]
                     self.note(str(unfinished), f"run {run_id} ended {record['status']}", fixed=True)
                 if runs:
-                    unfinished.write_text(json.dumps(runs) + "\n")
+                    write_json(unfinished, runs)
                 else:
                     unfinished.unlink()
 

@@ -1,4 +1,4 @@
-"""JSON files read back from disk, bounded in size and nesting.
+"""JSON files read back from disk, bounded in size and nesting; the notes an outage leaves written whole.
 
 Every JSON file mnistlab reads (an export's config.json, best.json, a refit's result, the data
 manifest, the notes a tracking outage leaves) may have been damaged or replaced; Python's parser
@@ -8,6 +8,9 @@ takes any size and raises RecursionError, not ValueError, for deep nesting.
 from __future__ import annotations
 
 import json
+import os
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +31,35 @@ def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
         return json.loads(raw)
     except RecursionError:
         raise ValueError("nested too deeply; not a JSON file mnistlab wrote") from None
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as ``path``, all at once: written beside it, synced, then renamed over it, so a kill
+    or a full disk leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(value) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_note(path: Path, kind: type) -> Any:
+    """An outage note (``kind``: list or dict) to add to: empty when there is none. One that cannot be
+    read is renamed aside (``NAME.unreadable-TIME``, with a warning) rather than lose what is added now."""
+    if not path.is_file():
+        return kind()
+    try:
+        value = read_json(path)
+        if isinstance(value, kind):
+            return value
+        problem = f"a JSON {type(value).__name__}, not a {kind.__name__}"
+    except (OSError, ValueError) as exc:
+        problem = str(exc)[:200]
+    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    warnings.warn(f"{path}: unreadable ({problem}); set aside as {aside.name}, a new one started", stacklevel=2)
+    return kind()

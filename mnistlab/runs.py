@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab import checkpoint
-from mnistlab.jsonfile import read_json
+from mnistlab.jsonfile import read_note, write_json
 from mnistlab.provenance import environment
 from mnistlab.tracking import STUDY_ID_TAG, STUDY_TAG, TRIAL_TAG, Tracker
 
@@ -135,9 +135,9 @@ class RunLog:
             self.tracker.finish(self.run_id, status, tags)
         except Exception as exc:  # the training result must survive a tracking outage
             note = self.checkpoint_dir / "mlflow-unfinished.json"
-            runs = read_json(note) if note.is_file() else {}
+            runs = read_note(note, dict)
             runs[self.run_id] = {"status": status, "tags": tags}
-            note.write_text(json.dumps(runs) + "\n")
+            write_json(note, runs)
             warnings.warn(f"could not end MLflow run {self.run_id} ({type(exc).__name__}); noted in {note}",
                           stacklevel=2)
 

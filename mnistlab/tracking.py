@@ -10,7 +10,6 @@ child run of it (runs.py says what each run holds).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -20,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mnistlab.errors import UserError
-from mnistlab.jsonfile import read_json
+from mnistlab.jsonfile import read_json, read_note, write_json
 from mnistlab.tracking_client import connect, sqlite_file
 from mnistlab.uri import mask, resolve_uri
 
@@ -249,10 +248,10 @@ class Tracker:
         """Write unsent metrics to a JSON file (sent later by ``send_pending``)."""
         if self.flush():
             return None
-        rows = read_json(path) if path.is_file() else []  # an earlier attempt's, kept too
+        rows = read_note(path, list)  # an earlier attempt's, kept too
         rows += [{"run_id": r, "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
                  for r, ms in self.pending for m in ms]
-        path.write_text(json.dumps(rows) + "\n")
+        write_json(path, rows)
         self.pending.clear()  # they live in the file now; sending them twice would duplicate steps
         return path
 

@@ -197,3 +197,24 @@ def test_an_empty_experiment_file_is_refused(tmp_path: Path, capsys: pytest.Capt
     code, _, err = cli(capsys, "train", "e.yaml", "--no-track")
     one_line_error(code, err, "e.yaml: empty file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.yaml"]
+
+
+def test_an_unreadable_outage_note_is_set_aside_and_the_new_metrics_kept(tmp_path: Path, mlflow_db: str) -> None:
+    """A note of metrics MLflow did not take, cut short by a kill or a full disk, once made the next end of a
+    run fail and lose the metrics it was saving. It is set aside; the new one is written whole."""
+    import json
+
+    from mlflow.entities import Metric
+
+    from mnistlab.tracking import Tracker
+
+    tracker = Tracker(mlflow_db)
+    note = tmp_path / "mlflow-pending.json"
+    note.write_text('[{"run_id": "r", "key": "val_acc", "value": 1')  # half a file
+    tracker.pending.append(("no-such-run", [Metric("val_acc", 99.0, 0, 3)]))  # MLflow refuses it
+    with pytest.warns(UserWarning, match="unreadable .* set aside as mlflow-pending.json.unreadable-"):
+        assert tracker.save_pending(note) == note
+    assert [(r["key"], r["step"]) for r in json.loads(note.read_text())] == [("val_acc", 3)]
+    (aside,) = tmp_path.glob("mlflow-pending.json.unreadable-*")
+    assert aside.read_text().startswith('[{"run_id": "r"')  # kept for a person to read
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the write left no temporary file
