@@ -151,11 +151,21 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentCo
     return cfg
 
 
-def check_experiment_name(name: str, where: str) -> None:
-    """UserError unless ``name`` follows the study name rule: an experiment's name becomes its run
-    folder (runs/NAME-TIME) and its MLflow experiment, so "../x" or "/tmp/x" must never reach a path."""
-    from mnistlab.space import NAME_RULE, safe_name  # the one name rule, kept with the study files
+# A study's or an experiment's name becomes a folder (under the artifacts folder, or runs/NAME-TIME),
+# an MLflow experiment and a registry model: only characters that are plain in all three, never a path
+# ("/", "..", a leading dot), and short enough that NAME-<id8> fits every file system and MLflow's limits.
+NAME_RULE = "1 to 100 ASCII letters, digits, '-', '_' or '.', starting with a letter or a digit"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
+
+def safe_name(name: Any) -> bool:
+    """Whether ``name`` follows the name rule (NAME_RULE) of studies and experiments."""
+    return isinstance(name, str) and _SAFE_NAME.fullmatch(name) is not None
+
+
+def check_experiment_name(name: str, where: str) -> None:
+    """UserError unless ``name`` follows the name rule: an experiment's name becomes its run folder
+    (runs/NAME-TIME) and its MLflow experiment, so "../x" or "/tmp/x" must never reach a path."""
     if not safe_name(name):
         raise UserError(f"{where}: experiment name {shown(name)} is not allowed; an experiment name is {NAME_RULE}")
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mnistlab import config as config_mod
-from mnistlab.config import ExperimentConfig, shown
+from mnistlab.config import NAME_RULE, ExperimentConfig, safe_name, shown
 from mnistlab.errors import UserError, clip
 
 if TYPE_CHECKING:  # Optuna (and torch, behind mnistlab.model) load where used: a bad study file is answered at once
@@ -28,16 +27,6 @@ OBJECTIVES = {"val_acc": "maximize", "params": "minimize", "val_loss": "minimize
 SAMPLERS = ("tpe", "random", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
 
-# A study's name becomes a folder under the artifacts folder, an MLflow experiment and a registry
-# model: only characters that are plain in all three, never a path ("/", "..", a leading dot), and
-# short enough that NAME-<id8> fits every file system and MLflow's name and param limits.
-NAME_RULE = "1 to 100 ASCII letters, digits, '-', '_' or '.', starting with a letter or a digit"
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-def safe_name(name: Any) -> bool:
-    """Whether ``name`` follows the study name rule (NAME_RULE)."""
-    return isinstance(name, str) and _SAFE_NAME.fullmatch(name) is not None
 
 
 def check_name(name: Any, where: str) -> str:
