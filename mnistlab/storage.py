@@ -21,9 +21,9 @@ import optuna
 
 from mnistlab import interrupts
 from mnistlab import trials as tr
+from mnistlab.config import safe_name
 from mnistlab.errors import UserError, clip
 from mnistlab.locks import creating
-from mnistlab.config import safe_name
 from mnistlab.space import StudyConfig, check_name, make_pruner, make_sampler
 from mnistlab.uri import mask, quote_userinfo, split_url
 from mnistlab.waiting import Wait
