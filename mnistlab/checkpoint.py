@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save
 from mnistlab.config import from_dict
 from mnistlab.data import sha256
 from mnistlab.errors import UserError, clip
+from mnistlab.files import write_atomic, write_temp
 from mnistlab.jsonfile import read_json
 from mnistlab.model import build_model
 
@@ -35,22 +36,13 @@ KEPT = (BEST, BEST_META, LAST, LAST + SUM)
 
 
 def _write_new(path: Path, data: bytes) -> tuple[Path, str]:
-    """Write ``data`` to a temporary file beside ``path`` and fsync it; returns (temp, sha256).
+    """Write ``data`` to a synced temporary file beside ``path``; returns (temp, sha256).
 
     Files are serialised in memory first and written through Python's own file object, so a
     full disk or a file-size limit is an ``OSError`` naming the cause (torch's and
     safetensors' own writers report it less clearly), and the temporary file is removed.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp, hashlib.sha256(data).hexdigest()
+    return write_temp(path, data), hashlib.sha256(data).hexdigest()
 
 
 def _atomic(path: Path, data: bytes) -> str:
@@ -62,13 +54,7 @@ def _atomic(path: Path, data: bytes) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
 def save_state(directory: Path, state: dict[str, Any]) -> Path:

@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from mnistlab.files import write_atomic
+
 # The largest JSON mnistlab writes is a queue of metrics unsent during an outage: about 100 bytes
 # a value, so this holds over 100,000 of them. A bigger file is not one of ours.
 MAX_JSON_BYTES = 16 << 20
@@ -34,17 +36,9 @@ def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """``value`` as ``path``, all at once: written beside it, synced, then renamed over it, so a kill
-    or a full disk leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(value) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``value`` as ``path``, all at once (files.write_atomic): a kill or a full disk leaves the old
+    file or the new one, never half of one."""
+    write_atomic(path, (json.dumps(value) + "\n").encode())
 
 
 def read_note(path: Path, kind: type) -> Any:

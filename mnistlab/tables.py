@@ -11,6 +11,7 @@ import optuna
 
 from mnistlab import trials as tr
 from mnistlab.errors import UserError
+from mnistlab.files import write_atomic
 from mnistlab.storage import shown_name
 from mnistlab.trials import best_trial, state_label
 
@@ -122,21 +123,12 @@ def check_csv_target(path: Path) -> None:
 
 
 def write_csv(path: Path, text: str) -> None:
-    """``text`` becomes ``path`` all at once (a temporary file beside it, then a rename): an interrupted
-    write leaves the old file or none, never half a table."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """``text`` becomes ``path`` all at once (files.write_atomic): an interrupted write leaves the old
+    file or none, never half a table."""
     try:
-        with open(tmp, "x", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, text.encode())
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"--csv {path}: cannot write ({exc.strerror or type(exc).__name__})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def list_studies(storage: optuna.storages.BaseStorage) -> Any:
