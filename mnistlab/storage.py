@@ -25,7 +25,7 @@ from mnistlab.config import safe_name
 from mnistlab.errors import UserError, clip
 from mnistlab.locks import creating
 from mnistlab.space import StudyConfig, check_name, make_pruner, make_sampler
-from mnistlab.uri import mask, quote_userinfo, split_url
+from mnistlab.uri import mask, quote_userinfo, split_url, sqlite_file
 from mnistlab.waiting import Wait
 
 if TYPE_CHECKING:
@@ -137,8 +137,8 @@ def _first_line(exc: BaseException) -> str:
 def check_file(url: str) -> bool:
     """UserError at once when an SQLite storage names a file that is not Optuna's (see optuna_tables);
     whether it is an SQLite storage yet to be made (False for any other)."""
-    path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ""
-    return bool(path) and path != ":memory:" and not optuna_tables(Path(path))
+    database = sqlite_file(url)
+    return database is not None and not optuna_tables(database)
 
 
 OPTUNA_TABLES = {"studies", "version_info"}

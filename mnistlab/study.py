@@ -296,7 +296,7 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
 
 def check_apart(storage: str, tracking_uri: str) -> None:
     """UserError when the Optuna storage and the MLflow store are one SQLite file: each needs its own."""
-    from mnistlab.tracking_client import sqlite_file
+    from mnistlab.uri import sqlite_file
 
     mine, theirs = sqlite_file(storage), sqlite_file(tracking_uri)
     if mine is not None and theirs is not None and mine.resolve() == theirs.resolve():

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 from mnistlab.errors import UserError
 from mnistlab.jsonfile import read_json, read_note, write_json
-from mnistlab.tracking_client import connect, sqlite_file
-from mnistlab.uri import mask, resolve_uri
+from mnistlab.tracking_client import connect
+from mnistlab.uri import mask, resolve_uri, sqlite_file
 
 PARENT_TAG = "mnistlab.parent"  # "true" on a study's parent run
 STUDY_TAG = "mnistlab.study"

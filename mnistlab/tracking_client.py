@@ -13,12 +13,11 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from mnistlab import interrupts
 from mnistlab.errors import UserError
 from mnistlab.locks import creating
-from mnistlab.uri import mask
+from mnistlab.uri import mask, sqlite_file
 
 # MLflow's HTTP retries, unless the user set them: about 15 s of retrying (4 retries, backoff
 # 1, 2, 4, 8 s) rides out a server restart; a longer outage is queued locally instead of
@@ -87,14 +86,6 @@ def _check_migrated(database: Path) -> None:
         raise UserError(f"{broken} and holds no runs: delete {database} and run the command again")
     raise UserError(f"{broken} and holds {runs:,} runs: restore it from a backup, or copy it aside, drop the "
                     f"_alembic_tmp_ tables and run `mlflow db upgrade sqlite:///{database}`")
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a local SQLite store; None for any other store (or one in memory)."""
-    if urlsplit(uri).scheme != "sqlite":
-        return None
-    path = uri.split("sqlite:///", 1)[-1]
-    return None if path in ("", ":memory:") else Path(path)
 
 
 def connect(tracker: Any) -> _Guarded:

@@ -83,6 +83,14 @@ def split_url(url: str, what: str) -> Any:
     return parts
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local SQLite store or storage; None for any other (or one in memory)."""
+    if urlsplit(uri).scheme != "sqlite":
+        return None
+    path = uri.split("sqlite:///", 1)[-1]
+    return None if path in ("", ":memory:") else Path(path)
+
+
 def quote_userinfo(url: str) -> str:
     """``url`` with any '@' or ':' inside its password percent-encoded.
 
