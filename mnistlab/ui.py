@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from mnistlab.tracking import KIND, KIND_TAG, Tracker
+from mnistlab.ui_app import TRAINING, TRIALS_VIEW
 from mnistlab.uri import mask, resolve_uri
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -48,7 +49,8 @@ def serve_ui(uri: str | None, host: str, port: int, auth: bool = False) -> int:
 # The printed link opens a study's runs table in model-training mode, sorted by val_acc (the trials flat, best
 # first) whatever the browser chose before; the page's own first-visit defaults (ui_app.py) do the same for a
 # plain click in a browser that has not chosen.
-RUNS_VIEW = "workflowType=machine_learning&orderByKey=metrics.%60val_acc%60&orderByAsc=false"
+RUNS_VIEW = urlencode({"workflowType": TRAINING, "orderByKey": TRIALS_VIEW["orderByKey"],
+                      "orderByAsc": str(TRIALS_VIEW["orderByAsc"]).lower()}, quote_via=quote)
 
 
 def runs_links(tracker: Tracker, base: str, limit: int = 10) -> list[tuple[str, str]]:

@@ -28,7 +28,7 @@ from mnistlab.tracking import KIND, KIND_TAG
 
 WORKFLOW_KEY = "mlflow.workflowType_v1"
 TRAINING = "machine_learning"
-TRIALS_VIEW = {"orderByKey": "metrics.`val_acc`", "orderByAsc": False}  # the runs link's sort (ui.RUNS_VIEW)
+TRIALS_VIEW = {"orderByKey": "metrics.`val_acc`", "orderByAsc": False}  # also the sort of the links ui.py prints
 SEEDED = 1000  # experiments given the trials view per page load, newest first
 
 _log = logging.getLogger(__name__)
