@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import socket
@@ -74,6 +75,17 @@ def mlflow_db(tmp_path: Path, _mlflow_template: Path) -> str:
     """A fresh embedded MLflow store (the default: mlflow.db in the working folder)."""
     shutil.copy(_mlflow_template, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+class HealthHandler(http.server.BaseHTTPRequestHandler):
+    """A stand-in tracking server's health check: 200 on /health, 404 elsewhere, nothing logged."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 def free_port() -> int:

@@ -153,17 +153,10 @@ def test_a_tracking_uri_with_a_login_passes_the_health_check() -> None:
     import http.server
     import threading
 
+    from conftest import HealthHandler
     from mnistlab.uri import check_reachable
 
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            self.send_response(200 if self.path == "/health" else 404)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    server = http.server.HTTPServer(("127.0.0.1", 0), HealthHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         check_reachable(f"http://admin:S3cret@127.0.0.1:{server.server_port}")

@@ -15,16 +15,9 @@ def test_waiting_for_a_tracking_server_that_comes_up_late_and_one_that_never_doe
     import http.server
     import socket
 
+    from conftest import HealthHandler
     from mnistlab.errors import UserError
     from mnistlab.uri import check_reachable
-
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            self.send_response(200 if self.path == "/health" else 404)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -32,7 +25,7 @@ def test_waiting_for_a_tracking_server_that_comes_up_late_and_one_that_never_doe
     servers = []
 
     def start_late() -> None:  # the port is closed for the first second: connections are refused
-        servers.append(http.server.HTTPServer(("127.0.0.1", port), Health))
+        servers.append(http.server.HTTPServer(("127.0.0.1", port), HealthHandler))
         servers[0].serve_forever()
 
     threading.Timer(1.0, start_late).start()
