@@ -20,10 +20,10 @@ from pathlib import Path
 
 import optuna
 
-from mnistlab import space
-from mnistlab.model import count_params
-from mnistlab.objective import Objective
-from mnistlab.storage import create, load, open_storage
+from mnistlab.core.model import count_params
+from mnistlab.search import study_file
+from mnistlab.search.objective import Objective
+from mnistlab.search.storage import create, load, open_storage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,13 +47,13 @@ def main() -> None:
                         "enqueue_base: false\nsampler: {name: tpe, seed: 0, n_startup_trials: 10}\nspace:\n"
                         "  model.widths.1: {type: int, low: 40, high: 64}\n"
                         "  model.dropout: {type: float, low: 0.0, high: 0.2}\n")
-        cfg = space.load_study(path)
+        cfg = study_file.load_study(path)
         storage = open_storage(args.storage or f"sqlite:///{tmp}/o.db", heartbeat=30)
         rejected = timed_trials(create(cfg, storage), Objective(cfg, n_trials=10**6), args.trials)
         empty = create(dataclasses.replace(cfg, name="empty"), storage)
         reference = timed_trials(empty, lambda t: t.suggest_int("model.widths.1", 40, 64) * 0.0, args.trials)
         states = {t.state.name for t in load("over", storage).trials}
-    base = space.load_study(ROOT / "studies" / "under20k.yaml").base.model
+    base = study_file.load_study(ROOT / "studies" / "under20k.yaml").base.model
     start = time.perf_counter()
     for _ in range(10_000):
         count_params(base)

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from mnistlab import config, data
-from mnistlab.runs import RunLog
-from mnistlab.tracking import Tracker
-from mnistlab.train import train
+from mnistlab.core import config, data
+from mnistlab.core.train import train
+from mnistlab.tracking.recorder import RunLog
+from mnistlab.tracking.tracker import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ script itself on any machine. Three parts, each printed as it finishes and all w
    variants of (b): ``fp32`` (train.amp=false), ``compile`` (train.compile=true) and ``cudagraphs``
    (torch.compile mode="reduce-overhead", which replays CUDA graphs; CUDA only). Median images/s, seconds per
    50,000-image epoch and the ratio to (a).
-2. ``epochs``: experiments/eva4-s4-fast.yaml trained for real by ``mnistlab.train.train`` on the full data
+2. ``epochs``: experiments/eva4-s4-fast.yaml trained for real by ``mnistlab.core.train.train`` on the full data
    (evaluation included), plain and compiled: seconds per epoch and the accuracies reached.
 3. ``workers``: N processes (``--workers``, e.g. 1,2,4,8,16), each mnistlab's trainer with its own copy of the
    data on the one device, train together for ``--worker-seconds`` after a barrier; per-worker and total
@@ -38,9 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput as tp  # noqa: E402  (benchmarks/throughput.py, beside this file)
 
-from mnistlab import config  # noqa: E402
-from mnistlab import data as mdata  # noqa: E402
-from mnistlab.train import resolve_device, train  # noqa: E402
+from mnistlab.core import config  # noqa: E402
+from mnistlab.core import data as mdata  # noqa: E402
+from mnistlab.core.train import resolve_device, train  # noqa: E402
 
 FAST = Path(__file__).resolve().parent.parent / "experiments" / "eva4-s4-fast.yaml"
 SERVED = 0.9  # a worker count is "served" while each worker keeps this fraction of one worker's rate

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import optuna
 
-from mnistlab import space, study
-from mnistlab.config import get_path
-from mnistlab.objective import Objective
-from mnistlab.storage import create, open_storage
-from mnistlab.tracking import Tracker
-from mnistlab.train import train
+from mnistlab.core.config import get_path
+from mnistlab.core.train import train
+from mnistlab.search import runner, study_file
+from mnistlab.search.objective import Objective
+from mnistlab.search.storage import create, open_storage
+from mnistlab.tracking.tracker import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=10_000)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    cfg = space.load_study(ROOT / "studies" / "smoke.yaml")
+    cfg = study_file.load_study(ROOT / "studies" / "smoke.yaml")
     extra = {"train.epochs": args.epochs, "data.limit_train": args.limit_train, "data.limit_eval": 10_000}
     trial_cfg = cfg.trial_config({}, extra)
     bare, full, added = [], [], []
@@ -51,7 +51,7 @@ def main() -> None:
         storage = open_storage(f"sqlite:///{root / 'optuna.db'}", heartbeat=30)
         tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}")
         s = create(cfg, storage)
-        recorder = study.recorder_for(s, cfg, tracker, f"sqlite:///{root / 'optuna.db'}")
+        recorder = runner.recorder_for(s, cfg, tracker, f"sqlite:///{root / 'optuna.db'}")
         objective = Objective(cfg, extra=extra, artifacts=root / "artifacts", recorder=recorder, verbose=False)
         mnist = objective.data_for(trial_cfg)  # loaded once: the same tensors for both
         base = {p.name: get_path(trial_cfg, p.name) for p in cfg.space}

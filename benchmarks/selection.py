@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
-from mnistlab import checkpoint, data
-from mnistlab.config import from_dict
-from mnistlab.model import build_model, count_params
-from mnistlab.train import evaluate, train
+from mnistlab.core import checkpoint, data
+from mnistlab.core.config import from_dict
+from mnistlab.core.model import build_model, count_params
+from mnistlab.core.train import evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ["2026-11-29_under20k-2", "2026-11-29_under20k", "2026-11-29_smallest"]

@@ -26,8 +26,8 @@ import statistics
 
 from optuna.trial import TrialState
 
-from mnistlab.storage import load, open_storage
-from mnistlab.trials import trained
+from mnistlab.core.trials import trained
+from mnistlab.search.storage import load, open_storage
 
 
 def figures(s: object, target: float) -> dict[str, object]:

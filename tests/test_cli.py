@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, cli, one_line_error, run_cli
 from mnistlab.cli import main
-from mnistlab.errors import UserError
+from mnistlab.util.errors import UserError
 from test_model import REFERENCE
 
 EXP = str(ROOT / "experiments" / "eva4-s4.yaml")
@@ -108,14 +108,14 @@ def test_help_shows_where_defaults_come_from(capsys: pytest.CaptureFixture) -> N
     "postgresql://u@h/db?pass%77ord=S3cretPw",  # a percent-encoded parameter name
 ])
 def test_mask_hides_every_credential_form(url: str) -> None:
-    from mnistlab.uri import mask
+    from mnistlab.tracking.uri import mask
 
     assert "S3cr" not in mask(url) and "***" in mask(url)
     assert "S3cr" not in mask(f"error: cannot open {url} (details)")
 
 
 def test_mask_hides_secrets_from_the_environment_and_pieces_of_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mnistlab.uri import mask
+    from mnistlab.tracking.uri import mask
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "EnvS3cret")
     assert mask("401: bad credentials admin:EnvS3cret") == "401: bad credentials admin:***"
@@ -154,7 +154,7 @@ def test_a_tracking_uri_with_a_login_passes_the_health_check() -> None:
     import threading
 
     from conftest import HealthHandler
-    from mnistlab.uri import check_reachable
+    from mnistlab.tracking.uri import check_reachable
 
     server = http.server.HTTPServer(("127.0.0.1", 0), HealthHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -194,7 +194,7 @@ def test_a_storage_that_is_not_optuna_s_is_refused_and_left_as_it_was(capsys: py
 
 
 def test_ui_warns_only_beyond_loopback_without_a_login() -> None:
-    from mnistlab.ui import exposure_warning
+    from mnistlab.tracking.server import exposure_warning
 
     assert exposure_warning("127.0.0.1", auth=False) is None and exposure_warning("::1", auth=False) is None
     assert exposure_warning("0.0.0.0", auth=True) is None
@@ -344,7 +344,7 @@ def test_mask_is_fast_on_hostile_text(text: str) -> None:
     """Every error line passes through mask: it must not take quadratic time on a long echoed value."""
     import time
 
-    from mnistlab.uri import mask
+    from mnistlab.tracking.uri import mask
 
     start = time.monotonic()
     mask(text, text)

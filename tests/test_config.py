@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from mnistlab import config, space
-from mnistlab.errors import UserError
+from mnistlab.core import config
+from mnistlab.search import study_file
+from mnistlab.util.errors import UserError
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
@@ -26,7 +27,7 @@ def test_every_shipped_experiment_parses(path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_study_maps_onto_real_fields(path: Path) -> None:
-    study = space.load_study(path)  # refuses a name that is no config field
+    study = study_file.load_study(path)  # refuses a name that is no config field
     written = list(config.read_yaml(path)["space"])
     assert written == [p.name for p in study.space]  # the file itself spells every name canonically
     assert study.smallest_params() <= study.max_params
@@ -155,8 +156,8 @@ def test_an_override_value_is_parsed_with_the_same_limits(tmp_path: Path) -> Non
 
 def test_the_cli_flags_set_real_config_fields(tmp_path: Path) -> None:
     """config.FLAGS is the one map from a CLI flag to the dotted name it sets (`train`, `study run`)."""
-    from mnistlab import study
     from mnistlab.cli import train_cmd
+    from mnistlab.search import runner
 
     for name, dotted in config.FLAGS.items():
         config.check_path(dotted)
@@ -164,5 +165,5 @@ def test_the_cli_flags_set_real_config_fields(tmp_path: Path) -> None:
     path = write(tmp_path, "name: x")
     cfg = config.resolve(path, ["train.epochs=5"], epochs=2, device="cpu", seed=None, limit_eval=7)
     assert (cfg.train.epochs, cfg.train.device, cfg.train.seed, cfg.data.limit_eval) == (2, "cpu", 1, 7)
-    opts = study.RunOptions(epochs=3, limit_train=64)
+    opts = runner.RunOptions(epochs=3, limit_train=64)
     assert opts.extra() == {"train.epochs": 3, "data.limit_train": 64}

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from mnistlab import data
-from mnistlab.config import DataConfig
-from mnistlab.errors import UserError
+from mnistlab.core import data
+from mnistlab.core.config import DataConfig
+from mnistlab.util.errors import UserError
 
 # Per-digit counts of the official files: first 50,000 / last 10,000 training images, and test.
 COUNTS = {

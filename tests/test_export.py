@@ -17,9 +17,10 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import ROOT, cli, one_line_error, run_cli
-from mnistlab import data, export, picks
-from mnistlab.errors import UserError
-from mnistlab.storage import load, open_storage
+from mnistlab.best import export, picks
+from mnistlab.core import data
+from mnistlab.search.storage import load, open_storage
+from mnistlab.util.errors import UserError
 
 SMOKE = ROOT / "studies" / "smoke.yaml"
 
@@ -92,8 +93,8 @@ script = torch.jit.load(f"{folder}/model.torchscript.pt").eval()
 with torch.inference_mode():
     acc["torchscript"] = float((script(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 from safetensors.torch import load_file
-from mnistlab.config import from_dict
-from mnistlab.model import build_model
+from mnistlab.core.config import from_dict
+from mnistlab.core.model import build_model
 net = build_model(from_dict(json.load(open(f"{folder}/config.json"))["config"]).model)
 net.load_state_dict(load_file(f"{folder}/model.safetensors"))
 with torch.inference_mode():
@@ -112,7 +113,8 @@ def test_each_file_loads_in_a_fresh_process_without_the_training_code(finished: 
     recorded = json.loads((out / "config.json").read_text())["test_acc"]
     assert {k: round(100 * v, 4) for k, v in result["acc"].items()} == {
         "onnx": recorded, "torchscript": recorded, "safetensors": recorded}
-    assert not [m for m in result["loaded"] if m in ("mnistlab.train", "mnistlab.study", "mnistlab.objective")]
+    training = ("mnistlab.core.train", "mnistlab.search.runner", "mnistlab.search.objective")
+    assert not [m for m in result["loaded"] if m in training]
     assert not [m for m in result["loaded"] if m.startswith(("optuna", "mlflow"))]
 
 
@@ -432,7 +434,8 @@ def test_pick_one_objective_and_no_completed_trials(capsys: pytest.CaptureFixtur
 def test_the_model_card_names_the_score_that_picked_the_model() -> None:
     """The card says what the validation score is: the last epoch's accuracy (trials.trial_score),
     a seed mean when the configuration was repeated."""
-    from mnistlab import card, config
+    from mnistlab.best import card
+    from mnistlab.core import config
 
     cfg = config.load(ROOT / "experiments" / "eva4-s4.yaml")
     info = {"study": "s", "trial": 3, "params": 12_400, "picked_by": "highest validation score",

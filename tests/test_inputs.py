@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import ROOT, cli, one_line_error
-from mnistlab import checkpoint, data
-from mnistlab.errors import UserError
+from mnistlab.core import checkpoint, data
+from mnistlab.util.errors import UserError
 
 
 @pytest.fixture
@@ -206,7 +206,7 @@ def test_an_unreadable_outage_note_is_set_aside_and_the_new_metrics_kept(tmp_pat
 
     from mlflow.entities import Metric
 
-    from mnistlab.tracking import Tracker
+    from mnistlab.tracking.tracker import Tracker
 
     tracker = Tracker(mlflow_db)
     note = tmp_path / "mlflow-pending.json"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mnistlab import interrupts
-from mnistlab.errors import Interrupted
-from mnistlab.tracking import Tracker
+from mnistlab.tracking.tracker import Tracker
+from mnistlab.util import interrupts
+from mnistlab.util.errors import Interrupted
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_a_signal_landing_inside_optuna_writes_leaves_the_storage_writable(tmp_p
     """The same for the study's storage as mnistlab opens it: the trial is still failed at once."""
     import optuna
 
-    from mnistlab.storage import open_storage
+    from mnistlab.search.storage import open_storage
 
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=1),
                                 study_name="signals")

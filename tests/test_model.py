@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mnistlab import config
-from mnistlab.config import ModelConfig
-from mnistlab.errors import UserError
-from mnistlab.layers import plan
-from mnistlab.model import build_model, count_params, summary
+from mnistlab.core import config
+from mnistlab.core.config import ModelConfig
+from mnistlab.core.layers import plan
+from mnistlab.core.model import build_model, count_params, summary
+from mnistlab.util.errors import UserError
 
 # The reference table from the original exercise's write-up, row for row.
 REFERENCE = """\

@@ -17,13 +17,15 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import ROOT, cli, run_cli
-from mnistlab import confirm, picks, space
-from mnistlab import objective as objective_mod
-from mnistlab import trials as tr
-from mnistlab.errors import UserError
-from mnistlab.storage import load, open_storage
-from mnistlab.tables import status_table
-from mnistlab.train import EpochMetrics
+from mnistlab.best import picks
+from mnistlab.core import trials as tr
+from mnistlab.core.train import EpochMetrics
+from mnistlab.search import confirm
+from mnistlab.search import objective as objective_mod
+from mnistlab.search.storage import load, open_storage
+from mnistlab.search.study_file import Confirm, load_study
+from mnistlab.search.tables import status_table
+from mnistlab.util.errors import UserError
 
 FAST = ["--epochs", "2", "--limit-train", "1000", "--limit-eval", "500"]
 
@@ -128,9 +130,9 @@ def test_a_trial_that_ran_every_epoch_is_never_pruned() -> None:
 # -- the confirm block ------------------------------------------------------------------------------
 
 def test_confirm_block_is_parsed_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    good = space.load_study(study_file(tmp_path, SMALL + "confirm: {top_k: 2, seeds: 3, max_params: 8000}\n"))
-    assert good.confirm == space.Confirm(2, 3, 8000)
-    assert space.load_study(study_file(tmp_path, SMALL)).confirm is None
+    good = load_study(study_file(tmp_path, SMALL + "confirm: {top_k: 2, seeds: 3, max_params: 8000}\n"))
+    assert good.confirm == Confirm(2, 3, 8000)
+    assert load_study(study_file(tmp_path, SMALL)).confirm is None
     for block, message in [("confirm: {seeds: 1}", "2 <= seeds"), ("confirm: {top_k: 0}", "confirm.top_k must be > 0"),
                            ("confirm: {top: 2}", "unknown key confirm.'top'"), ("confirm: 3", "must be a mapping"),
                            ("confirm: {top_k: 5}", "top_k 5 is more than the study's n_trials 3"),
@@ -145,7 +147,7 @@ def test_confirm_block_is_parsed_and_checked(tmp_path: Path, capsys: pytest.Capt
 def test_finalists_are_enqueued_once(tmp_path: Path) -> None:
     s = recorded(tmp_path, [{"score": 99.1, "params": 5_000}, {"score": 99.5, "params": 15_000},
                             {"score": 99.3, "params": 7_000}, {"score": 99.2, "params": 7_500}])
-    block = space.Confirm(top_k=2, seeds=3, max_params=8_000)
+    block = Confirm(top_k=2, seeds=3, max_params=8_000)
     assert [g.number for g in confirm.finalists(s.trials, block)] == [2, 3]  # 15,000 is over max_params
     assert confirm.enqueue_missing(s, block, base_seed=1) == 4  # 2 finalists x 2 further seeds
     assert confirm.enqueue_missing(s, block, base_seed=1) == 0  # queued already: nothing twice
@@ -154,7 +156,7 @@ def test_finalists_are_enqueued_once(tmp_path: Path) -> None:
                                                                                          (3, 3)]
     assert all(t.system_attrs["fixed_params"] == s.trials[t.user_attrs["repeat_of"]].params for t in queued)
     with pytest.raises(UserError, match="confirm.top_k is 5 but the search has 3 completed configurations"):
-        confirm.check_possible(s.get_trials(), space.Confirm(top_k=5, seeds=2, max_params=8_000))
+        confirm.check_possible(s.get_trials(), Confirm(top_k=5, seeds=2, max_params=8_000))
 
 
 # -- real studies -----------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def test_a_study_confirms_its_finalists_once(tmp_path: Path, data_dir: Path, mlf
     s = load("p", open_storage(None, heartbeat=None))
     reps = _repeats(s)
     finalists = [g.number for g in confirm.finalists([t for t in s.trials if not tr.is_repeat(t)],
-                                                     space.Confirm(2, 2))]
+                                                     Confirm(2, 2))]
     assert sorted(t.user_attrs["repeat_of"] for t in reps) == sorted(finalists)
     assert all(t.state == TrialState.COMPLETE and t.user_attrs["seed"] == 2 for t in reps)
     assert all(t.params == s.trials[t.user_attrs["repeat_of"]].params for t in reps)
@@ -295,7 +297,7 @@ def test_bad_refit_input_exits_2_and_creates_nothing(tmp_path: Path, capsys: pyt
 
 def _shuffled_test_labels(source: Path, into: Path) -> Path:
     """A copy of the real MNIST cache whose test labels are permuted (a unit-test fixture)."""
-    from mnistlab import data
+    from mnistlab.core import data
 
     arrays = data.load_arrays(source)
     x, y = arrays["test"]
@@ -341,7 +343,7 @@ def test_export_of_a_plain_pick_still_names_its_measurements(tmp_path: Path) -> 
 def test_a_malformed_best_json_never_breaks_what_best_prints(tmp_path: Path, meta: str) -> None:
     """best.json is read before the weights are checked (the pick's seed and test-set size): a list, a config of
     the wrong type, deep nesting or undecodable bytes read as 'not recorded', and the export's check refuses it."""
-    from mnistlab import checkpoint
+    from mnistlab.core import checkpoint
 
     folder = tmp_path / "trial-0"
     folder.mkdir()

@@ -19,9 +19,9 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop, trial_dir
-from mnistlab import checkpoint
-from mnistlab.storage import create, load, open_storage
-from mnistlab.trials import trained
+from mnistlab.core import checkpoint
+from mnistlab.core.trials import trained
+from mnistlab.search.storage import create, load, open_storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data_dir")]
 
@@ -394,7 +394,7 @@ def test_a_resumed_trial_that_is_pruned_logs_its_restored_epochs_and_repair_back
     """Trial 1 (hopeless) is interrupted after epoch 1, resumed, and pruned at epoch 2: its run holds
     both epochs. A run that lacks the restored epoch (as older versions left it) is mended by --repair."""
 
-    from mnistlab import space
+    from mnistlab.search import study_file
 
     path = tmp_path / "prune.yaml"
     path.write_text(f"""
@@ -407,7 +407,7 @@ enqueue_base: false
 space:
   train.lr: {{type: float, low: 0.00001, high: 0.2, log: true}}
 """)
-    s = create(space.load_study(path), open_storage(None, heartbeat=None))
+    s = create(study_file.load_study(path), open_storage(None, heartbeat=None))
     s.enqueue_trial({"train.lr": 0.1})
     s.enqueue_trial({"train.lr": 0.00001})
     cmd = [sys.executable, "-m", "mnistlab", "study", "run", str(path), *SLOW, "--n-trials", "2"]

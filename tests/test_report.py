@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mnistlab import report
+from mnistlab.search import plots
 
 
 def completed(tmp_path: Path, n: int) -> optuna.Study:
@@ -25,7 +25,7 @@ def completed(tmp_path: Path, n: int) -> optuna.Study:
 @pytest.mark.parametrize(("n", "drawn"), [(2, False), (3, True)])
 def test_param_importances_need_three_completed_trials(tmp_path: Path, n: int, drawn: bool) -> None:
     """As the README says: the importances plot is drawn from 3 completed trials on, not before."""
-    paths = report.write(completed(tmp_path, n), ("val_acc",), tmp_path / "plots")
+    paths = plots.write(completed(tmp_path, n), ("val_acc",), tmp_path / "plots")
     names = {p.name for p in paths}
     assert {"optimization_history.png", "val_acc_vs_params.png"} <= names
     assert ("param_importances.png" in names) == drawn

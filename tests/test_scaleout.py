@@ -25,8 +25,8 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop
-from mnistlab.storage import load, open_storage
-from mnistlab.trials import trained
+from mnistlab.core.trials import trained
+from mnistlab.search.storage import load, open_storage
 
 # All in the full tier: servers, workers, and docker-compose run as a program several times.
 pytestmark = pytest.mark.slow

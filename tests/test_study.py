@@ -9,11 +9,12 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import ROOT, cli, one_line_error, run_cli
-from mnistlab import objective as objective_mod
-from mnistlab import space, study
-from mnistlab import trials as tr
-from mnistlab.errors import UserError
-from mnistlab.storage import ID_ATTR, create, load, open_storage
+from mnistlab.core import trials as tr
+from mnistlab.search import objective as objective_mod
+from mnistlab.search import runner
+from mnistlab.search.storage import ID_ATTR, create, load, open_storage
+from mnistlab.search.study_file import check_name, load_study, worker_salt
+from mnistlab.util.errors import UserError
 
 SMOKE = ROOT / "studies" / "smoke.yaml"
 FAST = ["--epochs", "1", "--limit-train", "1000", "--limit-eval", "500"]
@@ -26,7 +27,7 @@ def study_file(tmp_path: Path, body: str, name: str = "s") -> Path:
 
 
 def test_objective_through_a_fixed_trial(data_dir: Path, tmp_path: Path) -> None:
-    cfg = space.load_study(SMOKE)
+    cfg = load_study(SMOKE)
     params = {"model.dropout": 0.0, "train.lr": 0.1, "model.widths.1": 16, "model.widths.3": 12}
     obj = objective_mod.Objective(cfg, extra={"train.epochs": 1, "data.limit_train": 2000, "data.limit_eval": 1000},
                                   data_dir=data_dir, artifacts=tmp_path)
@@ -42,7 +43,7 @@ def test_over_budget_configs_never_reach_the_trainer(tmp_path: Path, monkeypatch
     calls: list[object] = []
     monkeypatch.setattr(objective_mod, "train", lambda *a, **k: calls.append(a))
     monkeypatch.setattr(objective_mod.Objective, "data_for", lambda self, cfg: calls.append(cfg))
-    cfg = space.load_study(study_file(tmp_path, """
+    cfg = load_study(study_file(tmp_path, """
 max_params: 9000
 enqueue_base: false
 space:
@@ -52,8 +53,8 @@ space:
     # The smallest config of this space, widths.1 = 40 and widths.4 = 4, has 10,152 params.
     storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat=None)
     with pytest.raises(UserError, match="over the budget"):
-        study.run(cfg, study.RunOptions(n_trials=1, storage=f"sqlite:///{tmp_path / 'o.db'}"))
-    cfg = space.load_study(study_file(tmp_path, """
+        runner.run(cfg, runner.RunOptions(n_trials=1, storage=f"sqlite:///{tmp_path / 'o.db'}"))
+    cfg = load_study(study_file(tmp_path, """
 max_params: 12000
 enqueue_base: false
 space:
@@ -130,7 +131,7 @@ def test_a_space_that_hardly_holds_a_valid_network_stops_in_one_line(capsys: pyt
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused configurations do not count toward n_trials: a range of paddings almost all invalid was once
     sampled without end. The worker stops after REFUSED_IN_A_ROW of them, trained nothing, and says why."""
-    from mnistlab import progress
+    from mnistlab.search import progress
 
     monkeypatch.setattr(progress, "REFUSED_IN_A_ROW", 25)
     path = tmp_path / "wide.yaml"
@@ -184,7 +185,7 @@ def test_a_huge_or_odd_name_is_not_echoed_whole(tmp_path: Path, capsys: pytest.C
 def test_safe_names_pass_and_an_unsafe_name_in_a_storage_is_shown_but_refused(tmp_path: Path,
                                                                                capsys: pytest.CaptureFixture) -> None:
     for name in ("a", "Study_1.2-b", "9" * 100):
-        assert space.check_name(name, "here") == name
+        assert check_name(name, "here") == name
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="../escape", storage=url)  # plain Optuna accepts any name
     optuna.create_study(study_name="fine", storage=url)
@@ -283,12 +284,12 @@ space:
 
 def test_a_study_folder_is_keyed_by_its_id_and_an_older_study_keeps_its_own(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 'k.db'}", heartbeat=None)
-    made = create(space.load_study(SMOKE), storage)
+    made = create(load_study(SMOKE), storage)
     uid = made.user_attrs[ID_ATTR]
-    assert len(uid) == 32 and study.study_folder(made) == f"smoke-{uid[:8]}"
-    assert create(space.load_study(SMOKE), storage).user_attrs[ID_ATTR] == uid  # set once
+    assert len(uid) == 32 and runner.study_folder(made) == f"smoke-{uid[:8]}"
+    assert create(load_study(SMOKE), storage).user_attrs[ID_ATTR] == uid  # set once
     older = optuna.create_study(storage=storage, study_name="older")  # as made before study ids
-    assert study.study_folder(older) == "older"
+    assert runner.study_folder(older) == "older"
 
 
 @pytest.mark.slow
@@ -341,17 +342,17 @@ def test_a_query_password_is_masked_in_the_banner_and_in_mlflow(capsys: pytest.C
 
 def test_workers_get_the_storage_and_tracking_uri_through_the_environment(tmp_path: Path) -> None:
     storage, tracking = "postgresql://u:WorkerS3cret@db/optuna", "postgresql://u:WorkerS3cret@db/mlflow"
-    opts = study.RunOptions(storage=storage, tracking_uri=tracking, workers=2, artifacts=tmp_path)
-    args = study.worker_args(space.load_study(SMOKE), opts, threads=1, index=1)
+    opts = runner.RunOptions(storage=storage, tracking_uri=tracking, workers=2, artifacts=tmp_path)
+    args = runner.worker_args(load_study(SMOKE), opts, threads=1, index=1)
     assert not [a for a in args if "WorkerS3cret" in a or a in ("--storage", "--tracking-uri")]
     assert args[args.index("--worker-index") + 1] == "1"  # who it is travels in its arguments
-    env = study.worker_env(opts)
+    env = runner.worker_env(opts)
     assert env["MNISTLAB_STORAGE"] == storage and env["MLFLOW_TRACKING_URI"] == tracking
 
 
 def test_one_rule_resolves_the_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else the URI the study recorded (unless masked), else mlflow.db."""
-    from mnistlab.uri import resolve_uri
+    from mnistlab.tracking.uri import resolve_uri
 
     flag, env, recorded = "http://flag:5000", "http://env:5000", "http://recorded:5000"
     assert resolve_uri(flag, recorded) == flag
@@ -366,10 +367,10 @@ def test_a_worker_is_told_its_index_not_its_environment(monkeypatch: pytest.Monk
     into the sampler's seed on a fresh study."""
     monkeypatch.setenv("MNISTLAB_WORKER", "3")  # the variable that once said so is read no more
     monkeypatch.delenv("MNISTLAB_SEED_PER_WORKER", raising=False)
-    assert space.worker_salt([]) is None and space.worker_salt([], 0) is None
-    assert space.worker_salt([], 2).startswith("2:")
+    assert worker_salt([]) is None and worker_salt([], 0) is None
+    assert worker_salt([], 2).startswith("2:")
     monkeypatch.setenv("MNISTLAB_SEED_PER_WORKER", "1")
-    assert space.worker_salt([]).startswith("None:")
+    assert worker_salt([]).startswith("None:")
 
 
 def test_more_workers_than_the_machine_holds_are_refused_before_anything_starts(capsys: pytest.CaptureFixture,
@@ -383,8 +384,8 @@ def test_more_workers_than_the_machine_holds_are_refused_before_anything_starts(
     code, _, err = cli(capsys, "study", "run", str(SMOKE), "--workers", "100000")
     one_line_error(code, err, "--workers 100000:")
     assert list(tmp_path.iterdir()) == []  # no storage, no MLflow store, no process started
-    study.check_workers(study.RunOptions(workers=100000, oversubscribe=True))  # the override
-    study.check_workers(study.RunOptions(workers=1))
+    runner.check_workers(runner.RunOptions(workers=100000, oversubscribe=True))  # the override
+    runner.check_workers(runner.RunOptions(workers=1))
 
 
 @pytest.mark.slow

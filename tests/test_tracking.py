@@ -15,10 +15,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, start_mlflow_server, stop
-from mnistlab import config, data, space
-from mnistlab.model import build_model
-from mnistlab.storage import create, open_storage
-from mnistlab.train import evaluate
+from mnistlab.core import config, data
+from mnistlab.core.model import build_model
+from mnistlab.core.train import evaluate
+from mnistlab.search import study_file
+from mnistlab.search.storage import create, open_storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data_dir")]
 
@@ -40,7 +41,7 @@ enqueue_base: false
 space:
   train.lr: {{type: float, low: 0.00001, high: 0.2, log: true}}
 """)
-    s = create(space.load_study(path), open_storage(storage, heartbeat=None))
+    s = create(study_file.load_study(path), open_storage(storage, heartbeat=None))
     s.enqueue_trial({"train.lr": 0.1})
     s.enqueue_trial({"train.lr": 0.00001})
     return path
@@ -209,8 +210,8 @@ def test_ui_serves_the_store_on_loopback(mlflow_db: str) -> None:
     import urllib.request
 
     from conftest import free_port
-    from mnistlab.tracking import Tracker
-    from mnistlab.ui_app import WORKFLOW_KEY, state_key
+    from mnistlab.tracking.tracker import Tracker
+    from mnistlab.tracking.ui_plugin import WORKFLOW_KEY, state_key
 
     tracker = Tracker(mlflow_db)
     study = tracker.experiment("a-study", "0123abcd", "sqlite:///optuna.db")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import ROOT, cli
-from mnistlab import checkpoint, config, data
-from mnistlab.errors import UserError
-from mnistlab.train import EpochMetrics, train
+from mnistlab.core import checkpoint, config, data
+from mnistlab.core.train import EpochMetrics, train
+from mnistlab.util.errors import UserError
 
 EXP = ROOT / "experiments" / "eva4-s4.yaml"
 
@@ -201,8 +201,8 @@ def test_non_finite_weights_or_garbage_figures_are_never_delivered(data_dir: Pat
     import optuna
     from safetensors.torch import load_file, save_file
 
-    from mnistlab import weights as weights_mod
-    from mnistlab.model import count_params
+    from mnistlab.best import weights as weights_mod
+    from mnistlab.core.model import count_params
 
     cfg = small("train.epochs=1", "data.limit_train=300")
     train(cfg, data.load(cfg.data, "cpu", data_dir), checkpoint_dir=tmp_path, verbose=False)
@@ -232,7 +232,7 @@ def json_sha(text: str) -> str:
 
 @pytest.mark.slow
 def test_a_diverging_run_fails_with_its_reason_before_checkpointing(data_dir: Path, tmp_path: Path) -> None:
-    from mnistlab.train import Diverged
+    from mnistlab.core.train import Diverged
 
     cfg = small("train.epochs=2", "data.limit_train=300", "train.lr=1.0e+30")
     with pytest.raises(Diverged, match="training diverged at epoch 1: the loss became nan"):

@@ -1,4 +1,4 @@
-"""Waiting for a server that is not up yet (`--wait`): the rule mnistlab.waiting gives both servers."""
+"""Waiting for a server that is not up yet (`--wait`): the rule mnistlab.util.waiting gives both servers."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def test_waiting_for_a_tracking_server_that_comes_up_late_and_one_that_never_doe
     import socket
 
     from conftest import HealthHandler
-    from mnistlab.errors import UserError
-    from mnistlab.uri import check_reachable
+    from mnistlab.tracking.uri import check_reachable
+    from mnistlab.util.errors import UserError
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

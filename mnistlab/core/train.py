@@ -1,0 +1,312 @@
+"""The trainer: a plain function that knows nothing about Optuna or MLflow.
+
+``train(cfg, data, on_epoch=...)`` runs the epochs, checkpoints after each one and calls
+``on_epoch(metrics)`` once the checkpoint is on disk; the callback is its only channel out
+(a callback may raise to stop the run, e.g. a pruner).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mnistlab.core import checkpoint
+from mnistlab.core.config import ExperimentConfig, TrainConfig
+from mnistlab.core.data import MnistData, Split, batches
+from mnistlab.core.model import build_model, count_params
+from mnistlab.util.errors import UserError
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch measured. Losses are mean NLL; accuracies are percent."""
+
+    epoch: int  # 1-based
+    train_loss: float
+    train_acc: float
+    val_loss: float  # on the test set when eval_split == "test" (full_train runs)
+    val_acc: float
+    val_correct: int
+    val_total: int
+    lr: float  # at the end of the epoch
+    epoch_seconds: float
+    images_per_s: float  # training images per second, this epoch
+    eval_split: str = "val"
+
+
+@dataclass
+class Result:
+    """A finished run."""
+
+    params: int
+    device: str
+    history: list[EpochMetrics] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_acc: float = 0.0
+    test_loss: float = 0.0
+    test_acc: float = 0.0  # of the best-validation-epoch weights (last epoch with full_train)
+    test_correct: int = 0
+    test_total: int = 0
+    checkpoint_dir: str | None = None
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return sum(m.epoch_seconds for m in self.history) / max(1, len(self.history))
+
+
+OnEpoch = Callable[[EpochMetrics], None]
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite: the run cannot recover (too high a learning rate)."""
+
+
+def restored_history(checkpoint_dir: Path) -> list[EpochMetrics]:
+    """The epochs ``train(..., resume=True)`` takes over from ``checkpoint_dir``: those recorded in
+    its newest usable checkpoint (none when there is no such checkpoint)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    _, state, _ = checkpoint.load_latest(checkpoint_dir)
+    return [EpochMetrics(**m) for m in state.get("history", [])]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; UserError for a device this machine lacks (asked
+    before any tensor goes there, where torch would fail with a traceback)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device {name}: this machine has no CUDA device that torch can use; use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"device {name}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                            f"(cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name}: Apple's MPS is not available on this machine; use cpu or auto")
+    return device
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, steps_per_epoch: int) -> tuple[Any, Any]:
+    """Optimiser and a per-batch learning-rate schedule."""
+    if t.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                              nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    total = t.epochs * steps_per_epoch
+    if t.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=total, pct_start=t.pct_start)
+    elif t.schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=t.step_epochs * steps_per_epoch, gamma=t.gamma)
+    else:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, total), gamma=1.0)
+    return opt, sched
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, batch_size: int = 2000) -> tuple[float, int]:
+    """Summed NLL loss and correct count over a split (model put in eval mode)."""
+    model.eval()
+    loss = torch.zeros((), device=split.x.device)
+    correct = torch.zeros((), dtype=torch.long, device=split.x.device)
+    for start in range(0, len(split), batch_size):
+        x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
+        out = model(x).float()
+        loss += F.nll_loss(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+    return loss.item(), int(correct.item())
+
+
+def _autocast(device: torch.device, t: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    if device.type == "cuda" and t.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _Run:
+    """The state of one run; split out of ``train`` so resume and the loop stay small."""
+
+    def __init__(self, cfg: ExperimentConfig, data: MnistData, device: torch.device) -> None:
+        t = cfg.train
+        self.cfg, self.data, self.device = cfg, data, device
+        torch.manual_seed(t.seed)
+        fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.model = build_model(cfg.model).to(device, memory_format=fmt)
+        self.net = torch.compile(self.model) if t.compile else self.model
+        self.steps = -(-len(data.train) // t.batch_size)
+        self.opt, self.sched = make_optimizer(self.model, t, self.steps)
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(t.seed)
+        self.epoch = 0
+        self.history: list[EpochMetrics] = []
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "batch_rng": self.gen.get_state(),
+            "history": [asdict(m) for m in self.history],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.gen.set_state(state["batch_rng"])
+        self.epoch = int(state["epoch"])
+        self.history = [EpochMetrics(**m) for m in state["history"]]
+
+    def train_epoch(self, show: bool) -> tuple[float, float]:
+        t = self.cfg.train
+        self.net.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        bar = tqdm(total=self.steps, desc=f"epoch {self.epoch + 1}", leave=False, disable=None if show else True,
+                   dynamic_ncols=True, mininterval=0.5)
+        for i, (x, y) in enumerate(batches(self.data.train, t.batch_size, self.gen, self.cfg.data)):
+            with _autocast(self.device, t):
+                out = self.net(x)
+                loss = F.cross_entropy(out.float(), y, label_smoothing=t.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (out.detach().argmax(1) == y).sum()
+            bar.update()
+            if show and i % 20 == 0:
+                bar.set_postfix_str(f"loss={loss.item():.4f} batch_id={i}")
+        bar.close()
+        n = len(self.data.train)
+        return loss_sum.item() / n, 100.0 * correct.item() / n
+
+
+def train(
+    cfg: ExperimentConfig,
+    data: MnistData,
+    on_epoch: OnEpoch | None = None,
+    *,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    verbose: bool = True,
+    test_once: bool = False,
+) -> Result:
+    """Train ``cfg`` on ``data``; checkpoint each epoch; evaluate the best weights on test.
+
+    With ``resume``, continue from the newest intact checkpoint in ``checkpoint_dir``; on the
+    CPU the final weights equal those of an uninterrupted run. With ``test_once`` and no
+    validation split (``data.full_train``), the epochs measure nothing held out and the test
+    set is read once, after the last epoch (a refit); otherwise such a run shows the test
+    accuracy of every epoch, as the original exercise's log did.
+    """
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = data.train.x.device
+    run = _Run(cfg, data, device)
+    if resume and checkpoint_dir is not None:
+        _resume(run, checkpoint_dir, verbose)
+    result = Result(params=count_params(cfg.model), device=str(device),
+                    checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+    best_state = _best_from_history(run.history, result)
+    eval_split, label = ("test", "Test") if data.val is None else ("val", "Validation")
+    evaluation = data.test if data.val is None else data.val
+    while run.epoch < t.epochs:
+        start = time.perf_counter()
+        train_loss, train_acc = run.train_epoch(verbose)
+        if not math.isfinite(train_loss):  # before its checkpoint: last.pt keeps the last sound epoch
+            raise Diverged(f"training diverged at epoch {run.epoch + 1}: the loss became {train_loss} "
+                           f"(train.lr {t.lr} is likely too high)")
+        blind = test_once and data.val is None
+        loss_sum, correct = (float("nan"), 0) if blind else evaluate(run.net, evaluation, t.eval_batch_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        run.epoch += 1
+        total = 0 if blind else len(evaluation)
+        m = EpochMetrics(run.epoch, train_loss, train_acc, loss_sum / max(1, total),
+                         100.0 * correct / total if total else float("nan"), correct, total, run.sched.get_last_lr()[0],
+                         seconds, len(data.train) / seconds, "none" if blind else eval_split)
+        run.history.append(m)
+        if verbose and not blind:
+            print(f"{label}: Average loss: {m.val_loss:.4f}, Accuracy: {correct}/{total} ({m.val_acc:.2f}%)")
+        if data.val is not None and m.val_acc > result.best_val_acc:
+            result.best_val_acc, result.best_epoch = m.val_acc, m.epoch
+            best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+            if checkpoint_dir is not None:
+                meta = {"config": cfg.to_dict(), "epoch": m.epoch, "val_acc": m.val_acc, "params": result.params}
+                checkpoint.save_best(checkpoint_dir, run.model, meta)
+        if checkpoint_dir is not None:
+            checkpoint.save_state(checkpoint_dir, run.state())
+        if on_epoch is not None:
+            on_epoch(m)
+    result.history = run.history
+    _finish(run, result, best_state, checkpoint_dir, verbose)
+    return result
+
+
+def _resume(run: _Run, checkpoint_dir: Path, verbose: bool) -> None:
+    """Restore the newest usable checkpoint; one warning line when there are checkpoints but none usable."""
+    good, state, passed_over = checkpoint.load_latest(checkpoint_dir, map_location=run.device)
+    if good is None:
+        if passed_over:
+            print(f"warning: no usable checkpoint ({passed_over}); training starts again from epoch 0",
+                  file=sys.stderr, flush=True)
+        return
+    if state["config"] != run.cfg.to_dict():
+        raise UserError(f"{good}: checkpoint of a different config; not resuming from it")
+    try:
+        run.restore(state)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # what checkpoint.misfit cannot foresee
+        raise UserError(f"{good}: does not fit this run ({type(exc).__name__}: {str(exc)[:200]}); move it "
+                        "aside to start again") from None
+    if verbose:
+        print(f"Resuming from {good} after epoch {run.epoch}")
+
+
+def _best_from_history(history: list[EpochMetrics], result: Result) -> dict[str, torch.Tensor] | None:
+    for m in history:
+        if m.eval_split == "val" and m.val_acc > result.best_val_acc:
+            result.best_val_acc, result.best_epoch = m.val_acc, m.epoch
+    return None  # the best weights of a resumed run are read back from best.safetensors
+
+
+def _finish(run: _Run, result: Result, best_state: dict[str, Any] | None, ckpt: Path | None, verbose: bool) -> None:
+    """Report the test set once, on the weights a user would keep."""
+    if run.data.val is not None:
+        if best_state is None and ckpt is not None and (ckpt / checkpoint.BEST).exists():
+            best_state, _ = checkpoint.load_best(ckpt)
+        if best_state is not None:
+            run.model.load_state_dict(best_state)
+    loss_sum, correct = evaluate(run.model, run.data.test, run.cfg.train.eval_batch_size)
+    total = len(run.data.test)
+    result.test_loss, result.test_acc = loss_sum / total, 100.0 * correct / total
+    result.test_correct, result.test_total = correct, total
+    if verbose:
+        which = f"best epoch {result.best_epoch}" if run.data.val is not None else "last epoch"
+        print(f"Test ({which}): Average loss: {result.test_loss:.4f}, "
+              f"Accuracy: {correct}/{total} ({result.test_acc:.2f}%)")

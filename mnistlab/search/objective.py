@@ -1,0 +1,267 @@
+"""The Optuna objective: sample a config, check the budget, train with a callback, return values.
+
+Data and the tracker come in through the callable class, so data loads once per worker.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from mnistlab.core import checkpoint
+from mnistlab.core import data as data_mod
+from mnistlab.core import trials as tr
+from mnistlab.core.config import ExperimentConfig
+from mnistlab.core.model import count_params
+from mnistlab.core.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
+from mnistlab.search.study_file import StudyConfig
+from mnistlab.util import interrupts
+from mnistlab.util.errors import Interrupted, UserError
+
+
+class StudyFull(Exception):
+    """This trial is not needed: the study already has its trained trials or met its target."""
+
+
+class Objective:
+    """Callable for ``study.optimize``; holds the data and the tracker for one worker."""
+
+    def __init__(self, study: StudyConfig, *, extra: dict[str, Any] | None = None, data_dir: Path | None = None,
+                 artifacts: Path = Path("mnistlab-artifacts"), folder: str | None = None, recorder: Any = None,
+                 n_trials: int | None = None, verbose: bool = False) -> None:
+        self.study, self.extra, self.data_dir = study, extra or {}, data_dir
+        self.artifacts, self.recorder, self.n_trials, self.verbose = artifacts, recorder, n_trials, verbose
+        self.folder = folder or study.name  # the study's folder under ``artifacts`` (study.study_folder)
+        self._data: dict[tuple[Any, ...], data_mod.MnistData] = {}
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        cfg, n_params = self.sample(trial)
+        root = trial.user_attrs.get(tr.ROOT_TRIAL, trial.number)  # a retry keeps its original's folder
+        ckpt = self.artifacts / self.folder / f"trial-{root}"
+        trial.set_user_attr(tr.ROOT_TRIAL, root)
+        trial.set_user_attr(tr.CHECKPOINT_DIR, str(ckpt))
+        device = str(resolve_device(cfg.train.device))
+        earlier_run = trial.user_attrs.get(tr.MLFLOW_RUN_ID)  # a retry's: the run of the attempt that died
+        run = None
+        if self.recorder is not None:
+            try:
+                run = self.recorder.start(trial, cfg, n_params, ckpt, device)
+            except Exception as exc:  # MLflow is down: train anyway; `study check --repair` makes the run later
+                warnings.warn(f"MLflow unreachable ({type(exc).__name__}); trial {trial.number} trains without its "
+                              "run, which `mnistlab study check --repair` creates from its checkpoint", stacklevel=2)
+                trial.set_user_attr(tr.MLFLOW_MISSING, True)
+        resume = root != trial.number
+        if resume and earlier_run and self.recorder is not None:
+            self._fetch(earlier_run, ckpt, cfg)
+        restored = restored_history(ckpt) if resume else []  # the epochs train() takes over
+        if run is not None:
+            run.log_missing(restored)  # they ran before this run existed; a pruned or failed end needs them too
+        on_epoch = _Reporter(trial, run, multi=len(self.study.objectives) > 1, epochs=cfg.train.epochs,
+                             history=restored)
+        try:
+            result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=resume,
+                           verbose=self.verbose)
+        except BaseException as exc:
+            if not isinstance(exc, optuna.TrialPruned):
+                _failed(trial, exc, root, run.run_id if run is not None else None, on_epoch.history)
+            if run is not None:
+                run.end(exc, on_epoch.history)
+            raise
+        _record(trial, result)
+        if run is not None:
+            run.complete(result)
+        return self.values(result, n_params)
+
+    def _fetch(self, run_id: str, ckpt: Path, cfg: ExperimentConfig) -> None:
+        """The checkpoint the dying attempt sent to its run, into the local folder when newer:
+        the attempt may have run on another machine."""
+        import tempfile
+
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=ckpt.parent, prefix=".fetch-") as scratch:
+            folder = self.recorder.tracker.download_checkpoints(run_id, Path(scratch))
+            if folder is None:
+                print(f"no checkpoint of run {run_id} could be fetched from MLflow; resuming from what "
+                      f"{ckpt} holds", file=sys.stderr, flush=True)
+                return
+            note = checkpoint.adopt(folder, ckpt, cfg.to_dict())
+        if note:
+            print(f"checkpoint of run {run_id}: {note}", flush=True)
+
+    def sample(self, trial: optuna.Trial) -> tuple[ExperimentConfig, int]:
+        """The trial's config and exact parameter count; over-budget or invalid ones never train."""
+        start = time.perf_counter()
+        values = {p.name: _suggest(trial, p) for p in self.study.space}
+        repeat = trial.user_attrs.get(tr.REPEAT_OF)
+        extra = dict(self.extra)
+        if repeat is not None:  # a seed repeat: the same configuration with another seed
+            extra["train.seed"] = int(trial.user_attrs[tr.SEED])
+        try:
+            cfg = self.study.trial_config(values, extra)
+        except UserError as exc:
+            trial.set_user_attr(tr.REASON, f"invalid config: {exc}")
+            raise optuna.TrialPruned("invalid config") from None
+        n_params = count_params(cfg.model)
+        trial.set_user_attr(tr.PARAM_COUNT, n_params)
+        if n_params > self.study.max_params:
+            trial.set_user_attr(tr.REASON, f"over budget: {n_params:,} > {self.study.max_params:,} params "
+                                          f"(rejected in {1000 * (time.perf_counter() - start):.1f} ms)")
+            raise optuna.TrialPruned("over budget")
+        if repeat is None:
+            claim(trial, self.n_trials, self.study.target)
+        else:
+            claim_repeat(trial)
+        return cfg, n_params
+
+    def data_for(self, cfg: ExperimentConfig) -> data_mod.MnistData:
+        """Load each distinct data selection once per worker."""
+        d = cfg.data
+        key = (d.limit_train, d.limit_eval, d.full_train, cfg.train.device)
+        if key not in self._data:
+            self._data[key] = data_mod.load(d, resolve_device(cfg.train.device), self.data_dir)
+        return self._data[key]
+
+    def values(self, result: Result, n_params: int) -> float | tuple[float, ...]:
+        best = result.history[result.best_epoch - 1] if result.best_epoch else result.history[-1]
+        score = tr.trial_score([m.val_acc for m in result.history])
+        table = {"val_acc": score, "params": float(n_params), "val_loss": best.val_loss}
+        out = tuple(table[o] for o in self.study.objectives)
+        return out[0] if len(out) == 1 else out
+
+
+def retryable(exc: BaseException) -> bool:
+    """Failures of the environment, not of the config: an interrupt, a full disk, an I/O error."""
+    return isinstance(exc, (KeyboardInterrupt, OSError))
+
+
+def _failed(trial: optuna.Trial, exc: BaseException, root: int, run_id: str | None, history: list[Any]) -> None:
+    """Record why the trial failed; re-enqueue it (same params, same checkpoint folder) when the
+    environment failed it, so the next run resumes it from its last good checkpoint."""
+    done = history[-1].epoch if history else 0
+    if isinstance(exc, Interrupted):
+        reason = f"interrupted by {exc.signame} after epoch {done}"
+    elif isinstance(exc, KeyboardInterrupt):
+        reason = f"interrupted after epoch {done}"
+    else:
+        reason = f"{type(exc).__name__}: {exc}"[:1000]
+    try:
+        trial.set_user_attr(tr.REASON, reason)
+        if isinstance(exc, Diverged):
+            trial.set_user_attr(tr.DIVERGED, True)
+        study = getattr(trial, "study", None)
+        if retryable(exc) and study is not None:
+            attrs = {tr.ROOT_TRIAL: root, tr.RETRY_OF_TRIAL: trial.number}
+            for key in (tr.REPEAT_OF, tr.SEED):  # a seed repeat's retry is still that repeat
+                if key in trial.user_attrs:
+                    attrs[key] = trial.user_attrs[key]
+            if run_id:
+                attrs[tr.MLFLOW_RUN_ID] = run_id  # the retry's run links to this one
+            study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+            trial.set_user_attr(tr.RETRIED, True)
+    except Exception:  # the storage itself may be what failed; the exception still propagates
+        pass
+
+
+def _suggest(trial: optuna.Trial, p: Any) -> Any:
+    if p.type == "float":
+        return trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
+    if p.type == "int":
+        return trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+    return trial.suggest_categorical(p.name, list(p.choices))
+
+
+def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait: float = 10.0) -> None:
+    """Take one of the study's ``n_trials`` training slots, exactly, even with many workers.
+
+    Trial numbers order the claims: a trial trains only if fewer than ``n_trials`` trials
+    numbered below it trained or are training. Raises StudyFull otherwise.
+    """
+    trial.set_user_attr(tr.TRAINED, True)
+    study = getattr(trial, "study", None)
+    if study is None:
+        return
+    deadline = time.monotonic() + wait
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+        undecided = [t for t in earlier if t.state == TrialState.RUNNING
+                     and tr.TRAINED not in t.user_attrs and tr.REASON not in t.user_attrs]
+        if not undecided or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    reached = target is not None and any(
+        t.state in tr.FINISHED and t.user_attrs.get(tr.BEST_VAL_ACC, 0) >= target for t in earlier)
+    if reached or (n_trials is not None and sum(map(tr.search_trained, earlier)) >= n_trials):
+        why = f"target {target}% reached" if reached else f"the study has its {n_trials} trained trials"
+        trial.set_user_attr(tr.TRAINED, False)
+        trial.set_user_attr(tr.REASON, f"not run: {why}")
+        raise StudyFull(why)
+
+
+def claim_repeat(trial: optuna.Trial, wait: float = 10.0) -> None:
+    """A seed repeat trains once: not when an earlier trial already trains or trained the same
+    (configuration, seed). Several workers may enqueue the same repeat; trial numbers decide."""
+    trial.set_user_attr(tr.TRAINED, True)
+    study = getattr(trial, "study", None)
+    if study is None:
+        return
+    key = (trial.user_attrs[tr.REPEAT_OF], trial.user_attrs[tr.SEED])
+    deadline = time.monotonic() + wait
+    while True:
+        same = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number
+                and (t.user_attrs.get(tr.REPEAT_OF), t.user_attrs.get(tr.SEED)) == key]
+        undecided = [t for t in same if t.state == TrialState.RUNNING and tr.TRAINED not in t.user_attrs]
+        if not undecided or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if any(tr.trained(t) for t in same):
+        trial.set_user_attr(tr.TRAINED, False)
+        trial.set_user_attr(tr.REASON, f"not run: seed {key[1]} of trial {key[0]} is already trained")
+        raise StudyFull("duplicate seed repeat")
+
+
+class _Reporter:
+    """The trainer's epoch callback: log to MLflow, report to Optuna, prune."""
+
+    def __init__(self, trial: optuna.Trial, run: Any, multi: bool, epochs: int,
+                 history: list[EpochMetrics] | None = None) -> None:
+        # a seed repeat is never pruned: it measures a configuration, it does not search
+        self.trial, self.run = trial, run
+        self.multi = multi or tr.REPEAT_OF in trial.user_attrs
+        self.epochs = epochs
+        self.history: list[EpochMetrics] = list(history or [])  # from the first epoch, restored ones included
+
+    def __call__(self, m: EpochMetrics) -> None:
+        with interrupts.shielded():  # the epoch's records are written whole (a signal waits for them)
+            self._record(m)
+
+    def _record(self, m: EpochMetrics) -> None:
+        self.history.append(m)
+        if self.run is not None:
+            self.run.epoch(m)
+            self.run.share_checkpoint()
+        if self.multi:
+            return  # Optuna cannot prune multi-objective studies
+        self.trial.report(m.val_acc, m.epoch)
+        if m.epoch < self.epochs and self.trial.should_prune():  # a trial that ran every epoch competes
+            best = max(self.history, key=lambda h: h.val_acc)
+            self.trial.set_user_attr(tr.BEST_VAL_ACC, best.val_acc)
+            self.trial.set_user_attr(tr.BEST_EPOCH, best.epoch)
+            self.trial.set_user_attr(tr.EPOCHS_RUN, m.epoch)
+            self.trial.set_user_attr(tr.PRUNED_AT_EPOCH, m.epoch)
+            tr.record_score(self.trial, [h.val_acc for h in self.history], m.val_total)
+            raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
+
+
+def _record(trial: optuna.Trial, r: Result) -> None:
+    if r.history and r.history[-1].eval_split == "val":
+        tr.record_score(trial, [m.val_acc for m in r.history], r.history[-1].val_total)
+    for key, value in {tr.BEST_VAL_ACC: r.best_val_acc, tr.BEST_EPOCH: r.best_epoch, tr.TEST_ACC: r.test_acc,
+                       tr.EPOCHS_RUN: r.epochs_run, tr.DEVICE: r.device,
+                       tr.SECONDS_PER_EPOCH: round(r.seconds_per_epoch, 3)}.items():
+        trial.set_user_attr(key, value)
