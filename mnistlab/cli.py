@@ -118,6 +118,11 @@ def study_run(
     n_trials: Annotated[int | None, typer.Option(min=1, help="Trained trials the study should have in all "
                                                               "(over-budget configs do not count).")] = None,
     timeout: Annotated[float | None, typer.Option(min=1, help="Stop starting trials after S seconds.")] = None,
+    stop_val_score: Annotated[float | None, typer.Option(
+        help="Stop every worker once a configuration's validation score reaches this % (the file's stop.val_score).")
+    ] = None,
+    stop_minutes: Annotated[float | None, typer.Option(
+        help="Stop every worker once the study is this many minutes old (the file's stop.minutes).")] = None,
     storage: Storage = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine (one GPU each); at most its "
                                                      "cores (or GPUs) and what its memory holds.")] = 1,
@@ -139,9 +144,11 @@ def study_run(
         min=0, hidden=True, help="Set by --workers in the worker processes it starts.")] = None,
 ) -> None:
     """Run (or continue) a study: sample, check the budget, train, log every trial to MLflow."""
-    from mnistlab.search.study_file import load_study
+    from mnistlab.search.study_file import load_study, stop_value
 
     cfg = load_study(study_file)
+    stop_val_score = stop_value(stop_val_score, "--stop-val-score", "study run")
+    stop_minutes = stop_value(stop_minutes, "--stop-minutes", "study run")
     from mnistlab.core.train import resolve_device
     from mnistlab.search import runner  # Optuna and torch: only once the file is read
 
@@ -150,7 +157,8 @@ def study_run(
                             epochs=epochs, limit_train=limit_train, limit_eval=limit_eval,
                             tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),
                             heartbeat=heartbeat, threads=threads, verbose=verbose, wait=wait,
-                            oversubscribe=oversubscribe, worker_index=worker_index)
+                            oversubscribe=oversubscribe, worker_index=worker_index,
+                            stop_val_score=stop_val_score, stop_minutes=stop_minutes)
     code = runner.run(cfg, opts)
     if code:
         raise typer.Exit(code)

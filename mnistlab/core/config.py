@@ -73,6 +73,9 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
 
 
+TRAIN_IMAGES = 50_000  # the training split; the last 10,000 of MNIST's 60,000 training images validate
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which images train, which select, and how they are augmented."""

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mnistlab.core.config import DataConfig
+from mnistlab.core.config import TRAIN_IMAGES, DataConfig
 from mnistlab.util.errors import UserError
 from mnistlab.util.jsonfile import read_json
 
 MEAN, STD = 0.1307, 0.3081
 CACHE_FILE = "mnist-uint8.npz"
 SPLITS = ("train", "val", "test")
-SIZES = {"train": 50_000, "val": 10_000, "test": 10_000}
+SIZES = {"train": TRAIN_IMAGES, "val": 10_000, "test": 10_000}
 
 
 def default_data_dir() -> Path:

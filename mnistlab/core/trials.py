@@ -32,6 +32,8 @@ VAL_SE = "val_se"  # its binomial standard error (%), on VAL_TOTAL images
 VAL_TOTAL = "val_total"  # validation images the score was measured on
 REPEAT_OF = "repeat_of"  # a seed repeat: the number of the trial whose configuration it repeats
 SEED = "seed"  # the train.seed a seed repeat trains with
+SCREEN = "screen"  # a screening trial: the index of its rung (0 = the cheapest); absent at the full schedule
+PROMOTED_FROM = "promoted_from"  # a promotion: the number of the trial one rung below with the same configuration
 BEST_VAL_ACC = "best_val_acc"  # the best single epoch (kept for reference; not a ranking score)
 PARAM_COUNT = "param_count"  # the exact parameter count of the trial's model
 # What the training measured:
@@ -88,6 +90,16 @@ def is_repeat(t: FrozenTrial) -> bool:
     return REPEAT_OF in t.user_attrs
 
 
+def is_screen(t: FrozenTrial) -> bool:
+    """A screening trial: a cheap complete schedule that ranks configurations, never a pick."""
+    return SCREEN in t.user_attrs
+
+
+def is_promoted(t: FrozenTrial) -> bool:
+    """A configuration trained again one rung up (its first training was a screen)."""
+    return PROMOTED_FROM in t.user_attrs
+
+
 def trained(t: FrozenTrial) -> bool:
     """A trial that trained (or is training): not over budget, not skipped, not failed, unless it
     failed by diverging: that is an outcome of its config, and it used its slot (else a study whose
@@ -97,8 +109,9 @@ def trained(t: FrozenTrial) -> bool:
 
 
 def search_trained(t: FrozenTrial) -> bool:
-    """A trained trial of the search itself; seed repeats do not count toward n_trials."""
-    return trained(t) and not is_repeat(t)
+    """A trained trial of a new configuration: what n_trials counts. Seed repeats and promotions
+    (a screened configuration trained again one rung up) do not count."""
+    return trained(t) and not is_repeat(t) and not is_promoted(t)
 
 
 def state_label(t: FrozenTrial) -> str:
@@ -109,9 +122,11 @@ def state_label(t: FrozenTrial) -> str:
 
 
 def scored(t: FrozenTrial) -> bool:
-    """A finished training with a score: COMPLETE, trained and measured."""
+    """A finished training at the study's full schedule with a score: COMPLETE, trained and
+    measured, not a screen (screens rank configurations for promotion; they are never picked)."""
     a = t.user_attrs
-    return t.state == TrialState.COMPLETE and bool(a.get(TRAINED)) and (VAL_SCORE in a or BEST_VAL_ACC in a)
+    return (t.state == TrialState.COMPLETE and bool(a.get(TRAINED)) and (VAL_SCORE in a or BEST_VAL_ACC in a)
+            and not is_screen(t))
 
 
 @dataclass

@@ -20,13 +20,16 @@ from mnistlab.core import trials as tr
 from mnistlab.core.config import ExperimentConfig
 from mnistlab.core.model import count_params
 from mnistlab.core.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
+from mnistlab.search import stop as stop_mod
+from mnistlab.search.stop import Stop
 from mnistlab.search.study_file import StudyConfig
 from mnistlab.util import interrupts
 from mnistlab.util.errors import Interrupted, UserError
 
 
 class StudyFull(Exception):
-    """This trial is not needed: the study already has its trained trials or met its target."""
+    """This trial is not needed: the study already has its trained trials, met its target or was
+    stopped, or it repeats a seed or a promotion that another trial trains."""
 
 
 class Objective:
@@ -34,10 +37,12 @@ class Objective:
 
     def __init__(self, study: StudyConfig, *, extra: dict[str, Any] | None = None, data_dir: Path | None = None,
                  artifacts: Path = Path("mnistlab-artifacts"), folder: str | None = None, recorder: Any = None,
-                 n_trials: int | None = None, verbose: bool = False) -> None:
+                 n_trials: int | None = None, verbose: bool = False, stop: Stop | None = None) -> None:
         self.study, self.extra, self.data_dir = study, extra or {}, data_dir
         self.artifacts, self.recorder, self.n_trials, self.verbose = artifacts, recorder, n_trials, verbose
         self.folder = folder or study.name  # the study's folder under ``artifacts`` (study.study_folder)
+        self.stop = study.stop if stop is None else stop
+        self.closed = False  # set once the search takes no new configurations (promotions, confirmation)
         self._data: dict[tuple[Any, ...], data_mod.MnistData] = {}
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -98,25 +103,36 @@ class Objective:
         """The trial's config and exact parameter count; over-budget or invalid ones never train."""
         start = time.perf_counter()
         values = {p.name: _suggest(trial, p) for p in self.study.space}
-        repeat = trial.user_attrs.get(tr.REPEAT_OF)
+        attrs = trial.user_attrs
+        repeat = attrs.get(tr.REPEAT_OF)
         extra = dict(self.extra)
         if repeat is not None:  # a seed repeat: the same configuration with another seed
-            extra["train.seed"] = int(trial.user_attrs[tr.SEED])
+            extra["train.seed"] = int(attrs[tr.SEED])
+        screen = self.study.screen
+        if screen is not None and tr.SCREEN not in attrs and repeat is None and tr.PROMOTED_FROM not in attrs:
+            trial.set_user_attr(tr.SCREEN, 0)  # a new configuration starts at the cheapest rung
+            attrs = trial.user_attrs
         try:
             cfg = self.study.trial_config(values, extra)
+            if screen is not None and tr.SCREEN in attrs:
+                cfg = self.study.trial_config(values, {**extra, **_rung(cfg, screen.rungs[int(attrs[tr.SCREEN])])})
         except UserError as exc:
             trial.set_user_attr(tr.REASON, f"invalid config: {exc}")
             raise optuna.TrialPruned("invalid config") from None
         n_params = count_params(cfg.model)
         trial.set_user_attr(tr.PARAM_COUNT, n_params)
+        # Feasibility as Optuna itself reads it (best_trials, samplers, optuna-dashboard): <= 0 fits the budget.
+        trial.set_constraint("params_over_budget", float(n_params - self.study.max_params))
         if n_params > self.study.max_params:
             trial.set_user_attr(tr.REASON, f"over budget: {n_params:,} > {self.study.max_params:,} params "
                                           f"(rejected in {1000 * (time.perf_counter() - start):.1f} ms)")
             raise optuna.TrialPruned("over budget")
-        if repeat is None:
-            claim(trial, self.n_trials, self.study.target)
-        else:
+        if repeat is not None:
             claim_repeat(trial)
+        elif tr.PROMOTED_FROM in attrs:
+            claim_promotion(trial, self.stop, screen)
+        else:
+            claim(trial, self.n_trials, self.study.target, stop=self.stop, closed=self.closed)
         return cfg, n_params
 
     def data_for(self, cfg: ExperimentConfig) -> data_mod.MnistData:
@@ -157,7 +173,7 @@ def _failed(trial: optuna.Trial, exc: BaseException, root: int, run_id: str | No
         study = getattr(trial, "study", None)
         if retryable(exc) and study is not None:
             attrs = {tr.ROOT_TRIAL: root, tr.RETRY_OF_TRIAL: trial.number}
-            for key in (tr.REPEAT_OF, tr.SEED):  # a seed repeat's retry is still that repeat
+            for key in (tr.REPEAT_OF, tr.SEED, tr.SCREEN, tr.PROMOTED_FROM):  # a retry is still that repeat, rung
                 if key in trial.user_attrs:
                     attrs[key] = trial.user_attrs[key]
             if run_id:
@@ -176,16 +192,44 @@ def _suggest(trial: optuna.Trial, p: Any) -> Any:
     return trial.suggest_categorical(p.name, list(p.choices))
 
 
-def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait: float = 10.0) -> None:
+def _rung(full: ExperimentConfig, rung: Any) -> dict[str, Any]:
+    """The values that make ``full`` (the trial's config at the study's schedule) a screen of
+    ``rung``: its epochs and images, never more than the full schedule's (a CLI --limit-train or
+    --epochs shortens the screens too)."""
+    out: dict[str, Any] = {"train.epochs": min(rung.epochs, full.train.epochs)}
+    if rung.limit_train is not None:
+        out["data.limit_train"] = min(rung.limit_train, full.data.limit_train or rung.limit_train)
+    return out
+
+
+def _decline(trial: optuna.Trial, why: str) -> None:
+    trial.set_user_attr(tr.TRAINED, False)
+    trial.set_user_attr(tr.REASON, f"not run: {why}")
+    raise StudyFull(why)
+
+
+def _stopped(trial: optuna.Trial, study: Any, stop: Stop | None) -> None:
+    """Decline the trial when the study is stopped (the flag in the storage, or ``stop`` met now)."""
+    flag = stop_mod.check(study, stop or Stop())
+    if flag is not None:
+        _decline(trial, f"the study was stopped ({flag.get('reason', 'stopped')})")
+
+
+def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait: float = 10.0,
+          stop: Stop | None = None, closed: bool = False) -> None:
     """Take one of the study's ``n_trials`` training slots, exactly, even with many workers.
 
     Trial numbers order the claims: a trial trains only if fewer than ``n_trials`` trials
-    numbered below it trained or are training. Raises StudyFull otherwise.
+    numbered below it trained or are training. Raises StudyFull otherwise, and when the study
+    was stopped, or ``closed`` (this worker takes no new configuration any more).
     """
     trial.set_user_attr(tr.TRAINED, True)
     study = getattr(trial, "study", None)
     if study is None:
         return
+    if closed and tr.RETRY_OF_TRIAL not in trial.user_attrs and not trial.user_attrs.get(tr.BASE):
+        _decline(trial, "the search takes no new configurations")
+    _stopped(trial, study, stop)
     deadline = time.monotonic() + wait
     while True:
         earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
@@ -197,10 +241,7 @@ def claim(trial: optuna.Trial, n_trials: int | None, target: float | None, wait:
     reached = target is not None and any(
         t.state in tr.FINISHED and t.user_attrs.get(tr.BEST_VAL_ACC, 0) >= target for t in earlier)
     if reached or (n_trials is not None and sum(map(tr.search_trained, earlier)) >= n_trials):
-        why = f"target {target}% reached" if reached else f"the study has its {n_trials} trained trials"
-        trial.set_user_attr(tr.TRAINED, False)
-        trial.set_user_attr(tr.REASON, f"not run: {why}")
-        raise StudyFull(why)
+        _decline(trial, f"target {target}% reached" if reached else f"the study has its {n_trials} trained trials")
 
 
 def claim_repeat(trial: optuna.Trial, wait: float = 10.0) -> None:
@@ -220,9 +261,31 @@ def claim_repeat(trial: optuna.Trial, wait: float = 10.0) -> None:
             break
         time.sleep(0.1)
     if any(tr.trained(t) for t in same):
-        trial.set_user_attr(tr.TRAINED, False)
-        trial.set_user_attr(tr.REASON, f"not run: seed {key[1]} of trial {key[0]} is already trained")
-        raise StudyFull("duplicate seed repeat")
+        _decline(trial, f"seed {key[1]} of trial {key[0]} is already trained")
+
+
+def claim_promotion(trial: optuna.Trial, stop: Stop | None, screen: Any, wait: float = 10.0) -> None:
+    """A promotion trains once: not when an earlier trial already trains or trained the same
+    (configuration, rung), and not once the study is stopped. Trial numbers decide between
+    workers that enqueued the same promotion."""
+    trial.set_user_attr(tr.TRAINED, True)
+    study = getattr(trial, "study", None)
+    if study is None:
+        return
+    _stopped(trial, study, stop)
+    from mnistlab.search.screen import promotion_key
+
+    key = promotion_key(trial, screen)
+    deadline = time.monotonic() + wait
+    while True:
+        same = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and tr.is_promoted(t)
+                and promotion_key(t, screen) == key]
+        undecided = [t for t in same if t.state == TrialState.RUNNING and tr.TRAINED not in t.user_attrs]
+        if not undecided or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if any(tr.trained(t) for t in same):
+        _decline(trial, f"trial {key[0]} is already promoted to rung {key[1]}")
 
 
 class _Reporter:
@@ -230,9 +293,10 @@ class _Reporter:
 
     def __init__(self, trial: optuna.Trial, run: Any, multi: bool, epochs: int,
                  history: list[EpochMetrics] | None = None) -> None:
-        # a seed repeat is never pruned: it measures a configuration, it does not search
+        # a seed repeat is never pruned: it measures a configuration, it does not search; a screen is
+        # neither reported nor pruned: its short schedule's epochs are not comparable with the full one's
         self.trial, self.run = trial, run
-        self.multi = multi or tr.REPEAT_OF in trial.user_attrs
+        self.multi = multi or tr.REPEAT_OF in trial.user_attrs or tr.SCREEN in trial.user_attrs
         self.epochs = epochs
         self.history: list[EpochMetrics] = list(history or [])  # from the first epoch, restored ones included
 

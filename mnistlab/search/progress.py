@@ -1,4 +1,5 @@
-"""The line printed after each trial of a study, and the checks that stop it (trial count, target)."""
+"""The line printed after each trial of a study, and the checks that stop it (trial count, target,
+the study-wide stop of search/stop.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from optuna.trial import TrialState
 
 from mnistlab.core import trials as tr
 from mnistlab.core.trials import search_trained, state_label
+from mnistlab.search import stop as stop_mod
+from mnistlab.search.stop import Stop
 from mnistlab.search.study_file import StudyConfig
 
 # Configurations refused before training (over budget or invalid), in a row, that stop a worker: they do not
@@ -20,12 +23,28 @@ REFUSED_IN_A_ROW = 500
 class Progress:
     """After each trial: a line a terminal and a log file both read well, and stop checks."""
 
-    def __init__(self, cfg: StudyConfig, n_trials: int | None, recorder: Any = None) -> None:
+    def __init__(self, cfg: StudyConfig, n_trials: int | None, recorder: Any = None, stop: Stop | None = None) -> None:
         self.cfg, self.n_trials, self.recorder = cfg, n_trials, recorder
+        self.stop = cfg.stop if stop is None else stop
         self.start = time.monotonic()
         self.done_here = 0
         self.refused = 0  # in a row, by this worker
         self.barren: str | None = None  # why this worker stopped on refused configurations (the last reason)
+        self.said_stop = False
+
+    def stopped(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial] | None = None) -> bool:
+        """Whether the study is stopped (the flag set now if its stop is met); said once by each
+        worker, and put on the parent run."""
+        flag = stop_mod.check(study, self.stop, trials)
+        if flag is None:
+            return False
+        if not self.said_stop:
+            self.said_stop = True
+            print(f"study {study.study_name!r} stopped at {flag.get('at')}: {flag.get('reason')}; no new work is "
+                  "taken", flush=True)
+            if self.recorder is not None:
+                self.recorder.mark_stopped(str(flag.get("at")), str(flag.get("reason")))
+        return True
 
     def __call__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
@@ -41,7 +60,7 @@ class Progress:
             self.barren = frozen.user_attrs.get(tr.REASON, "refused")
             study.stop()
         target = self.cfg.target
-        if (self.n_trials is not None and n_trained + n_busy >= self.n_trials) or (
+        if self.stopped(study, trials) or (self.n_trials is not None and n_trained + n_busy >= self.n_trials) or (
                 target is not None and any(t.user_attrs.get(tr.BEST_VAL_ACC, 0) >= target for t in trials
                                            if t.state in (TrialState.COMPLETE, TrialState.PRUNED))):
             study.stop()
@@ -54,9 +73,12 @@ class Progress:
                  f"val {acc:6.2f}% ± {tr.se(t):.2f}" if acc is not None else "val    -          "]
         if tr.is_repeat(t):
             parts.append(f"seed {a.get(tr.SEED)} of trial {a.get(tr.REPEAT_OF)}")
+        elif tr.is_promoted(t):
+            rung = f"screen {a[tr.SCREEN]}" if tr.is_screen(t) else "full schedule"
+            parts.append(f"{rung}, promoted from trial {a.get(tr.PROMOTED_FROM)}")
         else:
             total = f"/{self.n_trials}" if self.n_trials else ""
-            parts.append(f"trained {n_trained}{total}")
+            parts.append(f"{'screened' if tr.is_screen(t) else 'trained'} {n_trained}{total}")
         best = tr.best_group(trials)
         if best is not None:
             parts.append(f"best {best.mean:.2f}% ± {best.se:.2f} (trial {best.number}"

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ from mnistlab.core.train import Diverged
 from mnistlab.core.trials import search_trained
 from mnistlab.search.objective import Objective, StudyFull
 from mnistlab.search.progress import Progress
+from mnistlab.search.screen import Screen, enqueue_due
+from mnistlab.search.screen import run_stage as screen_stage
+from mnistlab.search.stop import STARTED_ATTR, Stop
 from mnistlab.search.storage import ID_ATTR, check_file, check_name_free, create, open_storage, storage_url
 from mnistlab.search.study_file import StudyConfig, make_pruner, make_sampler, worker_salt
 from mnistlab.search.tables import status_table
@@ -61,6 +65,8 @@ class RunOptions:
     verbose: bool = False  # per-epoch lines and bars
     wait: float = 0.0  # seconds to wait for the storage and the MLflow server to come up
     oversubscribe: bool = False  # start --workers beyond the cores (or memory) of this machine anyway
+    stop_val_score: float | None = None  # --stop-val-score: the study file's stop.val_score, overridden
+    stop_minutes: float | None = None  # --stop-minutes: the study file's stop.minutes, overridden
     worker_index: int | None = None  # set in the processes `--workers N` starts (0..N-1); None in any other
 
     def config_flags(self) -> dict[str, Any]:
@@ -70,6 +76,10 @@ class RunOptions:
     def extra(self) -> dict[str, Any]:
         """CLI overrides applied to every trial's config."""
         return flag_values(**self.config_flags())
+
+    def stop(self, cfg: StudyConfig) -> Stop:
+        """The study's stop: the file's, with the command line's values in place of its own."""
+        return cfg.stop.merged(self.stop_val_score, self.stop_minutes)
 
 
 def study_folder(study: optuna.Study) -> str:
@@ -94,22 +104,58 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
     study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg, salt),
                               pruner=make_pruner(cfg))
     n_trials = opts.n_trials or cfg.n_trials
+    stop = opts.stop(cfg)
     objective = Objective(cfg, extra=opts.extra(), data_dir=opts.data_dir, artifacts=opts.artifacts,
-                          folder=study_folder(study), recorder=recorder, n_trials=n_trials, verbose=opts.verbose)
+                          folder=study_folder(study), recorder=recorder, n_trials=n_trials, verbose=opts.verbose,
+                          stop=stop)
     objective.data_for(cfg.trial_config({}, opts.extra()))  # data problems surface before any trial
-    progress = Progress(cfg, n_trials, recorder)
+    progress = Progress(cfg, n_trials, recorder, stop)
+    if STARTED_ATTR not in study.user_attrs:  # a study made before stops existed: its clock starts now
+        study.set_user_attr(STARTED_ATTR, time.time())
     if opts.heartbeat:
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial is retried, not counted
+    callbacks = ([Promoter(cfg.screen, len(cfg.objectives) > 1)] if cfg.screen else []) + [progress]
     if n_trials is not None and sum(map(search_trained, study.get_trials(deepcopy=False))) >= n_trials:
         print(f"study {cfg.name!r} already has {n_trials} trained trials; raise --n-trials to search more")
-    else:
-        study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=CAUGHT, callbacks=[progress])
+    elif not progress.stopped(study):
+        study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=CAUGHT, callbacks=callbacks)
     if progress.barren is not None:
         raise UserError(f"{cfg.path}: the last {progress.refused} configurations sampled were all refused before "
                         f"training (the last: {clip(progress.barren, 200)}); the search space hardly holds a valid "
                         f"network under the budget: narrow its ranges")
+    objective.closed = True  # from here on only promotions, retries and seed repeats train
+    if cfg.screen is not None:
+        _promotions(study, cfg, opts, objective, progress)
     if cfg.confirm is not None:
         _confirmation(study, cfg, opts, objective, progress)
+
+
+class Promoter:
+    """After each trial: enqueue the promotions the screening stage has earned (search/screen.py)."""
+
+    def __init__(self, screen: Screen, multi: bool) -> None:
+        self.screen, self.multi = screen, multi
+
+    def __call__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        enqueue_due(study, self.screen, self.multi)
+
+
+def _promotions(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objective: Objective,
+                progress: Progress) -> None:
+    """The screened configurations still due a promotion, trained once the search samples no more."""
+    assert cfg.screen is not None
+
+    def run_one() -> None:
+        study.optimize(objective, n_trials=1, catch=CAUGHT, callbacks=[progress])
+
+    def stale() -> None:
+        if opts.heartbeat:
+            optuna.storages.fail_stale_trials(study)
+
+    ran = screen_stage(study, cfg.screen, len(cfg.objectives) > 1, run_one, lambda: progress.stopped(study),
+                       stale=stale)
+    if ran:
+        print(f"screening: {ran} promoted or queued trials run by this worker after the search", flush=True)
 
 
 def _confirmation(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objective: Objective,
@@ -140,6 +186,7 @@ def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int, index: int) ->
     args = [str(cfg.path), "--workers", "1", "--worker-index", str(index), "--threads", str(threads),
             "--heartbeat", str(opts.heartbeat), "--artifacts", str(opts.artifacts), "--wait", str(opts.wait)]
     flags = {"--n-trials": opts.n_trials, "--timeout": opts.timeout, "--data-dir": opts.data_dir,
+             "--stop-val-score": opts.stop_val_score, "--stop-minutes": opts.stop_minutes,
              **{"--" + name.replace("_", "-"): value for name, value in opts.config_flags().items()}}
     for flag, value in flags.items():
         if value is not None:
@@ -348,8 +395,9 @@ def run(cfg: StudyConfig, opts: RunOptions) -> int:
     from mnistlab.search import plots
 
     if opts.n_trials is None and cfg.n_trials is None and opts.timeout is None and cfg.timeout is None \
-            and cfg.target is None:
-        raise UserError(f"{cfg.path}: give n_trials, timeout or target (or --n-trials / --timeout)")
+            and cfg.target is None and not opts.stop(cfg):
+        raise UserError(f"{cfg.path}: give n_trials, timeout, target or stop (or --n-trials / --timeout / "
+                        "--stop-minutes)")
     check_writable(opts.artifacts, "--artifacts")
     check_workers(opts)
     study, storage, recorder, tracker, url = prepare(cfg, opts)

@@ -21,6 +21,7 @@ import optuna
 
 from mnistlab.core import trials as tr
 from mnistlab.core.config import safe_name
+from mnistlab.search.stop import STARTED_ATTR
 from mnistlab.search.study_file import StudyConfig, check_name, make_pruner, make_sampler
 from mnistlab.tracking.uri import mask, quote_userinfo, split_url, sqlite_file
 from mnistlab.util import interrupts
@@ -222,6 +223,8 @@ def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Stu
     study.set_user_attr("study_file", str(cfg.path))
     study.set_user_attr("max_params", cfg.max_params)
     study.set_user_attr("objectives", list(cfg.objectives))
+    study.set_user_attr(STARTED_ATTR, time.time())  # a stop's wall-clock budget counts from here, on every machine
+    study.set_metric_names(list(cfg.objectives))  # optuna-dashboard and Optuna's tables name the values
     if cfg.enqueue_base:
         from mnistlab.core.config import get_path
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from mnistlab.core import config as config_mod
 from mnistlab.core.config import NAME_RULE, ExperimentConfig, safe_name, shown
+from mnistlab.search.screen import Rung, Screen
+from mnistlab.search.stop import Stop
 from mnistlab.util.errors import UserError, clip
 
 if TYPE_CHECKING:  # Optuna (and torch, behind core.model) load where used: a bad study file is answered at once
@@ -56,9 +58,14 @@ class Param:
 
 @dataclass(frozen=True)
 class Sampler:
+    """The sampler and every setting of it that a study depends on, stated rather than left to
+    Optuna's defaults (Optuna 5 turned multivariate TPE and the constant liar on silently)."""
+
     name: str = "tpe"
     seed: int | None = None
     n_startup_trials: int = 10  # tpe: random trials before the model kicks in
+    multivariate: bool = True  # tpe: model the parameters jointly (widths interact through the budget)
+    constant_liar: bool = True  # tpe: treat running trials as bad, so parallel workers do not sample alike
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,8 @@ class StudyConfig:
     target: float | None = None  # stop when a trial reaches this validation accuracy (%)
     enqueue_base: bool = True  # trial 0 is the base experiment itself, as a yardstick
     confirm: Confirm | None = None  # seed repeats of the finalists after the search
+    screen: Screen | None = None  # cheap complete schedules first, the full one for the best (search/screen.py)
+    stop: Stop = field(default_factory=Stop)  # when every worker stops taking new work (search/stop.py)
 
     @property
     def directions(self) -> list[str]:
@@ -131,7 +140,7 @@ class StudyConfig:
 MAX_BOUND = 1e12  # a search-space bound beyond this is a typo (and floats overflow soon after)
 
 _TOP_KEYS = {"name", "base", "overrides", "space", "max_params", "objectives", "sampler", "pruner",
-             "n_trials", "timeout", "target", "enqueue_base", "confirm"}
+             "n_trials", "timeout", "target", "enqueue_base", "confirm", "screen", "stop"}
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -171,6 +180,8 @@ def load_study(path: str | Path) -> StudyConfig:
         target=_optional_positive(raw.get("target"), "target", where, float),
         enqueue_base=_typed(raw.get("enqueue_base", True), bool, "enqueue_base", where),
         confirm=_confirm(raw.get("confirm"), where),
+        screen=_screen(raw.get("screen"), base, len(objectives) > 1, where),
+        stop=_stop(raw.get("stop"), where),
     )
     if study.sampler.name not in SAMPLERS:
         raise UserError(f"{where}: unknown sampler {shown(study.sampler.name)}; choose from {', '.join(SAMPLERS)}")
@@ -260,6 +271,78 @@ def _confirm(raw: Any, where: str) -> Confirm | None:
     return Confirm(top_k, seeds, _optional_positive(raw.get("max_params"), "confirm.max_params", where))
 
 
+MAX_RUNGS = 8
+
+
+def _screen(raw: Any, base: ExperimentConfig, multi: bool, where: str) -> Screen | None:
+    """``screen:``: rungs cheapest first (or one rung's ``epochs``/``limit_train`` given directly),
+    ``promote`` in (0, 1), and for multi-objective studies ``bands`` of parameter counts."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: screen must be a mapping (rungs or epochs/limit_train, promote, bands)")
+    unknown = sorted(set(raw) - {"rungs", "epochs", "limit_train", "promote", "bands"})
+    if unknown:
+        raise UserError(f"{where}: unknown key screen.{shown(unknown[0])}")
+    if "rungs" in raw and ("epochs" in raw or "limit_train" in raw):
+        raise UserError(f"{where}: screen takes rungs or one rung's epochs/limit_train, not both")
+    given = raw["rungs"] if "rungs" in raw else [{k: raw[k] for k in ("epochs", "limit_train") if k in raw}]
+    if not isinstance(given, list) or not given or len(given) > MAX_RUNGS:
+        raise UserError(f"{where}: screen.rungs must be a list of 1 to {MAX_RUNGS} rungs")
+    if base.data.full_train:
+        raise UserError(f"{where}: screen ranks configurations on validation images, but the base trains on "
+                        "all of them (data.full_train: true)")
+    full_images = base.data.limit_train or config_mod.TRAIN_IMAGES
+    rungs = []
+    for i, r in enumerate(given):
+        here = f"screen.rungs[{i}]" if "rungs" in raw else "screen"
+        if not isinstance(r, dict) or "epochs" not in r or set(r) - {"epochs", "limit_train"}:
+            raise UserError(f"{where}: {here} must be a mapping of epochs (and limit_train)")
+        epochs = _positive(r["epochs"], f"{here}.epochs", where)
+        limit = _optional_positive(r.get("limit_train"), f"{here}.limit_train", where)
+        rungs.append(Rung(epochs, limit))
+    schedules = [(r.epochs, min(r.limit_train or full_images, full_images)) for r in rungs]
+    schedules.append((base.train.epochs, full_images))
+    for i, ((e, n), (e2, n2)) in enumerate(itertools.pairwise(schedules)):
+        what = "the full schedule" if i == len(rungs) - 1 else f"rung {i + 1}"
+        if e > e2 or n > n2 or (e, n) == (e2, n2):
+            raise UserError(f"{where}: screen rung {i} ({e} epochs on {n:,} images) is not cheaper than {what} "
+                            f"({e2} epochs on {n2:,} images); a screen must be shorter than what it screens for")
+    promote = raw.get("promote", Screen.promote)
+    if isinstance(promote, bool) or not isinstance(promote, (int, float)) or not 0 < promote < 1:
+        raise UserError(f"{where}: screen.promote must be a fraction between 0 and 1 (exclusive); got {shown(promote)}")
+    bands = raw.get("bands", [])
+    if not isinstance(bands, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0
+                                              for b in bands) or bands != sorted(set(bands)):
+        raise UserError(f"{where}: screen.bands must be increasing positive parameter counts; got {shown(bands)}")
+    if bands and not multi:
+        raise UserError(f"{where}: screen.bands applies to studies with the objectives val_acc and params")
+    return Screen(tuple(rungs), float(promote), tuple(bands))
+
+
+def _stop(raw: Any, where: str) -> Stop:
+    """``stop:``: ``val_score`` (%, at most 100) and/or ``minutes`` of wall clock."""
+    if raw is None:
+        return Stop()
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: stop must be a mapping (val_score, minutes)")
+    unknown = sorted(set(raw) - {"val_score", "minutes"})
+    if unknown:
+        raise UserError(f"{where}: unknown key stop.{shown(unknown[0])}")
+    return Stop(stop_value(raw.get("val_score"), "stop.val_score", where),
+                stop_value(raw.get("minutes"), "stop.minutes", where))
+
+
+def stop_value(value: Any, key: str, where: str) -> float | None:
+    """A stop target: a positive finite number; a val_score at most 100 (%)."""
+    if value is None:
+        return None
+    high = 100.0 if key.endswith(("val_score", "val-score")) else 1e6
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= high:
+        raise UserError(f"{where}: {key} must be a number above 0 and at most {high:g}; got {shown(value)}")
+    return float(value)
+
+
 def _section(cls: type, raw: Any, key: str, where: str) -> Any:
     if raw is None:
         return cls()
@@ -272,7 +355,7 @@ def _section(cls: type, raw: Any, key: str, where: str) -> Any:
     if unknown:
         raise UserError(f"{where}: unknown key {key}.{shown(unknown[0])}")
     for k, v in raw.items():
-        want = str if k == "name" else int
+        want = str if k == "name" else bool if isinstance(fields[k].default, bool) else int
         if k == "seed" and v is None:
             continue
         _typed(v, want, f"{key}.{k}", where)
@@ -321,7 +404,8 @@ def make_sampler(study: StudyConfig, salt: str | None = None) -> optuna.samplers
         return optuna.samplers.RandomSampler(seed=seed)
     if s.name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate,
+                                      constant_liar=s.constant_liar)
 
 
 def worker_salt(trials: list[optuna.trial.FrozenTrial], worker_index: int | None = None) -> str | None:

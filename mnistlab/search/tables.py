@@ -22,7 +22,9 @@ def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -
     ``val_acc`` is the trial's score (the validation accuracy of its last epoch) and
     ``val_se`` its binomial standard error; ``val_mean``/``seeds`` the seed-mean score of a
     configuration that was repeated; ``best`` marks the pick ``*`` and the trials within
-    noise of it ``~`` (the Pareto front ``*`` for two objectives).
+    noise of it ``~`` (the Pareto front ``*`` for two objectives). A screened study adds ``rung``
+    (``screen-K`` for the K-th screening schedule, ``full`` for the study's own) and
+    ``promoted_from``; screens are never marked.
     """
     import pandas as pd
 
@@ -32,7 +34,7 @@ def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -
     best = best_g.first if best_g is not None else None
     tied = tr.tied_numbers(gs, best_g)
     by_group = {g.number: g for g in gs}
-    front = {t.number for t in study.best_trials} if len(objectives) > 1 else set()
+    front = {g.number for g in tr.pareto(gs)} if len(objectives) > 1 else set()  # screens are in no group
     rows = []
     for t in trials:
         a = t.user_attrs
@@ -48,13 +50,15 @@ def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -
                "val_se": round(tr.se(t), 2) if has_score else None,
                "val_mean": round(group.mean, 2) if group is not None and group.n_seeds > 1 else None,
                "seeds": group.n_seeds if group is not None and group.n_seeds > 1 else None,
-               "repeat_of": a.get(tr.REPEAT_OF), "best_epoch_acc": a.get(tr.BEST_VAL_ACC),
+               "repeat_of": a.get(tr.REPEAT_OF),
+               "rung": f"screen-{a[tr.SCREEN]}" if tr.is_screen(t) else "full" if tr.is_promoted(t) else None,
+               "promoted_from": a.get(tr.PROMOTED_FROM), "best_epoch_acc": a.get(tr.BEST_VAL_ACC),
                "test_acc": a.get(tr.TEST_ACC), "epochs": a.get(tr.EPOCHS_RUN),
                "duration_s": round(duration, 1) if duration else None, "best": mark}
         row.update({k: v for k, v in t.params.items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
-    for column in ("val_mean", "seeds", "repeat_of"):  # shown only where a study has seed repeats
+    for column in ("val_mean", "seeds", "repeat_of", "rung", "promoted_from"):  # only where a study has them
         if all(r[column] is None for r in rows):
             frame = frame.drop(columns=column)
     for column in frame.columns:  # whole numbers stay whole beside a trial that has none yet

@@ -183,6 +183,12 @@ class StudyRecorder:
         tags = {**self.tags, TRIAL_TAG: str(trial.number)}
         if trial.user_attrs.get(tr.MLFLOW_RUN_ID):  # a retry: link the run of the attempt that died
             tags["mnistlab.retry_of_run"] = trial.user_attrs[tr.MLFLOW_RUN_ID]
+        if tr.SCREEN in trial.user_attrs:  # a screened study's rungs: which schedule, promoted from where
+            tags["mnistlab.rung"] = f"screen-{trial.user_attrs[tr.SCREEN]}"
+        elif tr.PROMOTED_FROM in trial.user_attrs:
+            tags["mnistlab.rung"] = "full"
+        if tr.PROMOTED_FROM in trial.user_attrs:
+            tags["mnistlab.promoted_from"] = str(trial.user_attrs[tr.PROMOTED_FROM])
         if tr.REPEAT_OF in trial.user_attrs:  # a seed repeat: link the configuration it confirms
             tags.update({"mnistlab.repeat_of": str(trial.user_attrs[tr.REPEAT_OF]),
                          "mnistlab.seed": str(trial.user_attrs.get(tr.SEED))})
@@ -266,6 +272,13 @@ class StudyRecorder:
                 if run_id and self.marked.get(run_id) != rank:
                     self.tracker.set_tags(run_id, {"mnistlab.rank": rank})
                     self.marked[run_id] = rank
+
+    def mark_stopped(self, at: str, reason: str) -> None:
+        """The study-wide stop on the parent run: tags ``mnistlab.stopped_at`` and ``mnistlab.stop_reason``."""
+        try:
+            self.tracker.set_tags(self.parent_id, {"mnistlab.stopped_at": at, "mnistlab.stop_reason": reason})
+        except Exception as exc:  # the flag in the storage is what stops the workers; the tags only show it
+            warnings.warn(f"could not tag the parent run with the stop ({type(exc).__name__})", stacklevel=2)
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return self.tracker.metric_history(run_id, key)
