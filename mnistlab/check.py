@@ -6,7 +6,8 @@ The invariant, once every worker has stopped:
 - every completed or pruned trial has exactly one MLflow child run with the matching status
   (FINISHED / KILLED), one ``val_acc`` value per epoch it ran, and its checkpoint artifact,
   whose SHA-256 matches the one recorded in ``best.json``;
-- trial numbers are unique and every failed trial has a reason.
+- trial numbers are unique and every failed trial has a reason;
+- in a screened study, each promotion (a configuration at a rung) trained once.
 
 With ``repair``: stale RUNNING trials are failed (and retried, as a dead worker's are),
 RUNNING runs of finished trials are ended FAILED, metrics and run endings that an MLflow outage
@@ -133,6 +134,14 @@ class Checker:
                                                             " and its worker is still sending heartbeats"))
             elif t.state == TrialState.FAIL and not t.user_attrs.get(tr.REASON) and t.number not in retried:
                 self.note(f"trial {t.number}", "FAIL without a reason")
+        promotions = collections.defaultdict(list)  # a screened study: each promotion trains once at its rung
+        for t in trials:
+            if tr.is_promoted(t) and trained(t):
+                promotions[(t.user_attrs[tr.PROMOTED_FROM], t.user_attrs.get(tr.SCREEN, "full"))].append(t.number)
+        for (origin, rung), numbers in sorted(promotions.items(), key=str):
+            if len(numbers) > 1:
+                self.note(f"trial {origin}", f"promoted to rung {rung} and trained {len(numbers)} times (trials "
+                                             f"{', '.join(map(str, numbers))})")
 
     # -- MLflow --------------------------------------------------------------------------------
     def check_runs(self, trials: list[optuna.trial.FrozenTrial]) -> None:

@@ -28,15 +28,16 @@ def _pyplot() -> Any:
 def write(study: optuna.Study, objectives: tuple[str, ...] | list[str], out: Path, recorder: Any = None
           ) -> list[Path]:
     """Draw every plot the finished trials allow into ``out``; returns the files written."""
-    done = [t for t in study.get_trials(deepcopy=False)
-            if t.state == TrialState.COMPLETE and tr.BEST_VAL_ACC in t.user_attrs]
+    finished = [t for t in study.get_trials(deepcopy=False)
+                if t.state == TrialState.COMPLETE and tr.BEST_VAL_ACC in t.user_attrs]
+    done = [t for t in finished if not tr.is_screen(t)]  # a screened study's plots are of its full schedule
     if not done:
         return []
     out.mkdir(parents=True, exist_ok=True)
-    paths = [history(done, out / "optimization_history.png"),
+    paths = [history(done, out / "optimization_history.png", [t for t in finished if tr.is_screen(t)]),
              accuracy_vs_params(study, done, len(objectives) > 1, out / "val_acc_vs_params.png")]
     if len(done) >= 3 and len(objectives) == 1:
-        importance = importances(study, out / "param_importances.png")
+        importance = importances(study, out / "param_importances.png", done)
         if importance is not None:
             paths.append(importance)
     if recorder is not None:
@@ -44,9 +45,13 @@ def write(study: optuna.Study, objectives: tuple[str, ...] | list[str], out: Pat
     return paths
 
 
-def history(done: list[optuna.trial.FrozenTrial], path: Path) -> Path:
+def history(done: list[optuna.trial.FrozenTrial], path: Path, screens: list[optuna.trial.FrozenTrial] | None = None
+            ) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
+    if screens:  # what ranked the configurations, on its own cheaper schedule: never a candidate
+        ax.plot([t.number for t in screens], [tr.score(t) for t in screens], ".", color="0.7", ms=4,
+                label="screen (its own short schedule)")
     numbers = [t.number for t in done]
     accs = [tr.score(t) for t in done]
     best, running = [], 0.0
@@ -79,11 +84,14 @@ def accuracy_vs_params(study: optuna.Study, done: list[optuna.trial.FrozenTrial]
     return _save(fig, path)
 
 
-def importances(study: optuna.Study, path: Path) -> Path | None:
+def importances(study: optuna.Study, path: Path, done: list[optuna.trial.FrozenTrial]) -> Path | None:
+    """fANOVA importances over ``done`` alone (a screened study's screens score another schedule)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            imp = optuna.importance.get_param_importances(study)
+            only = optuna.create_study(directions=study.directions)
+            only.add_trials(done)
+            imp = optuna.importance.get_param_importances(only)
     except (RuntimeError, ValueError, ZeroDivisionError):
         return None  # too few distinct trials for the evaluator
     if not imp:

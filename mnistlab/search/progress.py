@@ -31,6 +31,7 @@ class Progress:
         self.refused = 0  # in a row, by this worker
         self.barren: str | None = None  # why this worker stopped on refused configurations (the last reason)
         self.said_stop = False
+        self.started: float | None = None  # the study's creation time (Unix), read once
 
     def stopped(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial] | None = None) -> bool:
         """Whether the study is stopped (the flag set now if its stop is met); said once by each
@@ -48,6 +49,8 @@ class Progress:
 
     def __call__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
+        if self.started is None:
+            self.started = study.user_attrs.get(stop_mod.STARTED_ATTR)
         n_trained = sum(1 for t in trials if search_trained(t) and t.state != TrialState.RUNNING)
         n_busy = sum(1 for t in trials if search_trained(t) and t.state == TrialState.RUNNING)
         if search_trained(frozen):
@@ -85,7 +88,10 @@ class Progress:
                          + (f", {best.n_seeds} seeds)" if best.n_seeds > 1 else ")"))
         if self.n_trials and self.done_here:
             per = (time.monotonic() - self.start) / self.done_here
-            parts.append(f"ETA {_duration(per * max(0, self.n_trials - n_trained))}")
+            eta = per * max(0, self.n_trials - n_trained)
+            if self.stop.minutes is not None and self.started is not None:  # the stop comes first
+                eta = min(eta, max(0.0, self.started + 60 * self.stop.minutes - time.time()))
+            parts.append(f"ETA {_duration(eta)}")
         return " | ".join(parts)
 
 

@@ -329,6 +329,11 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress line and the trial's reason say it
     url = storage_url(opts.storage)
     new = check_file(url)  # before the MLflow store is made: a bad storage creates nothing
+    warm = None
+    if cfg.warm_start:  # read and checked before anything is made; enqueued only if the study is new
+        from mnistlab.search.warm import configurations
+
+        warm = configurations(cfg, opts.storage)
     tracker = Tracker(opts.tracking_uri)
     check_apart(url, tracker.uri)
     check_reachable(tracker.uri, wait=opts.wait)
@@ -337,7 +342,7 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
         raise tracker.taken(cfg.name, holder[1])  # a study of a storage not made yet holds no name: none is made
     storage = open_storage(url, opts.heartbeat, tracker, wait=opts.wait)
     check_name_free(cfg, storage, tracker)  # makes a local MLflow store (or finds it broken) before the study
-    study = create(cfg, storage)
+    study = create(cfg, storage, warm)
     return Prepared(study, storage, recorder_for(study, cfg, tracker, url), tracker, url)
 
 

@@ -203,11 +203,13 @@ class _StaleTrial:
 READY_ATTR = "mnistlab_ready"
 
 
-def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage,
+           warm: list[tuple[str, dict[str, Any]]] | None = None) -> optuna.Study:
     """Create the study, or load it if it exists (the same command continues it).
 
     Race-safe: of workers starting together on a new study exactly one creates it, records its
-    attributes and enqueues the base trial; the others wait until it has.
+    attributes and enqueues the base trial and the ``warm`` configurations (search/warm.py,
+    (source label, values)); the others wait until it has.
     """
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if cfg.name in existing and [d.name.lower() for d in existing[cfg.name].directions] != cfg.directions:
@@ -229,6 +231,10 @@ def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Stu
         from mnistlab.core.config import get_path
 
         study.enqueue_trial({p.name: get_path(cfg.base, p.name) for p in cfg.space}, user_attrs={tr.BASE: True})
+    from mnistlab.search.warm import WARM_FROM
+
+    for label, values in warm or []:
+        study.enqueue_trial(values, user_attrs={WARM_FROM: label}, skip_if_exists=False)
     study.set_user_attr(READY_ATTR, True)
     return study
 

@@ -19,6 +19,8 @@ from mnistlab.core import config as config_mod
 from mnistlab.core.config import NAME_RULE, ExperimentConfig, safe_name, shown
 from mnistlab.search.screen import Rung, Screen
 from mnistlab.search.stop import Stop
+from mnistlab.search.warm import Source
+from mnistlab.search.warm import parse as parse_warm
 from mnistlab.util.errors import UserError, clip
 
 if TYPE_CHECKING:  # Optuna (and torch, behind core.model) load where used: a bad study file is answered at once
@@ -108,6 +110,7 @@ class StudyConfig:
     confirm: Confirm | None = None  # seed repeats of the finalists after the search
     screen: Screen | None = None  # cheap complete schedules first, the full one for the best (search/screen.py)
     stop: Stop = field(default_factory=Stop)  # when every worker stops taking new work (search/stop.py)
+    warm_start: tuple[Source, ...] = ()  # earlier studies and exports whose best configurations go first
 
     @property
     def directions(self) -> list[str]:
@@ -140,7 +143,7 @@ class StudyConfig:
 MAX_BOUND = 1e12  # a search-space bound beyond this is a typo (and floats overflow soon after)
 
 _TOP_KEYS = {"name", "base", "overrides", "space", "max_params", "objectives", "sampler", "pruner",
-             "n_trials", "timeout", "target", "enqueue_base", "confirm", "screen", "stop"}
+             "n_trials", "timeout", "target", "enqueue_base", "confirm", "screen", "stop", "warm_start"}
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -182,6 +185,7 @@ def load_study(path: str | Path) -> StudyConfig:
         confirm=_confirm(raw.get("confirm"), where),
         screen=_screen(raw.get("screen"), base, len(objectives) > 1, where),
         stop=_stop(raw.get("stop"), where),
+        warm_start=parse_warm(raw.get("warm_start"), where, p.parent),
     )
     if study.sampler.name not in SAMPLERS:
         raise UserError(f"{where}: unknown sampler {shown(study.sampler.name)}; choose from {', '.join(SAMPLERS)}")
