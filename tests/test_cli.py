@@ -394,8 +394,8 @@ def test_shipped_studies_and_experiments_are_found_by_name_from_any_folder(capsy
     code, _, err = cli(capsys, "study", "status", "smoke")
     one_line_error(code, err, "optuna.db: no such database")  # studies/smoke.yaml was read
     code, _, err = cli(capsys, "study", "status", "nosuch")
-    one_line_error(code, err,
-                   "nosuch: no such file, nor a shipped one (shipped studies: smallest, smoke, under20k, under4k)")
+    one_line_error(code, err, "nosuch: no such file, nor a shipped one (shipped studies: smallest, smoke, under20k, "
+                              "under4k, under8k)")
     (tmp_path / "smoke").write_text("name: mine\n")  # a file of that name here comes first
     code, _, err = cli(capsys, "study", "status", "smoke")
     one_line_error(code, err, "smoke: missing key 'base'")

@@ -84,8 +84,12 @@ def test_a_screened_study_with_two_workers_on_postgresql_survives_a_sigkill_mid_
     assert {t.user_attrs[tr.EPOCHS_RUN] for t in full} == {2}  # the full schedule: its own 2 epochs
     assert {t.number for t in full} >= {tr.best_trial(trials).number}  # the pick is a full-schedule trial
     killed = [t for t in trials if t.state == TrialState.FAIL]
-    assert killed and all(t.user_attrs.get(tr.RETRIED) or "heartbeat" in t.user_attrs.get(tr.REASON, "")
-                          or t.system_attrs.get("fail_reason") for t in killed)
+    assert killed
+    for dead in killed:  # retried as what it was: the same configuration at the same rung
+        retry = next(t for t in trials if t.system_attrs.get("failed_trial") == dead.number
+                     or t.user_attrs.get(tr.RETRY_OF_TRIAL) == dead.number)
+        assert retry.params == dead.params and tr.is_screen(retry) == tr.is_screen(dead)
+        assert retry.state == TrialState.COMPLETE
     client = MlflowClient(mlflow_db)
     runs = {r.data.tags.get("mnistlab.trial"): r for r in client.search_runs(
         [client.get_experiment_by_name("scr").experiment_id]) if r.data.tags.get("mnistlab.parent") != "true"}
