@@ -17,6 +17,7 @@ from mnistlab.core.train import Diverged, EpochMetrics, Result, resolve_device, 
 from mnistlab.tracking.recorder import RunLog
 from mnistlab.tracking.tracker import Tracker
 from mnistlab.tracking.uri import check_reachable, mask
+from mnistlab.util import interrupts
 from mnistlab.util.errors import UserError
 
 METRIC_FIELDS = [f for f in EpochMetrics.__dataclass_fields__]
@@ -58,9 +59,12 @@ def tracked_train(cfg: ExperimentConfig, data: Any, run: RunLog | None, checkpoi
         run.log_missing(history)
 
     def on_epoch(m: EpochMetrics) -> None:
-        history.append(m)
-        if run is not None:
-            run.epoch(m)
+        # Whole or not at all: a signal that lands inside the MLflow write is raised when the write
+        # returns; raised there, before the run noted the epoch as logged, run.end logged it again.
+        with interrupts.shielded():
+            history.append(m)
+            if run is not None:
+                run.epoch(m)
 
     try:
         return train(cfg, data, on_epoch, checkpoint_dir=checkpoint_dir, resume=resume, verbose=verbose,

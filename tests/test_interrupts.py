@@ -95,3 +95,38 @@ def test_a_signal_landing_inside_optuna_writes_leaves_the_storage_writable(tmp_p
         assert time.monotonic() - started < 4, f"the storage stayed locked after a signal at {delay:.3f} s"
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 60
 
+
+
+def test_a_signal_inside_an_epoch_s_mlflow_write_logs_that_epoch_once(tmp_path: Path, handlers: None,
+                                                                       data_dir: Path) -> None:
+    """The refit and `train` path (train_command.tracked_train): a SIGTERM that lands inside the MLflow
+    write of epoch 1's metrics is raised when the write returns. Raised before the run had noted epoch 1
+    as logged, the run's end logged it a second time (a KILLED refit run with epoch 1 twice, seen under
+    load in tests/test_picks.py's interrupted refit, whose SIGTERM comes right after epoch 1's checkpoint)."""
+    from mnistlab.core import data as data_mod
+    from mnistlab.core.config import from_dict
+    from mnistlab.core.train import resolve_device
+    from mnistlab.tracking.recorder import RunLog
+    from mnistlab.train_command import tracked_train
+
+    cfg = from_dict({"train": {"epochs": 3, "batch_size": 64, "device": "cpu"},
+                     "data": {"limit_train": 256, "limit_eval": 128}})
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tracker.client.create_experiment("epochs")
+    run = RunLog.start(tracker, experiment, "run", cfg, 0, "cpu", tmp_path / "ckpt", {})
+    real = tracker.log_metrics
+
+    def write_then_signal(run_id: str, values: dict, step: int = 0) -> None:
+        with interrupts.shielded():  # as inside the client: the signal lands during the write
+            if step == 1 and "train_loss" in values:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+            real(run_id, values, step=step)
+
+    tracker.log_metrics = write_then_signal
+    data = data_mod.load(cfg.data, resolve_device("cpu"), data_dir)
+    with pytest.raises(Interrupted):
+        tracked_train(cfg, data, run, tmp_path / "ckpt", resume=False, verbose=False)
+    steps = [m.step for m in tracker.client.get_metric_history(run.run_id, "train_loss")]
+    assert steps == [1]  # epoch 1 once (it was [1, 1]); the run ended at the first signal
+    assert tracker.client.get_run(run.run_id).info.status == "KILLED"
