@@ -85,10 +85,10 @@ def summary(folder: Path) -> dict[str, object]:
     (name,) = optuna.get_all_study_names(storage)
     study = optuna.load_study(study_name=name, storage=storage)
     trials = study.get_trials(deepcopy=False)
-    run = [t for t in trials if t.datetime_start and t.datetime_complete and tr.trained(t)]
+    run = [t for t in trials if t.datetime_start and t.datetime_complete and tr.trained(t) and not tr.is_repeat(t)]
     t0 = min(t.datetime_start for t in run)
-    hours = (max(t.datetime_complete for t in run) - t0).total_seconds() / 3600
-    raw = yaml.safe_load(next(folder.glob("*.yaml")).read_text())
+    hours = (max(t.datetime_complete for t in run) - t0).total_seconds() / 3600  # the search: seed repeats after
+    raw = yaml.safe_load(Path(study.user_attrs["study_file"]).read_text())
     full_epochs = raw["overrides"]["train.epochs"]
     full_images = raw["overrides"].get("data.limit_train") or TRAIN_IMAGES
     screen = raw.get("screen") or {}
@@ -99,16 +99,15 @@ def summary(folder: Path) -> dict[str, object]:
         compute += epochs * images / TRAIN_IMAGES
     configs = [t for t in run if tr.search_trained(t)]
     full = [t for t in run if t.state == TrialState.COMPLETE and not tr.is_screen(t)]
-    best = tr.best_trial(trials)
+    best = tr.best_group(trials)
     design = json.loads((folder / "design.json").read_text()) if (folder / "design.json").is_file() else {}
     return {"folder": str(folder), "study": name, **design, "search_hours": round(hours, 3),
             "configurations": len(configs), "configurations_per_hour": round(len(configs) / hours, 1),
             "full_schedule_completed": len(full), "pruned": sum(t.state == TrialState.PRUNED for t in run),
             "epoch_equivalents": round(compute, 1), "full_epochs": full_epochs,
-            "pick": None if best is None else {"trial": best.number, "val_score": tr.score(best),
-                                               "val_se": round(tr.se(best), 3),
-                                               "params": best.user_attrs.get(tr.PARAM_COUNT),
-                                               "config": dict(best.params)}}
+            "pick": None if best is None else {"trial": best.number, "val_score": round(best.mean, 3),
+                                               "val_se": round(best.se, 3), "seeds": best.n_seeds,
+                                               "params": best.params, "config": dict(best.first.params)}}
 
 
 def main() -> None:

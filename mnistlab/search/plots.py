@@ -89,7 +89,12 @@ def importances(study: optuna.Study, path: Path, done: list[optuna.trial.FrozenT
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            only = optuna.create_study(directions=study.directions)
+            verbosity = optuna.logging.get_verbosity()
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "a new study created in memory"
+            try:
+                only = optuna.create_study(directions=study.directions)
+            finally:
+                optuna.logging.set_verbosity(verbosity)
             only.add_trials(done)
             imp = optuna.importance.get_param_importances(only)
     except (RuntimeError, ValueError, ZeroDivisionError):
