@@ -31,6 +31,7 @@ from mnistlab.core import checkpoint
 from mnistlab.core import trials as tr
 from mnistlab.core.data import sha256
 from mnistlab.core.trials import trained
+from mnistlab.search.workers import dead_here
 from mnistlab.util.errors import UserError
 from mnistlab.util.jsonfile import read_json, write_json
 
@@ -112,7 +113,13 @@ class Checker:
                     unfinished.unlink()
 
     def fail_stale(self) -> None:
+        from mnistlab.search.workers import fail_dead_here
+
         before = {t.number for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
+        for number in fail_dead_here(self.study) if before else []:  # this machine's dead workers: at once
+            self.note(f"trial {number}", "RUNNING, its worker on this machine gone: failed and queued for a retry",
+                      fixed=True)
+            before.discard(number)
         if before:
             optuna.storages.fail_stale_trials(self.study)  # the storage's callback retries them
         after = {t.number for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
@@ -129,9 +136,11 @@ class Checker:
             t.user_attrs.get(tr.RETRY_OF_TRIAL) for t in trials}
         for t in trials:
             if t.state == TrialState.RUNNING:
-                self.note(f"trial {t.number}", "RUNNING" + (" (its worker is alive, or --repair fails it once its "
-                                                            "heartbeat is stale)" if not self.repair else
-                                                            " and its worker is still sending heartbeats"))
+                gone = isinstance(t.user_attrs.get(tr.WORKER), str) and dead_here(t.user_attrs[tr.WORKER])
+                self.note(f"trial {t.number}", "RUNNING" + (
+                    " but its worker on this machine is gone (--repair fails and retries it now)" if gone else
+                    " (its worker is alive, or --repair fails it once its heartbeat is stale)" if not self.repair else
+                    " and its worker is still sending heartbeats"))
             elif t.state == TrialState.FAIL and not t.user_attrs.get(tr.REASON) and t.number not in retried:
                 self.note(f"trial {t.number}", "FAIL without a reason")
         promotions = collections.defaultdict(list)  # a screened study: each promotion trains once at its rung

@@ -47,6 +47,7 @@ SECONDS_PER_EPOCH = "seconds_per_epoch"
 TRAINED = "trained"  # True once it took a training slot; False when it declined one (REASON says why)
 REASON = "reason"  # why a trial did not train or failed: over budget, invalid config, interrupted...
 DIVERGED = "diverged"  # the trial failed because its loss became NaN or infinite
+WORKER = "worker"  # the process training it: host|boot id|PID namespace|PID|start time (search/workers.py)
 CHECKPOINT_DIR = "checkpoint_dir"  # its checkpoint folder (a retry keeps its original's)
 MLFLOW_RUN_ID = "mlflow_run_id"  # its MLflow run; on a queued retry, the run of the attempt that died
 MLFLOW_MISSING = "mlflow_missing"  # MLflow was unreachable when it started: it trained without its run

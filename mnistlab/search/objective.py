@@ -21,6 +21,7 @@ from mnistlab.core.config import ExperimentConfig
 from mnistlab.core.model import count_params
 from mnistlab.core.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
 from mnistlab.search import stop as stop_mod
+from mnistlab.search import workers
 from mnistlab.search.stop import Stop
 from mnistlab.search.study_file import StudyConfig
 from mnistlab.util import interrupts
@@ -47,6 +48,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         cfg, n_params = self.sample(trial)
+        trial.set_user_attr(tr.WORKER, workers.identity())  # a re-run on this machine knows at once if it died
         root = trial.user_attrs.get(tr.ROOT_TRIAL, trial.number)  # a retry keeps its original's folder
         ckpt = self.artifacts / self.folder / f"trial-{root}"
         trial.set_user_attr(tr.ROOT_TRIAL, root)

@@ -32,6 +32,7 @@ from mnistlab.search.stop import STARTED_ATTR, Stop
 from mnistlab.search.storage import ID_ATTR, check_file, check_name_free, create, open_storage, storage_url
 from mnistlab.search.study_file import StudyConfig, make_pruner, make_sampler, worker_salt
 from mnistlab.search.tables import status_table
+from mnistlab.search.workers import fail_dead_here
 from mnistlab.tracking.tracker import sharing_warning
 from mnistlab.tracking.uri import mask
 from mnistlab.util import interrupts
@@ -113,7 +114,7 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
     if STARTED_ATTR not in study.user_attrs:  # a study made before stops existed: its clock starts now
         study.set_user_attr(STARTED_ATTR, time.time())
     if opts.heartbeat:
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial is retried, not counted
+        _fail_dead(study)  # a dead worker's trial is retried, not counted
     callbacks = ([Promoter(cfg.screen, len(cfg.objectives) > 1)] if cfg.screen else []) + [progress]
     if n_trials is not None and sum(map(search_trained, study.get_trials(deepcopy=False))) >= n_trials:
         print(f"study {cfg.name!r} already has {n_trials} trained trials; raise --n-trials to search more")
@@ -128,6 +129,14 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
         _promotions(study, cfg, opts, objective, progress)
     if cfg.confirm is not None:
         _confirmation(study, cfg, opts, objective, progress)
+
+
+def _fail_dead(study: optuna.Study) -> None:
+    """Fail (and retry) the trials of dead workers: those of this machine at once, whose process is
+    gone (search/workers.py), the others once their heartbeat is stale."""
+    for number in fail_dead_here(study):
+        print(f"trial {number}: its worker on this machine is gone; failed and queued to resume", flush=True)
+    optuna.storages.fail_stale_trials(study)
 
 
 class Promoter:
@@ -150,7 +159,7 @@ def _promotions(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objecti
 
     def stale() -> None:
         if opts.heartbeat:
-            optuna.storages.fail_stale_trials(study)
+            _fail_dead(study)
 
     ran = screen_stage(study, cfg.screen, len(cfg.objectives) > 1, run_one, lambda: progress.stopped(study),
                        stale=stale)
@@ -168,7 +177,7 @@ def _confirmation(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objec
 
     def stale() -> None:
         if opts.heartbeat:
-            optuna.storages.fail_stale_trials(study)
+            _fail_dead(study)
 
     base_seed = cfg.trial_config({}, opts.extra()).train.seed
     ran = confirm.run_stage(study, cfg.confirm, base_seed, run_one, stale=stale)
