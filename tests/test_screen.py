@@ -18,9 +18,7 @@ from mnistlab.core import trials as tr
 from mnistlab.search import screen as sc
 from mnistlab.search import stop as stop_mod
 from mnistlab.search.objective import Objective, StudyFull, claim, claim_promotion
-from mnistlab.search.screen import Rung, Screen
-from mnistlab.search.stop import Stop
-from mnistlab.search.study_file import load_study
+from mnistlab.search.study_file import STARTED_ATTR, STOP_ATTR, Rung, Screen, Stop, load_study
 from mnistlab.util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +157,7 @@ def test_workers_racing_to_promote_train_each_promotion_once(tmp_path: Path) -> 
 
 def test_a_promotion_is_not_taken_once_the_study_is_stopped(tmp_path: Path) -> None:
     s = study(tmp_path)
-    s.set_user_attr(stop_mod.STOP_ATTR, {"reason": "test", "at": "now", "host": "h"})
+    s.set_user_attr(STOP_ATTR, {"reason": "test", "at": "now", "host": "h"})
     s.enqueue_trial({"x": 0}, user_attrs={tr.PROMOTED_FROM: 0})
     with pytest.raises(StudyFull):
         claim_promotion(s.ask(), None, ONE, wait=0.0)
@@ -170,7 +168,7 @@ def test_a_promotion_is_not_taken_once_the_study_is_stopped(tmp_path: Path) -> N
 def test_the_stop_flag_set_by_one_worker_is_seen_by_another(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'o.db'}"
     mine = study(tmp_path)
-    mine.set_user_attr(stop_mod.STARTED_ATTR, time.time())
+    mine.set_user_attr(STARTED_ATTR, time.time())
     theirs = optuna.load_study(study_name="s", storage=url)
     assert stop_mod.check(theirs, Stop(val_score=99.0)) is None
     add(mine, 0, 99.2, rung=None)  # a full-schedule configuration reaches the target

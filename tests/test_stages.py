@@ -17,9 +17,9 @@ from optuna.trial import TrialState
 
 from conftest import ROOT, run_cli
 from mnistlab.core import trials as tr
-from mnistlab.search import stop as stop_mod
-from mnistlab.search.screen import Rung, Screen, finished_at, winners
+from mnistlab.search.screen import finished_at, winners
 from mnistlab.search.storage import load, open_storage
+from mnistlab.search.study_file import STOP_ATTR, Rung, Screen
 from mnistlab.search.warm import WARM_FROM
 
 pytestmark = pytest.mark.slow
@@ -106,7 +106,7 @@ def test_a_stop_reached_by_one_worker_stops_the_other(tmp_path: Path, mlflow_db:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("stopped at") == 2, proc.stdout  # each worker says it once
     s = load("halt", open_storage(None, heartbeat=None))
-    flag = s.user_attrs[stop_mod.STOP_ATTR]
+    flag = s.user_attrs[STOP_ATTR]
     assert "reached val_score" in flag["reason"] and "target 5%" in flag["reason"]
     trained = [t for t in s.get_trials() if tr.trained(t)]
     assert 1 <= len(trained) <= 3  # the first to finish, and at most what each worker had in hand

@@ -22,8 +22,7 @@ from mnistlab.core.model import count_params
 from mnistlab.core.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
 from mnistlab.search import stop as stop_mod
 from mnistlab.search import workers
-from mnistlab.search.stop import Stop
-from mnistlab.search.study_file import StudyConfig
+from mnistlab.search.study_file import Stop, StudyConfig
 from mnistlab.util import interrupts
 from mnistlab.util.errors import Interrupted, UserError
 

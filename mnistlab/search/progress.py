@@ -12,8 +12,7 @@ from optuna.trial import TrialState
 from mnistlab.core import trials as tr
 from mnistlab.core.trials import search_trained, state_label
 from mnistlab.search import stop as stop_mod
-from mnistlab.search.stop import Stop
-from mnistlab.search.study_file import StudyConfig
+from mnistlab.search.study_file import STARTED_ATTR, Stop, StudyConfig
 
 # Configurations refused before training (over budget or invalid), in a row, that stop a worker: they do not
 # count toward n_trials, so a search space that hardly holds a valid network would be sampled forever.
@@ -50,7 +49,7 @@ class Progress:
     def __call__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
         if self.started is None:
-            self.started = study.user_attrs.get(stop_mod.STARTED_ATTR)
+            self.started = study.user_attrs.get(STARTED_ATTR)
         n_trained = sum(1 for t in trials if search_trained(t) and t.state != TrialState.RUNNING)
         n_busy = sum(1 for t in trials if search_trained(t) and t.state == TrialState.RUNNING)
         if search_trained(frozen):

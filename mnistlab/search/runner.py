@@ -26,11 +26,10 @@ from mnistlab.core.train import Diverged
 from mnistlab.core.trials import search_trained
 from mnistlab.search.objective import Objective, StudyFull
 from mnistlab.search.progress import Progress
-from mnistlab.search.screen import Screen, enqueue_due
+from mnistlab.search.screen import enqueue_due
 from mnistlab.search.screen import run_stage as screen_stage
-from mnistlab.search.stop import STARTED_ATTR, Stop
 from mnistlab.search.storage import ID_ATTR, check_file, check_name_free, create, open_storage, storage_url
-from mnistlab.search.study_file import StudyConfig, make_pruner, make_sampler, worker_salt
+from mnistlab.search.study_file import STARTED_ATTR, Screen, Stop, StudyConfig, make_pruner, make_sampler, worker_salt
 from mnistlab.search.tables import status_table
 from mnistlab.search.workers import fail_dead_here
 from mnistlab.tracking.tracker import sharing_warning

@@ -23,39 +23,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
 from mnistlab.core import trials as tr
-
-
-@dataclass(frozen=True)
-class Rung:
-    """One screening schedule: a complete training of ``epochs`` epochs on the first
-    ``limit_train`` training images (None: all of the study's)."""
-
-    epochs: int
-    limit_train: int | None = None
-
-    def overrides(self) -> dict[str, Any]:
-        """The config values that make a trial's config this rung's."""
-        return {"train.epochs": self.epochs, **({"data.limit_train": self.limit_train} if self.limit_train else {})}
-
-
-@dataclass(frozen=True)
-class Screen:
-    """A study's screening stage: its rungs, cheapest first, and the fraction of each promoted."""
-
-    rungs: tuple[Rung, ...]
-    promote: float = 0.25  # fraction of a rung's finished trials that go one rung up (ASHA's 1/eta)
-    bands: tuple[int, ...] = ()  # multi-objective: promote within each parameter band (upper bounds)
-
-    @property
-    def full(self) -> int:
-        """The rung index of the study's own schedule."""
-        return len(self.rungs)
+from mnistlab.search.study_file import Screen
 
 
 def rung_of(t: FrozenTrial, screen: Screen) -> int:

@@ -14,33 +14,13 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from optuna.trial import FrozenTrial
 
 from mnistlab.core import trials as tr
-
-STOP_ATTR = "mnistlab_stop"  # study user attribute: {"reason", "at", "host"} once the study is stopped
-STARTED_ATTR = "mnistlab_started_at"  # study user attribute: Unix time of the study's creation
-
-
-@dataclass(frozen=True)
-class Stop:
-    """When a study is done: a configuration's score reaches ``val_score`` (%, its seed mean where
-    it has seed repeats), or ``minutes`` of wall clock have passed since the study was created."""
-
-    val_score: float | None = None
-    minutes: float | None = None
-
-    def merged(self, val_score: float | None, minutes: float | None) -> Stop:
-        """This stop with the command line's values, where given, in place of the file's."""
-        return Stop(val_score if val_score is not None else self.val_score,
-                    minutes if minutes is not None else self.minutes)
-
-    def __bool__(self) -> bool:
-        return self.val_score is not None or self.minutes is not None
+from mnistlab.search.study_file import STARTED_ATTR, STOP_ATTR, Stop
 
 
 def reason(stop: Stop, trials: list[FrozenTrial], started: float | None, now: float | None = None) -> str | None:

@@ -21,8 +21,7 @@ import optuna
 
 from mnistlab.core import trials as tr
 from mnistlab.core.config import safe_name
-from mnistlab.search.stop import STARTED_ATTR
-from mnistlab.search.study_file import StudyConfig, check_name, make_pruner, make_sampler
+from mnistlab.search.study_file import STARTED_ATTR, StudyConfig, check_name, make_pruner, make_sampler
 from mnistlab.tracking.uri import mask, quote_userinfo, split_url, sqlite_file
 from mnistlab.util import interrupts
 from mnistlab.util.errors import UserError, clip

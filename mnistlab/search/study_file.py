@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from mnistlab.core import config as config_mod
 from mnistlab.core.config import NAME_RULE, ExperimentConfig, safe_name, shown
-from mnistlab.search.screen import Rung, Screen
-from mnistlab.search.stop import Stop
 from mnistlab.search.warm import Source
 from mnistlab.search.warm import parse as parse_warm
 from mnistlab.util.errors import UserError, clip
@@ -87,6 +85,56 @@ class Confirm:
     top_k: int = 3  # configurations to confirm
     seeds: int = 3  # seeds per confirmed configuration, its original trial included
     max_params: int | None = None  # only finalists with at most this many params (e.g. a size goal)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One screening schedule: a complete training of ``epochs`` epochs on the first
+    ``limit_train`` training images (None: all of the study's)."""
+
+    epochs: int
+    limit_train: int | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The config values that make a trial's config this rung's."""
+        return {"train.epochs": self.epochs, **({"data.limit_train": self.limit_train} if self.limit_train else {})}
+
+
+@dataclass(frozen=True)
+class Screen:
+    """A study's screening stage: its rungs, cheapest first, and the fraction of each promoted."""
+
+    rungs: tuple[Rung, ...]
+    promote: float = 0.25  # fraction of a rung's finished trials that go one rung up (ASHA's 1/eta)
+    bands: tuple[int, ...] = ()  # multi-objective: promote within each parameter band (upper bounds)
+
+    @property
+    def full(self) -> int:
+        """The rung index of the study's own schedule."""
+        return len(self.rungs)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """When a study is done: a configuration's score reaches ``val_score`` (%, its seed mean where
+    it has seed repeats), or ``minutes`` of wall clock have passed since the study was created."""
+
+    val_score: float | None = None
+    minutes: float | None = None
+
+    def merged(self, val_score: float | None, minutes: float | None) -> Stop:
+        """This stop with the command line's values, where given, in place of the file's."""
+        return Stop(val_score if val_score is not None else self.val_score,
+                    minutes if minutes is not None else self.minutes)
+
+    def __bool__(self) -> bool:
+        return self.val_score is not None or self.minutes is not None
+
+
+# The study attributes of the study-wide stop (search/stop.py): spelled here, where the stop block
+# is read, so that the storage can set them without importing the stop's logic.
+STOP_ATTR = "mnistlab_stop"  # {"reason", "at", "host"} once the study is stopped
+STARTED_ATTR = "mnistlab_started_at"  # Unix time of the study's creation: a stop's minutes count from it
 
 
 @dataclass(frozen=True)
