@@ -8,6 +8,7 @@ workers failed; those are retried with the same parameters and resume from their
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import sqlite3
@@ -190,11 +191,16 @@ class _StaleTrial:
         self.tracker = tracker
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        reason = trial.user_attrs.get(tr.REASON)  # set where the death is known (search/workers.py)
+        if reason is not None:  # the retry copies the user attributes: it starts without its original's reason
+            trial = copy.deepcopy(trial)
+            trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != tr.REASON}
         self.retry(study, trial)  # the copy is linked to this one by Optuna's "failed_trial" attr
         run_id = trial.user_attrs.get(tr.MLFLOW_RUN_ID)
         if self.tracker is not None and run_id:
             try:
-                self.tracker.finish(run_id, "FAILED", {"mnistlab.fail_reason": "worker stopped sending heartbeats"})
+                self.tracker.finish(run_id, "FAILED", {"mnistlab.fail_reason": reason or
+                                                       "worker stopped sending heartbeats"})
             except Exception as exc:  # the retry matters more than the dead run's status
                 warnings.warn(f"could not mark MLflow run {run_id} FAILED ({type(exc).__name__})", stacklevel=2)
 

@@ -85,8 +85,6 @@ def fail_dead_here(study: Any) -> list[int]:
             continue
         failed.append(t.number)
         callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
-        if callback is not None:
-            dead = copy.deepcopy(storage.get_trial(t._trial_id))
-            dead.user_attrs = {k: v for k, v in dead.user_attrs.items() if k != tr.REASON}  # not the retry's
-            callback(study, dead)
+        if callback is not None:  # it retries the trial (without its reason) and fails its MLflow run
+            callback(study, copy.deepcopy(storage.get_trial(t._trial_id)))
     return failed
