@@ -61,7 +61,7 @@ def resolved(*files: str) -> dict[str, Any]:
 def env_names_mnistlab_reads() -> set[str]:
     """Environment variables the package reads, found in its source."""
     names = set()
-    for path in (ROOT / "mnistlab").glob("*.py"):
+    for path in (ROOT / "mnistlab").rglob("*.py"):  # every package of it
         text = path.read_text()
         names |= set(re.findall(r"environ(?:\.get)?\(\s*\"([A-Z_]+)\"", text))
         names |= set(re.findall(r"environ\[\"([A-Z_]+)\"\]", text))
