@@ -22,6 +22,7 @@ from mnistlab.core.model import count_params
 from mnistlab.core.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
 from mnistlab.search import stop as stop_mod
 from mnistlab.search import workers
+from mnistlab.search.screen import promotion_key
 from mnistlab.search.study_file import Stop, StudyConfig
 from mnistlab.util import interrupts
 from mnistlab.util.errors import Interrupted, UserError
@@ -253,16 +254,8 @@ def claim_repeat(trial: optuna.Trial, wait: float = 10.0) -> None:
     if study is None:
         return
     key = (trial.user_attrs[tr.REPEAT_OF], trial.user_attrs[tr.SEED])
-    deadline = time.monotonic() + wait
-    while True:
-        same = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number
-                and (t.user_attrs.get(tr.REPEAT_OF), t.user_attrs.get(tr.SEED)) == key]
-        undecided = [t for t in same if t.state == TrialState.RUNNING and tr.TRAINED not in t.user_attrs]
-        if not undecided or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    if any(tr.trained(t) for t in same):
-        _decline(trial, f"seed {key[1]} of trial {key[0]} is already trained")
+    _once(trial, study, lambda t: (t.user_attrs.get(tr.REPEAT_OF), t.user_attrs.get(tr.SEED)) == key, wait,
+          f"seed {key[1]} of trial {key[0]} is already trained")
 
 
 def claim_promotion(trial: optuna.Trial, stop: Stop | None, screen: Any, wait: float = 10.0) -> None:
@@ -274,19 +267,23 @@ def claim_promotion(trial: optuna.Trial, stop: Stop | None, screen: Any, wait: f
     if study is None:
         return
     _stopped(trial, study, stop)
-    from mnistlab.search.screen import promotion_key
-
     key = promotion_key(trial, screen)
+    _once(trial, study, lambda t: tr.is_promoted(t) and promotion_key(t, screen) == key, wait,
+          f"trial {key[0]} is already promoted to rung {key[1]}")
+
+
+def _once(trial: optuna.Trial, study: Any, same: Any, wait: float, why: str) -> None:
+    """Decline ``trial`` (``why``) when an earlier trial of the same work (``same``) trains or trained;
+    one that is RUNNING but has not decided yet is waited for, up to ``wait`` seconds."""
     deadline = time.monotonic() + wait
     while True:
-        same = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and tr.is_promoted(t)
-                and promotion_key(t, screen) == key]
-        undecided = [t for t in same if t.state == TrialState.RUNNING and tr.TRAINED not in t.user_attrs]
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and same(t)]
+        undecided = [t for t in earlier if t.state == TrialState.RUNNING and tr.TRAINED not in t.user_attrs]
         if not undecided or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    if any(tr.trained(t) for t in same):
-        _decline(trial, f"trial {key[0]} is already promoted to rung {key[1]}")
+    if any(tr.trained(t) for t in earlier):
+        _decline(trial, why)
 
 
 class _Reporter:
