@@ -105,6 +105,20 @@ def test_without_repeats_the_highest_score_wins_and_close_ones_are_marked(tmp_pa
     assert picks.pick(s, ("val_acc",), max_params=10_000).trial.number == 0
 
 
+def test_equal_seed_means_tie_to_the_smaller_network_whatever_floating_point_says(tmp_path: Path) -> None:
+    # The under8k record's case: 99.40 and 99.37 against 99.47 and 99.30, both 99.385 to every figure
+    # they hold, but 99.40 + 99.37 > 99.47 + 99.30 in floating point.
+    assert (99.40 + 99.37) / 2 != (99.47 + 99.30) / 2
+    s = recorded(tmp_path, [
+        {"score": 99.40, "params": 7_880},
+        {"score": 99.47, "params": 6_784},
+        {"score": 99.37, "params": 7_880, "x": 7_880, "repeat_of": 0, "seed": 2},
+        {"score": 99.30, "params": 6_784, "x": 6_784, "repeat_of": 1, "seed": 2},
+    ])
+    assert tr.best_group(s.trials).number == 1  # the smaller network
+    assert picks.pick(s, ("val_acc",)).trial.number == 1
+
+
 class _AlwaysPrune(optuna.pruners.BasePruner):
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         return True
@@ -157,6 +171,20 @@ def test_finalists_are_enqueued_once(tmp_path: Path) -> None:
     assert all(t.system_attrs["fixed_params"] == s.trials[t.user_attrs["repeat_of"]].params for t in queued)
     with pytest.raises(UserError, match="confirm.top_k is 5 but the search has 3 completed configurations"):
         confirm.check_possible(s.get_trials(), Confirm(top_k=5, seeds=2, max_params=8_000))
+
+
+def test_a_diverged_repeat_is_its_outcome_and_a_failed_one_is_queued_again(tmp_path: Path) -> None:
+    s = recorded(tmp_path, [{"score": 99.3, "params": 7_000}])
+    block = Confirm(top_k=1, seeds=3)
+    dist = {"x": optuna.distributions.IntDistribution(1, 10**6)}
+    for seed, attrs in ((2, {"diverged": True, "trained": True}), (3, {"trained": True})):
+        s.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params={"x": 7_000}, distributions=dist,
+                                              user_attrs={"repeat_of": 0, "seed": seed, **attrs}))
+    # seed 2 diverged: the same seed would diverge again, so it is not queued (no endless stage);
+    # seed 3 failed otherwise (nothing retried it): it is queued again
+    assert confirm.enqueue_missing(s, block, base_seed=1) == 1
+    (queued,) = [t for t in s.get_trials() if t.state == TrialState.WAITING]
+    assert queued.user_attrs["seed"] == 3
 
 
 # -- real studies -----------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ RETRIED = "retried"  # the failed trial was queued again for a retry
 BASE = "base"  # the study's first trial: the base config's own values, a yardstick
 
 Z = 1.96  # two scores closer than Z standard errors of their difference are tied (95%)
+MEAN_DIGITS = 6  # scores are hundredths of a percent; a mean of a few seeds is exact far above 1e-6
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -107,6 +108,18 @@ def trained(t: FrozenTrial) -> bool:
     configs all diverge would never reach its n_trials)."""
     states = (*FINISHED, TrialState.RUNNING) + ((TrialState.FAIL,) if t.user_attrs.get(DIVERGED) else ())
     return bool(t.user_attrs.get(TRAINED)) and t.state in states
+
+
+def accounted(t: FrozenTrial) -> bool:
+    """A seed repeat or promotion that needs no other copy: queued, training, or with an outcome,
+    trained (complete or pruned) or diverged (deterministic for its seed: trained again, it would
+    diverge again). A declined one, or one that failed otherwise (its retry, if any, is a trial of
+    its own), is not: the stage that wants it queues it again."""
+    if t.state == TrialState.WAITING:
+        return True
+    if t.state == TrialState.FAIL:
+        return bool(t.user_attrs.get(DIVERGED))
+    return t.state in (TrialState.RUNNING, *FINISHED) and bool(t.user_attrs.get(TRAINED, 1))
 
 
 def search_trained(t: FrozenTrial) -> bool:
@@ -186,8 +199,10 @@ def groups(trials: Iterable[FrozenTrial]) -> list[Group]:
 
 
 def rank_key(g: Group) -> tuple[float, int, int]:
-    """Higher score first; ties go to the smaller network, then the earlier trial."""
-    return (-g.mean, g.params, g.number)
+    """Higher score first; ties go to the smaller network, then the earlier trial. The mean is
+    rounded to MEAN_DIGITS first: means equal to every figure they can hold (two seeds of
+    99.40 and 99.37 against 99.47 and 99.30) differ in floating point only, and must tie."""
+    return (-round(g.mean, MEAN_DIGITS), g.params, g.number)
 
 
 def tied(g: Group, best: Group) -> bool:

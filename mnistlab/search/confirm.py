@@ -57,18 +57,11 @@ def planned(trials: list[FrozenTrial], confirm: Confirm, base_seed: int) -> list
     return [(g.first, seed) for g in finalists(trials, confirm) for seed in seeds_for(g.first, base_seed, confirm)]
 
 
-def _present(t: FrozenTrial) -> bool:
-    """A repeat that is queued, running or done (a failed one is retried, a declined one counts as absent)."""
-    if t.state == TrialState.WAITING:
-        return True
-    return t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get(tr.TRAINED, 1)
-
-
 def enqueue_missing(study: optuna.Study, confirm: Confirm, base_seed: int) -> int:
     """Enqueue the repeats that are neither queued, running nor done; returns how many."""
     trials = study.get_trials(deepcopy=False)
     have = {(t.user_attrs[tr.REPEAT_OF], t.user_attrs[tr.SEED]) for t in trials
-            if tr.is_repeat(t) and _present(t)}
+            if tr.is_repeat(t) and tr.accounted(t)}
     added = 0
     for first, seed in planned(trials, confirm, base_seed):
         if (first.number, seed) in have:

@@ -84,18 +84,9 @@ def winners(done: list[FrozenTrial], screen: Screen, multi: bool) -> list[Frozen
     return _fronts(done)[:math.floor(len(done) * screen.promote + 1e-9)]
 
 
-def _present(t: FrozenTrial) -> bool:
-    """A promotion that is queued, training or trained (a failed one is queued again; a declined one is absent)."""
-    if t.state == TrialState.WAITING:
-        return True
-    if t.state == TrialState.FAIL:
-        return bool(t.user_attrs.get(tr.DIVERGED))  # diverged: that configuration's outcome at this rung
-    return t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get(tr.TRAINED, 1)
-
-
 def due(trials: list[FrozenTrial], screen: Screen, multi: bool) -> list[tuple[FrozenTrial, int]]:
     """Every (trial, rung above it) promotion earned so far that is neither queued, training nor done."""
-    have = {promotion_key(t, screen) for t in trials if tr.is_promoted(t) and _present(t)}
+    have = {promotion_key(t, screen) for t in trials if tr.is_promoted(t) and tr.accounted(t)}
     out = []
     for rung in range(screen.full):
         for t in winners(finished_at(trials, rung, screen), screen, multi):
