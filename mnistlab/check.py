@@ -167,11 +167,14 @@ class Checker:
         if not uid:  # a study made before ids: runs of a newer same-named study are not its own
             runs = [r for r in runs if STUDY_ID_TAG not in r.data.tags]
         by_trial: dict[int, list[Any]] = collections.defaultdict(list)
+        state = {t.number: t for t in trials}
         for r in runs:
             if r.data.tags.get(PARENT_TAG) == "true":
                 continue
+            if r.data.tags.get("mnistlab.refit") == "true":
+                self.check_refit_run(r, state)
+                continue
             by_trial[int(r.data.tags.get(TRIAL_TAG, -1))].append(r)
-        state = {t.number: t for t in trials}
         for number, found in sorted(by_trial.items()):
             for r in found:
                 if r.info.status == "RUNNING" and (number not in state or state[number].state != TrialState.RUNNING):
@@ -198,6 +201,28 @@ class Checker:
 
         if self.repair and experiment and self.tracker.mark_training(experiment):
             self.note(f"experiment {experiment}", f"no {KIND_TAG} tag: set to {KIND}", fixed=True)
+
+    def check_refit_run(self, r: Any, state: dict[int, optuna.trial.FrozenTrial]) -> None:
+        """A refit seed's run is RUNNING only while a process holds that seed's lock (best/refit.py)."""
+        from mnistlab.best.refit import LOCK
+        from mnistlab.util.locks import held
+
+        if r.info.status != "RUNNING":
+            return
+        tags = r.data.tags
+        seed, of = tags.get("mnistlab.seed"), tags.get("mnistlab.refit_of_trial")
+        where = f"run {r.info.run_id} (refit seed {seed} of trial {of})"
+        trial = state.get(int(of)) if str(of).isdigit() else None
+        folder = Path(str(trial.user_attrs.get(tr.CHECKPOINT_DIR, ""))).parent if trial is not None else None
+        lock = folder / f"refit-{of}" / f"seed-{seed}" / LOCK if folder is not None and str(seed).isdigit() else None
+        if lock is not None and held(lock):
+            return  # a refit trains it now
+        if self.repair:
+            self.tracker.finish(r.info.run_id, "KILLED",
+                                {"mnistlab.interrupted": "its process died; ended by mnistlab study check"})
+            self.note(where, "RUNNING but no process trains it: ended KILLED", fixed=True)
+        else:
+            self.note(where, "RUNNING but no process trains it")
 
     def _stuck_run(self, r: Any, number: int) -> None:
         where = f"run {r.info.run_id} (trial {number})"

@@ -142,6 +142,9 @@ def study_run(
     wait: Wait = 0,
     worker_index: Annotated[int | None, typer.Option(
         min=0, hidden=True, help="Set by --workers in the worker processes it starts.")] = None,
+    change_space: Annotated[bool, typer.Option(
+        "--change-space", help="Continue a stored study although the file's search space differs from the "
+                                     "one its trials were sampled from.")] = False,
 ) -> None:
     """Run (or continue) a study: sample, check the budget, train, log every trial to MLflow."""
     from mnistlab.search.study_file import load_study, stop_value
@@ -158,7 +161,8 @@ def study_run(
                             tracking_uri=tracking_uri, data_dir=data_dir, artifacts=artifacts.resolve(),
                             heartbeat=heartbeat, threads=threads, verbose=verbose, wait=wait,
                             oversubscribe=oversubscribe, worker_index=worker_index,
-                            stop_val_score=stop_val_score, stop_minutes=stop_minutes)
+                            stop_val_score=stop_val_score, stop_minutes=stop_minutes,
+                            space_change=change_space)
     code = runner.run(cfg, opts)
     if code:
         raise typer.Exit(code)
@@ -274,11 +278,14 @@ def best(
 def evaluate_cmd(
     folder: Annotated[Path, typer.Argument(help="A folder written by `mnistlab best --export`.")],
     data_dir: DataDir = None,
+    trusted: Annotated[bool, typer.Option("--trusted", help="Also load model.torchscript.pt. A TorchScript "
+                                          "file is code that runs as it loads: only for a folder you trust.")] = False,
 ) -> None:
-    """Re-measure an exported model's test accuracy from its files alone, in every format."""
+    """Re-measure an exported model's test accuracy from its files alone: the safetensors weights with
+    the config's architecture and the ONNX graph (TorchScript too with --trusted)."""
     from mnistlab.best import flow
 
-    flow.evaluate(folder, data_dir)
+    flow.evaluate(folder, data_dir, trusted)
 
 
 @app.command("ui")

@@ -13,7 +13,7 @@ from mnistlab.core import config as config_mod
 from mnistlab.core import data as data_mod
 from mnistlab.core.config import ExperimentConfig
 from mnistlab.core.model import count_params, summary
-from mnistlab.core.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
+from mnistlab.core.train import Diverged, EpochMetrics, Result, refuse_unproven, resolve_device, restored_history, train
 from mnistlab.tracking.recorder import RunLog
 from mnistlab.tracking.tracker import Tracker
 from mnistlab.tracking.uri import check_reachable, mask
@@ -54,6 +54,8 @@ def tracked_train(cfg: ExperimentConfig, data: Any, run: RunLog | None, checkpoi
     """``train()`` with its MLflow run kept whole: the epochs a resume takes over from the checkpoint
     are logged first (they ran before this run existed), each new epoch as it ends, and the run is
     ended (KILLED, FAILED) with its whole history whatever stops the training."""
+    if resume:  # what the checkpoint claims is measured before anything is taken from it
+        refuse_unproven(cfg, data, checkpoint_dir)
     history = restored_history(checkpoint_dir) if resume else []
     if run is not None:
         run.log_missing(history)
@@ -65,6 +67,7 @@ def tracked_train(cfg: ExperimentConfig, data: Any, run: RunLog | None, checkpoi
             history.append(m)
             if run is not None:
                 run.epoch(m)
+        interrupts.point("train.epoch")
 
     try:
         return train(cfg, data, on_epoch, checkpoint_dir=checkpoint_dir, resume=resume, verbose=verbose,

@@ -161,6 +161,26 @@ def test_evaluate_re_measures_and_refuses_an_altered_export(finished: dict, tmp_
 
 
 @pytest.mark.slow
+def test_evaluate_loads_torchscript_only_from_a_trusted_folder(finished: dict, tmp_path: Path) -> None:
+    """A TorchScript file is code: a folder from elsewhere is measured from its weights and its ONNX graph."""
+    copy = tmp_path / "copy"
+    shutil.copytree(finished["export"], copy)
+    script = copy / "model.torchscript.pt"
+    script.write_bytes(b"PK\x03\x04 not what it claims to be")  # its checksum recorded, as a crafted file's would be
+    info = json.loads((copy / "config.json").read_text())
+    info["files"]["model.torchscript.pt"] = data.sha256(script)
+    (copy / "config.json").write_text(json.dumps(info))
+    proc = run_cli("evaluate", str(copy), env=env_of(finished))
+    assert proc.returncode == 0, proc.stderr
+    assert "torchscript:" not in proc.stdout and "safetensors:" in proc.stdout and "onnx:" in proc.stdout
+    assert "model.torchscript.pt not loaded" in proc.stdout and "--trusted" in proc.stdout
+    proc = run_cli("evaluate", str(copy), "--trusted", env=env_of(finished))
+    assert proc.returncode == 2 and "cannot load the model" in proc.stderr, proc.stdout + proc.stderr
+    proc = run_cli("evaluate", str(finished["export"]), "--trusted", env=env_of(finished))
+    assert proc.returncode == 0 and "torchscript:" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
 def test_evaluate_checks_every_model_file_and_only_the_exports_own(finished: dict, tmp_path: Path) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("not part of the export")

@@ -4,6 +4,7 @@ whose contents do not fit, deeply nested JSON. Each is one `error:` line (or a f
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -53,6 +54,23 @@ def test_status_csv_replaces_its_own_csv_whole(tmp_path: Path, capsys: pytest.Ca
     rows = (tmp_path / "t.csv").read_text().splitlines()
     assert rows[0].startswith("number,state,") and len(rows) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["optuna.db", "t.csv"]  # no temporary file left
+
+
+def test_a_user_csv_with_the_status_header_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              stored_study: str) -> None:
+    """The header alone does not make a file mnistlab's: the file mnistlab wrote carries its mark."""
+    mine = tmp_path / "capitals.csv"
+    mine.write_text("number,state,capital\n1,Texas,Austin\n")
+    mine.chmod(0o444)
+    code, _, err = cli(capsys, "study", "status", "--name", stored_study, "--csv", "capitals.csv")
+    one_line_error(code, err, "--csv capitals.csv: exists and is not a trials CSV written by mnistlab")
+    assert mine.read_text() == "number,state,capital\n1,Texas,Austin\n" and mine.stat().st_mode & 0o777 == 0o444
+    code, _, err = cli(capsys, "study", "status", "--name", stored_study, "--csv", "t.csv")
+    assert code == 0, err
+    assert os.getxattr(tmp_path / "t.csv", "user.mnistlab") == b"study-status-csv"
+    shutil.copyfile(tmp_path / "t.csv", tmp_path / "copy.csv")  # a copy is the user's file: its mark is gone
+    code, _, err = cli(capsys, "study", "status", "--name", stored_study, "--csv", "copy.csv")
+    one_line_error(code, err, "--csv copy.csv: exists and is not a trials CSV written by mnistlab")
 
 
 UNSAFE_NAMES = ["../../../escaped", "/tmp/abs", "..", ".hidden", "", "a/b", "a b", "x\ny", "-x", "n" * 101]
@@ -218,3 +236,46 @@ def test_an_unreadable_outage_note_is_set_aside_and_the_new_metrics_kept(tmp_pat
     (aside,) = tmp_path.glob("mlflow-pending.json.unreadable-*")
     assert aside.read_text().startswith('[{"run_id": "r"')  # kept for a person to read
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the write left no temporary file
+
+
+def test_read_only_commands_create_nothing_in_an_empty_or_foreign_postgresql_database(
+        pg_url: str, capsys: pytest.CaptureFixture) -> None:
+    """`study list`/`status`/`check`/`report` and `best` add no Optuna table to a database that has none."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(pg_url)
+    tables = lambda: set(sqlalchemy.inspect(engine).get_table_names())  # noqa: E731
+    for foreign in (False, True):
+        if foreign:  # another program's database (an MLflow store's table, say)
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text("create table runs (run_uuid text)"))
+        before = tables()
+        for args in (["study", "list"], ["study", "status", "--name", "x"], ["study", "check", "--name", "x"],
+                     ["study", "report", "--name", "x"], ["best", "--name", "x"]):
+            code, _, err = cli(capsys, *args, "--storage", pg_url)
+            one_line_error(code, err, "holds no Optuna studies")
+            assert tables() == before, args
+    engine.dispose()
+
+
+def test_a_stored_study_of_another_search_space_is_refused_unless_asked(tmp_path: Path, mlflow_db: str,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """A plain Optuna study of the same name, sampled from other ranges, is not joined silently."""
+    from mnistlab.search.storage import check_space
+    from mnistlab.search.study_file import load_study
+
+    path = tmp_path / "smoke.yaml"
+    path.write_text((ROOT / "studies" / "smoke.yaml").read_text().replace("../experiments", str(ROOT / "experiments")))
+    cfg = load_study(path)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = optuna.create_study(study_name="smoke", storage=url, direction="maximize")
+    ours = {p.name: p.distribution() for p in cfg.space}
+    s.add_trial(optuna.trial.create_trial(value=1.0, params={n: d.low for n, d in ours.items()}, distributions=ours))
+    check_space(cfg, s)  # the same space: continued
+    other = {**ours, "train.lr": optuna.distributions.FloatDistribution(0.001, 0.2, log=True)}
+    s.add_trial(optuna.trial.create_trial(value=1.0, params={n: d.low for n, d in other.items()}, distributions=other))
+    code, _, err = cli(capsys, "study", "run", str(path), "--storage", url, "--tracking-uri", mlflow_db,
+                       "--n-trials", "1")
+    one_line_error(code, err, "study 'smoke' exists in this storage with another search space (trial 1: 'train.lr' was")
+    assert "--change-space" in err
+    assert len(optuna.load_study(study_name="smoke", storage=url).trials) == 2  # nothing trained, nothing added

@@ -64,6 +64,19 @@ def test_nothing_is_promoted_until_a_rung_holds_one_over_the_fraction(tmp_path: 
     assert due(s) == [(6, 1), (1, 1)]  # 8 screens: the best two, best first
 
 
+def test_a_rung_promotes_no_more_than_its_fraction_however_the_best_arrive(tmp_path: Path) -> None:
+    """A sampler that learns sends ever better screens: each would rank first when it finishes, and
+    plain ASHA promoted every one. The quota keeps the promotions at floor(n * promote)."""
+    s = study(tmp_path)
+    promoted = 0
+    for i in range(16):  # each screen better than all before it
+        add(s, i, 90.0 + i)
+        promoted += sc.enqueue_due(s, ONE, False)
+        assert promoted == math.floor((i + 1) * ONE.promote)
+    queued = sorted(t.user_attrs[tr.PROMOTED_FROM] for t in s.get_trials() if tr.is_promoted(t))
+    assert queued == [3, 8, 13, 18]  # the best of the rung each time a slot opened (queued promotions are trials too)
+
+
 def test_ties_go_to_the_smaller_network_then_the_earlier_trial(tmp_path: Path) -> None:
     s = study(tmp_path)
     add(s, 0, 95.0, params=6000)

@@ -309,3 +309,48 @@ def test_a_malicious_remote_checkpoint_is_never_unpickled(tmp_path: Path) -> Non
     (remote / "last.pt.sha256").write_text(data.sha256(remote / "last.pt") + "\n")
     note = checkpoint.adopt(remote, tmp_path / "local", {})
     assert "unreadable checkpoint" in note and not marker.exists() and not (tmp_path / "local").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lie", ["zeroed best claiming 99.99", "another config's best", "last.pt's figure"])
+def test_a_checkpoint_whose_claims_its_weights_do_not_reproduce_is_set_aside(
+        data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, lie: str) -> None:
+    """Checksums pass (the liar writes them too); the re-measured validation accuracy does not."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from mnistlab.core.model import build_model
+    from mnistlab.core.train import refuse_unproven, unproven
+
+    cfg = small("train.epochs=2", "data.limit_train=300", "data.limit_eval=500")
+    d = data.load(cfg.data, "cpu", data_dir)
+    train(cfg, d, checkpoint_dir=tmp_path, verbose=False)
+    assert unproven(cfg, d, tmp_path) == ""  # as trained: believed
+    meta_path, best = tmp_path / "best.json", tmp_path / "best.safetensors"
+    meta = json.loads(meta_path.read_text())
+    if lie == "zeroed best claiming 99.99":
+        save_file({k: torch.zeros_like(v) for k, v in load_file(str(best)).items()}, str(best))
+        meta["val_acc"] = 99.99
+    elif lie == "another config's best":
+        other = build_model(small("model.widths=[8,8,8,8,8,8]").model)
+        save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(best))
+    else:  # last.pt's history says epoch 2 scored what its weights do not
+        state = checkpoint.load_state(tmp_path / "last.pt")
+        state["history"][-1]["val_correct"] = 499
+        state["history"][-1]["val_acc"] = 99.8
+        torch.save(state, tmp_path / "last.pt")
+        rewrite(tmp_path / "last.pt", (tmp_path / "last.pt").read_bytes())
+    meta_path.write_text(json.dumps({**meta, "sha256": data.sha256(best)}))
+    why = unproven(cfg, d, tmp_path)
+    assert why and ("validation" in why or "does not fit" in why or "model weight" in why), why
+    rng = torch.get_rng_state()
+    capsys.readouterr()
+    refuse_unproven(cfg, d, tmp_path)
+    assert torch.equal(rng, torch.get_rng_state())  # measuring drew nothing from the generator
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: checkpoint not believed (") and "epoch 0" in lines[0]
+    assert not (tmp_path / "last.pt").exists() and (tmp_path / "refused" / "last.pt").is_file()
+    epochs: list[int] = []
+    train(cfg, d, lambda m: epochs.append(m.epoch), checkpoint_dir=tmp_path, resume=True, verbose=False)
+    assert epochs == [1, 2]  # from the start

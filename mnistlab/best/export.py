@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from mnistlab.core import trials as trials_mod
 from mnistlab.core.config import from_dict
 from mnistlab.core.model import count_params
 from mnistlab.search.plots import trial_curves
-from mnistlab.util import interrupts
+from mnistlab.util import interrupts, locks
 from mnistlab.util.errors import UserError, clip
 from mnistlab.util.jsonfile import read_json
 
@@ -58,7 +59,7 @@ class Exported:
     example: np.ndarray  # two test images, the registry's input example
 
 
-def _prepare_target(given: Path, force: bool) -> Path:
+def prepare_target(given: Path, force: bool) -> Path:
     """The export folder, resolved; UserError (nothing touched) where writing there could lose data."""
     if given.is_symlink():  # replacing it would act on the link's target, wherever that is
         raise UserError(f"export folder {given}: is a symbolic link; give a real folder")
@@ -99,12 +100,47 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
            data_dir: Path | None = None, refit: Any = None) -> Exported:
     """Write the picked trial's model (or, with ``refit``, its exported refit) into ``out``:
     all of it, checked, or nothing."""
+    if not force:
+        again = _already(choice, study, out, refit, data_dir)
+        if again is not None:
+            return again
+    out = prepare_target(out, force)
+    # the folder is claimed from the check to the rename: a second export into it is refused while
+    # this one runs, and the check is made again under the claim
+    with locks.claimed(out.parent / f".{out.name}.lock", f"export folder {out}"):
+        return _export(choice, study, prepare_target(out, force), force=force, tracker=tracker,
+                       data_dir=data_dir, refit=refit)
+
+
+def _already(choice: Choice, study: optuna.Study, out: Path, refit: Any, data_dir: Path | None) -> Exported | None:
+    """The same export, found whole in ``out`` (the same command run again after it was stopped once
+    the folder was in place): re-measured from its files, not written again. None otherwise."""
+    try:
+        info = _export_info(out) if out.is_dir() and not out.is_symlink() else None
+    except UserError:
+        return None
+    trial = choice.trial
+    run_id = refit.exported.run_id if refit is not None else trial.user_attrs.get(trials_mod.MLFLOW_RUN_ID)
+    if info is None or (info.get("study"), info.get("trial"), info.get("mlflow_run_id"), info.get("refit")) != (
+            study.study_name, trial.number, run_id, refit.summary() if refit is not None else None):
+        return None
+    result = evaluate_folder(out, data_dir)
+    if abs(result["accuracies"][FORMATS[0].name] - info["test_acc"]) > 1e-9:
+        return None  # altered since: the usual rules decide (refused without --force)
+    print(f"export folder {out}: already holds this export (trial {trial.number}, run {run_id}); re-measured from "
+          "its files, not written again", flush=True)
+    x, _ = formats.test_pixels(data_dir)
+    return Exported(out.resolve(), info["test_acc"], result["accuracies"], info, x[:2])
+
+
+def _export(choice: Choice, study: optuna.Study, out: Path, *, force: bool, tracker: Tracker | None,
+            data_dir: Path | None, refit: Any) -> Exported:
     from mnistlab.tracking.provenance import EXPORT_PACKAGES, environment, versions
 
-    out = _prepare_target(out, force)
     _remove_stale_partials(out)
     trial = choice.trial
     previous = interrupts.stop_on_signals()  # SIGTERM then raises like SIGINT, so the temporary folder is removed
+    moved = False
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), suffix=".partial", dir=out.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the delivered folder is an ordinary one
@@ -154,9 +190,17 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
         (tmp / CARD).write_text(model_card(info, cfg, accuracies, curves))
         for path in tmp.iterdir():  # safetensors writes its file 0600: every file gets the umask's mode
             path.chmod(0o666 & ~_umask())
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        interrupts.point("export.written")
+        prepare_target(out, force)  # again at the last moment: what the folder holds now is what is replaced
+        with interrupts.shielded():  # moved, and known to be
+            _move_into_place(tmp, out)
+            moved = True
+        interrupts.point("export.moved")
+    except BaseException as exc:
+        if moved and isinstance(exc, KeyboardInterrupt):
+            exc.exported = out  # type: ignore[attr-defined]  # stopped after the export was in place
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         interrupts.restore(previous)
@@ -216,21 +260,30 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         if old is not None:
             os.replace(old, out)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if old is not None:  # the earlier export's own files go; anything else (written meanwhile) stays, said
+        for path in old.iterdir():
+            if path.name in OWN_FILES and path.is_file() and not path.is_symlink():
+                path.unlink()
+        try:
+            old.rmdir()
+        except OSError:
+            print(f"export folder {out}: replaced; files that were not the earlier export's are kept in {old}",
+                  file=sys.stderr, flush=True)
 
 
 # -- evaluate an export -----------------------------------------------------------------------
 
-def evaluate_folder(folder: Path, data_dir: Path | None = None) -> dict[str, Any]:
-    """Re-measure an exported model from its files alone; UserError on a bad or altered export."""
+def evaluate_folder(folder: Path, data_dir: Path | None = None, trusted: bool = False) -> dict[str, Any]:
+    """Re-measure an exported model from its files alone; UserError on a bad or altered export. The
+    TorchScript file (code) is loaded only from a ``trusted`` folder; the safetensors weights with the
+    config's architecture, and the ONNX graph, always."""
     folder = folder.resolve()
     info = _export_info(folder)
     _check_files(folder, info["files"])
     cfg = from_dict(info.get("config"), f"{folder / CONFIG}")
     x, y = formats.test_pixels(data_dir)
     try:
-        out = formats.outputs(folder, cfg, x)
+        out = formats.outputs(folder, cfg, x, trusted=trusted)
     except UserError:
         raise
     except Exception as exc:  # a file that passed its checksum but does not load

@@ -57,6 +57,8 @@ def best(found: find_study.Stored, opts: BestOptions) -> int:
         if parent and (known is None or not tracker.has_run(parent)):
             raise UserError(f"MLflow at {mask(tracker.uri)} has no run of study {loaded.study_name!r} (its parent run "
                             f"{parent}) to register the export in: pass the study's --tracking-uri, or --no-register")
+    if opts.export is not None:  # a folder that cannot take the export is refused before a refit trains
+        ex.prepare_target(opts.export, opts.force)
     refitted = None
     if opts.refit:
         budget = int(loaded.user_attrs.get("max_params", 1 << 62))
@@ -75,7 +77,9 @@ def best(found: find_study.Stored, opts: BestOptions) -> int:
         done = ex.export(choice, loaded, opts.export, force=opts.force, tracker=known, data_dir=opts.data_dir,
                          refit=refitted)
     except KeyboardInterrupt as exc:  # the export's temporary folder is removed on the way out
-        return interrupts.stopped(exc, f"nothing exported, {opts.export} is as it was")
+        done_at = getattr(exc, "exported", None)
+        return interrupts.stopped(exc, f"exported to {done_at}, not registered: the same command again registers it"
+                                  if done_at else f"nothing exported, {opts.export} is as it was")
     formats = ", ".join(f"{k} {v:.2f}%" for k, v in done.accuracies.items())
     print(f"exported to {done.folder}: test accuracy {done.test_acc:.2f}% on {done.info['test_images']:,} "
           f"images, the same from every format ({formats})")
@@ -98,19 +102,21 @@ def register(tracker: Tracker, loaded: Any, done: Any) -> None:
         version = register_model(tracker, loaded.study_name, run_id, loaded.user_attrs.get(EXPERIMENT_ATTR),
                                  done.folder / formats.ONNX, done.example,
                                  {"mnistlab.trial": done.info["trial"], "test_acc": done.test_acc,
-                                  "params": done.info["params"]})
+                                  "params": done.info["params"],
+                                  "mnistlab.onnx_sha256": done.info["files"][formats.ONNX]})
     except Exception as exc:
         raise UserError(f"exported to {done.folder}, but registering in MLflow failed "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     print(f"registered models:/{loaded.study_name}@best (version {version}) in MLflow at {tracker.uri}")
 
 
-def evaluate(folder: Path, data_dir: Path | None = None) -> None:
-    """`mnistlab evaluate`: an export's test accuracy re-measured in every format; UserError unless it
-    matches the one its config.json records."""
+def evaluate(folder: Path, data_dir: Path | None = None, trusted: bool = False) -> None:
+    """`mnistlab evaluate`: an export's test accuracy re-measured in every format it loads (TorchScript,
+    which is code, only from a ``trusted`` folder); UserError unless it matches the one its config.json
+    records."""
     from mnistlab.best import export as ex
 
-    result = ex.evaluate_folder(folder, data_dir)
+    result = ex.evaluate_folder(folder, data_dir, trusted=trusted)
     recorded = result["info"]["test_acc"]
     for name, acc in result["accuracies"].items():
         print(f"{name:>12}: {acc:.2f}% on {result['test_images']:,} test images")
@@ -118,3 +124,5 @@ def evaluate(folder: Path, data_dir: Path | None = None) -> None:
     if abs(measured - recorded) > 1e-9:
         raise UserError(f"{folder}: re-measured {measured:.2f}% but config.json records {recorded:.2f}%")
     print(f"matches the recorded {recorded:.2f}%")
+    if not trusted:
+        print("model.torchscript.pt not loaded: TorchScript is code; pass --trusted for a folder you trust")

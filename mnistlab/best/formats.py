@@ -162,9 +162,16 @@ def _batched(fn: Predict, x: np.ndarray, batch: int = 1000) -> np.ndarray:
     return np.concatenate([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def outputs(folder: Path, cfg: ExperimentConfig, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Log-probabilities of every image from each exported file, loaded the way a user loads it."""
-    loaded = {fmt.name: fmt.load(folder / fmt.file, cfg) for fmt in FORMATS}
+# Formats whose loading runs code from the file itself: a TorchScript archive is a program, and a
+# crafted one can touch the file system as it loads. They are loaded only from a trusted folder.
+CODE_FORMATS = frozenset({"torchscript"})
+
+
+def outputs(folder: Path, cfg: ExperimentConfig, x: np.ndarray, trusted: bool = True) -> dict[str, np.ndarray]:
+    """Log-probabilities of every image from each exported file, loaded the way a user loads it;
+    not ``trusted``, the formats that run code from the file (CODE_FORMATS) are skipped."""
+    loaded = {fmt.name: fmt.load(folder / fmt.file, cfg) for fmt in FORMATS
+              if trusted or fmt.name not in CODE_FORMATS}
     return {name: _batched(predict, x) for name, predict in loaded.items()}
 
 

@@ -27,7 +27,7 @@ from mnistlab.core import checkpoint, data
 from mnistlab.core import trials as tr
 from mnistlab.core.config import ExperimentConfig, from_dict
 from mnistlab.core.model import build_model, count_params
-from mnistlab.util import interrupts
+from mnistlab.util import interrupts, locks
 from mnistlab.util.errors import UserError
 from mnistlab.util.jsonfile import read_json
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from mnistlab.tracking.tracker import Tracker
 
 RESULT = "result.json"
+LOCK = ".lock"  # held while a process trains the seed (util/locks.py)
 
 
 @dataclass
@@ -141,7 +142,15 @@ def run(trial: Any, trial_cfg: ExperimentConfig, n_seeds: int, max_params: int, 
 
 def _train_seed(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, loaded: Any, recorder: Any,
                 verbose: bool) -> SeedResult:
-    """Train one refit seed (resuming from its checkpoint if it was interrupted), record it."""
+    """Train one refit seed (resuming from its checkpoint if it was interrupted), record it. The
+    seed's lock is held throughout: a second refit of the same seed is refused, not run beside it."""
+    with locks.claimed(folder / LOCK, f"refit seed {cfg.train.seed} of trial {trial}"):
+        done = finished(folder, cfg)  # finished by another process while this one waited to start
+        return done if done is not None else _train_locked(trial, cfg, n_params, folder, loaded, recorder, verbose)
+
+
+def _train_locked(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, loaded: Any, recorder: Any,
+                  verbose: bool) -> SeedResult:
     from mnistlab.core.train import resolve_device
     from mnistlab.train_command import tracked_train
 
@@ -150,14 +159,23 @@ def _train_seed(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, 
     if good is not None:
         print(f"refit seed {cfg.train.seed}: resuming from {good}", flush=True)
     device = str(resolve_device(cfg.train.device))
-    run_log = recorder.start_refit(trial, cfg, n_params, folder, device) if recorder is not None else None
+    run_log = None
+    if recorder is not None:
+        # the run of an attempt whose process died (SIGKILL, a crash) is RUNNING still: with the lock
+        # held, no process trains this seed, so it is ended KILLED, and the new run links to it
+        dead = recorder.end_dead_refits(trial, cfg.train.seed)
+        with interrupts.shielded():  # made and known whole
+            run_log = recorder.start_refit(trial, cfg, n_params, folder, device, retry_of=dead)
+    interrupts.point("refit.run")
     start = time.perf_counter()
     result = tracked_train(cfg, loaded, run_log, folder, resume=resume, verbose=verbose, test_once=True)
+    interrupts.point("refit.trained")
     seconds = time.perf_counter() - start
     _save_final(folder, cfg, result, trial)
     seed = SeedResult(cfg.train.seed, round(result.test_acc, 4), result.test_correct, result.test_total,
                       result.epochs_run, round(seconds, 1), run_log.run_id if run_log else None, folder)
     _write_result(folder, seed)
+    interrupts.point("refit.saved")
     if run_log is not None:
         run_log.complete(result)
     print(f"refit seed {seed.seed}: test {seed.test_acc:.2f}% ({seed.test_correct}/{seed.test_total}) after "

@@ -168,10 +168,11 @@ def misfit(state: dict[str, Any]) -> str:
         return "cuda_rng or scheduler of the wrong type"
     with torch.device("meta"):  # names and shapes only: no memory, no initialisation
         net = build_model(cfg.model)
-    return _weights_misfit(state["model"], net) or _optimizer_misfit(state["optimizer"], net)
+    return weights_misfit(state["model"], net) or _optimizer_misfit(state["optimizer"], net)
 
 
-def _weights_misfit(weights: Any, net: torch.nn.Module) -> str:
+def weights_misfit(weights: Any, net: torch.nn.Module) -> str:
+    """What in ``weights`` does not fit ``net``'s names, shapes and types ("" when all does)."""
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         return "its model weights are not a state dict"
     expected = net.state_dict()

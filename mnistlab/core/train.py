@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from mnistlab.core import checkpoint
 from mnistlab.core.config import ExperimentConfig, TrainConfig
 from mnistlab.core.data import MnistData, Split, batches
 from mnistlab.core.model import build_model, count_params
-from mnistlab.util.errors import UserError
+from mnistlab.util.errors import UserError, clip
 
 
 @dataclass
@@ -69,6 +70,9 @@ class Result:
 
 
 OnEpoch = Callable[[EpochMetrics], None]
+
+
+MATCH_IMAGES = 2  # validation images by which a re-measured checkpoint may differ from its record
 
 
 class Diverged(Exception):
@@ -286,6 +290,63 @@ def _resume(run: _Run, checkpoint_dir: Path, verbose: bool) -> None:
                         "aside to start again") from None
     if verbose:
         print(f"Resuming from {good} after epoch {run.epoch}")
+
+
+def unproven(cfg: ExperimentConfig, data: MnistData, checkpoint_dir: Path) -> str:
+    """Why the checkpoint a resume would take from ``checkpoint_dir`` is not believed ("" when it is):
+    its weights, and the best weights beside it, must fit ``cfg`` and score on the validation split
+    what the checkpoint records they scored (within MATCH_IMAGES or 0.1%, for another device's
+    arithmetic). A checksum only says a file is the one written; a file written to lie, or the best
+    weights of another configuration, passes it. The checks cost one evaluation each (about a
+    second) and leave every random generator as it was."""
+    good, state, _ = checkpoint.load_latest(checkpoint_dir, config=cfg.to_dict())
+    if good is None or data.val is None:
+        return ""  # nothing to resume, or nothing to measure on (a refit: its test is read at the end)
+    history = [EpochMetrics(**m) for m in state["history"]]
+    claims = [m for m in history if m.eval_split == "val"]
+    if not claims:
+        return ""
+    allowed = max(MATCH_IMAGES, len(data.val) // 1000)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        net = build_model(cfg.model)
+    net = net.to_empty(device=data.val.x.device)
+    last = claims[-1]
+    net.load_state_dict(state["model"])
+    _, correct = evaluate(net, data.val, cfg.train.eval_batch_size)
+    if abs(correct - last.val_correct) > allowed:
+        return (f"{good}: its weights score {100 * correct / len(data.val):.2f}% on validation, not the "
+                f"{last.val_acc:.2f}% it records for epoch {last.epoch}")
+    best = max(claims, key=lambda m: m.val_acc)  # the first of equal ones, as train() keeps it
+    try:
+        weights, meta = checkpoint.load_best(checkpoint_dir)
+    except UserError as exc:
+        return str(exc)
+    problem = checkpoint.weights_misfit(weights, net)
+    if problem or meta.get("epoch") != best.epoch:
+        return f"{checkpoint_dir / checkpoint.BEST}: " + (problem or f"of epoch {clip(meta.get('epoch'))}, "
+                                                          f"the best epoch is {best.epoch}")
+    net.load_state_dict(weights)
+    _, correct = evaluate(net, data.val, cfg.train.eval_batch_size)
+    if abs(correct - best.val_correct) > allowed:
+        return (f"{checkpoint_dir / checkpoint.BEST}: scores {100 * correct / len(data.val):.2f}% on validation, "
+                f"not the {best.val_acc:.2f}% recorded for epoch {best.epoch}")
+    return ""
+
+
+def refuse_unproven(cfg: ExperimentConfig, data: MnistData, checkpoint_dir: Path) -> None:
+    """Set aside (into ``refused/`` inside the folder) a checkpoint that ``unproven`` does not believe,
+    with one warning line: the training starts again from epoch 0, as from a corrupt checkpoint."""
+    why = unproven(cfg, data, checkpoint_dir)
+    if not why:
+        return
+    aside = checkpoint_dir / "refused"
+    aside.mkdir(exist_ok=True)
+    for name in (checkpoint.LAST, checkpoint.PREV, checkpoint.BEST, checkpoint.BEST_META):
+        for path in (checkpoint_dir / name, checkpoint_dir / (name + checkpoint.SUM)):
+            if path.is_file() and not path.is_symlink():
+                os.replace(path, aside / path.name)
+    print(f"warning: checkpoint not believed ({why}); set aside in {aside}, training starts again from epoch 0",
+          file=sys.stderr, flush=True)
 
 
 def _best_from_history(history: list[EpochMetrics], result: Result) -> dict[str, torch.Tensor] | None:

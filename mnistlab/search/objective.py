@@ -19,7 +19,7 @@ from mnistlab.core import data as data_mod
 from mnistlab.core import trials as tr
 from mnistlab.core.config import ExperimentConfig
 from mnistlab.core.model import count_params
-from mnistlab.core.train import Diverged, EpochMetrics, Result, resolve_device, restored_history, train
+from mnistlab.core.train import Diverged, EpochMetrics, Result, refuse_unproven, resolve_device, restored_history, train
 from mnistlab.search import stop as stop_mod
 from mnistlab.search import workers
 from mnistlab.search.screen import promotion_key
@@ -47,42 +47,68 @@ class Objective:
         self._data: dict[tuple[Any, ...], data_mod.MnistData] = {}
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        """One trial's life: claimed (sampled, budget-checked, a training slot taken), its run
+        created, its epochs, then pruned, complete or failed. An interrupt at any instant of it,
+        before its run exists or while a pruning is being recorded, ends it the one way a next
+        run can finish: FAIL with its reason, queued to resume, its run KILLED."""
+        life = _Life(trial)
+        try:
+            trial.set_user_attr(tr.WORKER, workers.identity())  # a re-run on this machine knows at once if it died
+            interrupts.point("trial.start")
+            return self._live(trial, life)
+        except optuna.TrialPruned as exc:
+            try:
+                with interrupts.shielded():  # the pruned run's end is written whole
+                    interrupts.point("trial.pruning")
+                    life.end(exc)
+            except KeyboardInterrupt as stop:  # the user stopped while the pruning was recorded
+                life.fail(stop)
+                raise stop from None
+            raise
+        except StudyFull:
+            raise  # declined before it trained: its reason is recorded
+        except BaseException as exc:
+            life.fail(exc)
+            raise
+
+    def _live(self, trial: optuna.Trial, life: _Life) -> float | tuple[float, ...]:
         cfg, n_params = self.sample(trial)
-        trial.set_user_attr(tr.WORKER, workers.identity())  # a re-run on this machine knows at once if it died
-        root = trial.user_attrs.get(tr.ROOT_TRIAL, trial.number)  # a retry keeps its original's folder
+        interrupts.point("trial.claimed")
+        root = life.root
         ckpt = self.artifacts / self.folder / f"trial-{root}"
         trial.set_user_attr(tr.ROOT_TRIAL, root)
         trial.set_user_attr(tr.CHECKPOINT_DIR, str(ckpt))
         device = str(resolve_device(cfg.train.device))
         earlier_run = trial.user_attrs.get(tr.MLFLOW_RUN_ID)  # a retry's: the run of the attempt that died
-        run = None
         if self.recorder is not None:
             try:
-                run = self.recorder.start(trial, cfg, n_params, ckpt, device)
+                with interrupts.shielded():  # made and known whole: a signal waits for the run's id
+                    life.run = self.recorder.start(trial, cfg, n_params, ckpt, device)
             except Exception as exc:  # MLflow is down: train anyway; `study check --repair` makes the run later
                 warnings.warn(f"MLflow unreachable ({type(exc).__name__}); trial {trial.number} trains without its "
                               "run, which `mnistlab study check --repair` creates from its checkpoint", stacklevel=2)
                 trial.set_user_attr(tr.MLFLOW_MISSING, True)
+        interrupts.point("trial.run")
         resume = root != trial.number
         if resume and earlier_run and self.recorder is not None:
             self._fetch(earlier_run, ckpt, cfg)
+        if resume:  # what the checkpoint claims is measured before anything is taken from it
+            refuse_unproven(cfg, self.data_for(cfg), ckpt)
         restored = restored_history(ckpt) if resume else []  # the epochs train() takes over
-        if run is not None:
-            run.log_missing(restored)  # they ran before this run existed; a pruned or failed end needs them too
-        on_epoch = _Reporter(trial, run, multi=len(self.study.objectives) > 1, epochs=cfg.train.epochs,
+        life.history = list(restored)
+        if life.run is not None:
+            life.run.log_missing(restored)  # they ran before this run existed; a pruned or failed end needs them too
+        on_epoch = _Reporter(trial, life.run, multi=len(self.study.objectives) > 1, epochs=cfg.train.epochs,
                              history=restored)
-        try:
-            result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=resume,
-                           verbose=self.verbose)
-        except BaseException as exc:
-            if not isinstance(exc, optuna.TrialPruned):
-                _failed(trial, exc, root, run.run_id if run is not None else None, on_epoch.history)
-            if run is not None:
-                run.end(exc, on_epoch.history)
-            raise
+        life.history = on_epoch.history  # the same list: the epochs as they are recorded
+        with interrupts.shielded():
+            on_epoch.replay()
+        result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=resume, verbose=self.verbose)
+        interrupts.point("trial.trained")
         _record(trial, result)
-        if run is not None:
-            run.complete(result)
+        if life.run is not None:
+            life.run.complete(result)
+        interrupts.point("trial.recorded")
         return self.values(result, n_params)
 
     def _fetch(self, run_id: str, ckpt: Path, cfg: ExperimentConfig) -> None:
@@ -156,6 +182,29 @@ class Objective:
 def retryable(exc: BaseException) -> bool:
     """Failures of the environment, not of the config: an interrupt, a full disk, an I/O error."""
     return isinstance(exc, (KeyboardInterrupt, OSError))
+
+
+class _Life:
+    """What one trial has done so far, for ending it whatever the instant it is stopped at."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self.root = int(trial.user_attrs.get(tr.ROOT_TRIAL, trial.number))  # a retry keeps its original's folder
+        self.run: Any = None  # its MLflow run, once made
+        self.history: list[EpochMetrics] = []
+
+    def end(self, exc: BaseException) -> None:
+        if self.run is not None:
+            self.run.end(exc, self.history)
+
+    def fail(self, exc: BaseException) -> None:
+        """FAIL with the reason (queued to resume when the environment failed it); the run ended."""
+        _failed(self.trial, exc, self.root, self.run.run_id if self.run is not None else None, self.history)
+        try:
+            with interrupts.shielded():
+                self.end(exc)
+        except KeyboardInterrupt:  # a second stop while the first is recorded: the first is raised
+            pass
 
 
 def _failed(trial: optuna.Trial, exc: BaseException, root: int, run_id: str | None, history: list[Any]) -> None:
@@ -301,6 +350,17 @@ class _Reporter:
     def __call__(self, m: EpochMetrics) -> None:
         with interrupts.shielded():  # the epoch's records are written whole (a signal waits for them)
             self._record(m)
+        interrupts.point("trial.epoch")
+
+    def replay(self) -> None:
+        """Report the epochs a resumed trial takes over from its checkpoint, and let the pruner judge
+        the last of them as it would have then: a trial stopped while it was being pruned ends
+        pruned, as it would have uninterrupted, instead of training on."""
+        if self.multi or not self.history:
+            return
+        for m in self.history:
+            self.trial.report(m.val_acc, m.epoch)
+        self._judge(self.history[-1])
 
     def _record(self, m: EpochMetrics) -> None:
         self.history.append(m)
@@ -310,6 +370,9 @@ class _Reporter:
         if self.multi:
             return  # Optuna cannot prune multi-objective studies
         self.trial.report(m.val_acc, m.epoch)
+        self._judge(m)
+
+    def _judge(self, m: EpochMetrics) -> None:
         if m.epoch < self.epochs and self.trial.should_prune():  # a trial that ran every epoch competes
             best = max(self.history, key=lambda h: h.val_acc)
             self.trial.set_user_attr(tr.BEST_VAL_ACC, best.val_acc)

@@ -13,6 +13,7 @@ from mnistlab.core import trials as tr
 from mnistlab.core.trials import search_trained, state_label
 from mnistlab.search import stop as stop_mod
 from mnistlab.search.study_file import STARTED_ATTR, Stop, StudyConfig
+from mnistlab.util import interrupts
 
 # Configurations refused before training (over budget or invalid), in a row, that stop a worker: they do not
 # count toward n_trials, so a search space that hardly holds a valid network would be sampled forever.
@@ -47,6 +48,7 @@ class Progress:
         return True
 
     def __call__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        interrupts.point("trial.told")
         trials = study.get_trials(deepcopy=False)
         if self.started is None:
             self.started = study.user_attrs.get(STARTED_ATTR)

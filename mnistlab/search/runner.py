@@ -68,6 +68,7 @@ class RunOptions:
     stop_val_score: float | None = None  # --stop-val-score: the study file's stop.val_score, overridden
     stop_minutes: float | None = None  # --stop-minutes: the study file's stop.minutes, overridden
     worker_index: int | None = None  # set in the processes `--workers N` starts (0..N-1); None in any other
+    space_change: bool = False  # --change-space: continue a stored study whose space the file changed
 
     def config_flags(self) -> dict[str, Any]:
         """The flags of config.FLAGS that `study run` takes (all but --seed), as given (None: unset)."""
@@ -199,7 +200,7 @@ def worker_args(cfg: StudyConfig, opts: RunOptions, threads: int, index: int) ->
     for flag, value in flags.items():
         if value is not None:
             args += [flag, str(value)]
-    return args + (["--verbose"] if opts.verbose else [])
+    return args + (["--verbose"] if opts.verbose else []) + (["--change-space"] if opts.space_change else [])
 
 
 def worker_env(opts: RunOptions) -> dict[str, str]:
@@ -350,7 +351,7 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
         raise tracker.taken(cfg.name, holder[1])  # a study of a storage not made yet holds no name: none is made
     storage = open_storage(url, opts.heartbeat, tracker, wait=opts.wait)
     check_name_free(cfg, storage, tracker)  # makes a local MLflow store (or finds it broken) before the study
-    study = create(cfg, storage, warm)
+    study = create(cfg, storage, warm, space_change=opts.space_change)
     return Prepared(study, storage, recorder_for(study, cfg, tracker, url), tracker, url)
 
 

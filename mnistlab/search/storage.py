@@ -82,6 +82,8 @@ def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Tracker |
         hb = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
               "heartbeat_stale_trial_callback": _StaleTrial(tracker)}
     if database is None:
+        if not create:  # a command that only reads never adds Optuna's tables to an empty or foreign database
+            _require_optuna_tables(url, kwargs)
         return _connect(url, kwargs, hb, wait)
     if not database.parent.exists():
         raise UserError(f"storage: folder {database.parent} does not exist")
@@ -95,6 +97,25 @@ def open_storage(url: str | None, heartbeat: int | None = 30, tracker: Tracker |
         optuna_tables(database)
         _sqlite_wal(database)
         return _connect(url, kwargs, hb, wait)
+
+
+OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what Optuna's schema always has
+
+
+def _require_optuna_tables(url: str, kwargs: dict[str, Any]) -> None:
+    """UserError unless the server database at ``url`` holds Optuna's tables; nothing is created."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, **kwargs)
+        try:
+            names = set(sqlalchemy.inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+    except Exception as exc:  # an unreachable server or a bad URL: the same one line as opening it
+        raise UserError(mask(f"storage {url}: cannot open ({_first_line(exc)})", url)) from None
+    if not names >= OPTUNA_TABLES:
+        raise UserError(mask(f"storage {url}: holds no Optuna studies (run `mnistlab study run` to create one)", url))
 
 
 class ShieldedStorage(optuna.storages.RDBStorage):
@@ -209,8 +230,10 @@ READY_ATTR = "mnistlab_ready"
 
 
 def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage,
-           warm: list[tuple[str, dict[str, Any]]] | None = None) -> optuna.Study:
-    """Create the study, or load it if it exists (the same command continues it).
+           warm: list[tuple[str, dict[str, Any]]] | None = None, space_change: bool = False) -> optuna.Study:
+    """Create the study, or load it if it exists (the same command continues it). An existing study
+    whose trials were sampled from another space (other names or distributions) is refused unless
+    ``space_change`` (`--change-space`) says to continue it with this file's space.
 
     Race-safe: of workers starting together on a new study exactly one creates it, records its
     attributes and enqueues the base trial and the ``warm`` configurations (search/warm.py,
@@ -225,6 +248,8 @@ def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage,
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(**kwargs)
         _wait_ready(study)
+        if not space_change:
+            check_space(cfg, study)
         return study
     study.set_user_attr(ID_ATTR, uuid.uuid4().hex)
     study.set_user_attr("study_file", str(cfg.path))
@@ -242,6 +267,27 @@ def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage,
         study.enqueue_trial(values, user_attrs={WARM_FROM: label}, skip_if_exists=False)
     study.set_user_attr(READY_ATTR, True)
     return study
+
+
+def check_space(cfg: StudyConfig, study: optuna.Study) -> None:
+    """UserError when a finished trial of ``study`` was sampled from another space than ``cfg``'s:
+    a parameter the file lacks or adds, or another range, step, scale or choice list."""
+    from optuna.trial import TrialState
+
+    ours = {p.name: p.distribution() for p in cfg.space}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        theirs = t.distributions
+        if not theirs:
+            continue
+        extra, missing = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        changed = sorted(n for n in set(theirs) & set(ours) if theirs[n] != ours[n])
+        if extra or missing or changed:
+            what = (f"{clip(extra[0])} is not in this file's space" if extra else
+                    f"{clip(missing[0])} was not in its space" if missing else
+                    f"{clip(changed[0])} was {clip(theirs[changed[0]])}, this file says {clip(ours[changed[0]])}")
+            raise UserError(f"study {cfg.name!r} exists in this storage with another search space (trial {t.number}: "
+                            f"{what}); give the study another name, or pass --change-space to continue it "
+                            "with this file's space")
 
 
 def _wait_ready(study: optuna.Study, timeout: float = 30.0) -> None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # Optuna (and torch, behind core.model) load where used: a ba
 # The metrics a study may optimise, with their directions. The test set is never one of them.
 OBJECTIVES = {"val_acc": "maximize", "params": "minimize", "val_loss": "minimize"}
 SAMPLERS = ("tpe", "random", "nsga2")
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "hyperband", "threshold", "none")
 
 
 
@@ -55,6 +55,16 @@ class Param:
         """Values that can give the smallest network: the low end, or every choice."""
         return list(self.choices) if self.type == "categorical" else [self.low]
 
+    def distribution(self) -> Any:
+        """The Optuna distribution a trial records for this entry (what objective._suggest asks for)."""
+        from optuna import distributions as d
+
+        if self.type == "float":
+            return d.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return d.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return d.CategoricalDistribution(list(self.choices))
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -75,6 +85,7 @@ class Pruner:
     n_warmup_steps: int = 2  # median: epochs a trial always runs
     min_resource: int = 1  # hyperband: epochs
     reduction_factor: int = 3  # hyperband
+    lower: float | None = None  # threshold: a trial below this validation accuracy (%) after the warm-up is pruned
 
 
 @dataclass(frozen=True)
@@ -242,6 +253,9 @@ def load_study(path: str | Path) -> StudyConfig:
                         f"{study.n_trials}")
     if study.pruner.name not in PRUNERS:
         raise UserError(f"{where}: unknown pruner {shown(study.pruner.name)}; choose from {', '.join(PRUNERS)}")
+    if (study.pruner.name == "threshold") != (study.pruner.lower is not None):
+        raise UserError(f"{where}: pruner.lower (a validation accuracy in %) goes with the threshold pruner, "
+                        "and only with it")
     study.trial_config({p.name: p.smallest_values()[0] for p in space})  # every name maps to a field
     return study
 
@@ -395,6 +409,13 @@ def stop_value(value: Any, key: str, where: str) -> float | None:
     return float(value)
 
 
+def _percent(value: Any, key: str, where: str) -> float:
+    """An accuracy in %: a finite number from 0 to 100."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise UserError(f"{where}: {key} must be a number from 0 to 100 (%); got {shown(value)}")
+    return float(value)
+
+
 def _section(cls: type, raw: Any, key: str, where: str) -> Any:
     if raw is None:
         return cls()
@@ -409,6 +430,9 @@ def _section(cls: type, raw: Any, key: str, where: str) -> Any:
     for k, v in raw.items():
         want = str if k == "name" else bool if isinstance(fields[k].default, bool) else int
         if k == "seed" and v is None:
+            continue
+        if k == "lower":
+            v = raw[k] = _percent(v, f"{key}.{k}", where)
             continue
         _typed(v, want, f"{key}.{k}", where)
         low, high = _RANGES.get(k, (None, None))
@@ -487,4 +511,6 @@ def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
     if p.name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=study.base.train.epochs,
                                               reduction_factor=p.reduction_factor)
+    if p.name == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=p.lower, n_warmup_steps=p.n_warmup_steps)
     return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
 from pathlib import Path
@@ -13,7 +15,7 @@ from mnistlab.core import trials as tr
 from mnistlab.core.trials import best_trial, state_label
 from mnistlab.search.storage import shown_name
 from mnistlab.util.errors import UserError
-from mnistlab.util.files import write_atomic
+from mnistlab.util.files import write_temp
 
 
 def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -> Any:
@@ -95,6 +97,10 @@ def print_status(study: optuna.Study, objectives: list[str] | tuple[str, ...], c
 # Every status CSV starts so (the index, then the first column): an existing file that does not is
 # someone else's (an Optuna or MLflow store passed by mistake) and is never written over.
 CSV_HEADER = "number,state"
+# ... and carries this extended attribute, so that a header alone (a user's "number,state,capital")
+# does not pass. It is invisible to CSV readers; a copy (cp without -a) loses it. On a file system
+# without extended attributes the header alone decides.
+CSV_MARK, CSV_MARK_VALUE = "user.mnistlab", b"study-status-csv"
 _SNIFF_BYTES = 4096  # enough for the header; a huge file is not read to decide
 
 
@@ -124,13 +130,31 @@ def check_csv_target(path: Path) -> None:
     if first != CSV_HEADER.encode() and not first.startswith(CSV_HEADER.encode() + b","):
         raise UserError(f"--csv {path}: exists and is not a trials CSV written by mnistlab (its first line is not "
                         f"{CSV_HEADER},...); not overwritten: choose another name or delete it")
+    if _marked(path) is False:
+        raise UserError(f"--csv {path}: exists and is not a trials CSV written by mnistlab (it lacks the "
+                        f"{CSV_MARK} mark that mnistlab sets); not overwritten: choose another name or delete it")
+
+
+def _marked(path: Path) -> bool | None:
+    """``path`` carries the status CSV's mark; None where the file system keeps no extended attributes."""
+    try:
+        return os.getxattr(path, CSV_MARK, follow_symlinks=False) == CSV_MARK_VALUE
+    except OSError as exc:
+        return False if exc.errno == errno.ENODATA else None
 
 
 def write_csv(path: Path, text: str) -> None:
-    """``text`` becomes ``path`` all at once (files.write_atomic): an interrupted write leaves the old
+    """``text`` becomes ``path`` all at once, marked (CSV_MARK): an interrupted write leaves the old
     file or none, never half a table."""
     try:
-        write_atomic(path, text.encode())
+        tmp = write_temp(path, text.encode())
+        try:
+            with contextlib.suppress(OSError):  # no extended attributes here: the header alone marks it
+                os.setxattr(tmp, CSV_MARK, CSV_MARK_VALUE, follow_symlinks=False)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     except OSError as exc:
         raise UserError(f"--csv {path}: cannot write ({exc.strerror or type(exc).__name__})") from None
 

@@ -198,13 +198,33 @@ class StudyRecorder:
         trial.set_user_attr(tr.MLFLOW_RUN_ID, run.run_id)
         return run
 
-    def start_refit(self, trial: int, cfg: Any, n_params: int, folder: Path, device: str) -> RunLog:
-        """The run of one refit seed, under the parent, tagged with the trial it refits."""
+    def start_refit(self, trial: int, cfg: Any, n_params: int, folder: Path, device: str,
+                    retry_of: list[str] | None = None) -> RunLog:
+        """The run of one refit seed, under the parent, tagged with the trial it refits (and the
+        runs of earlier attempts whose process died, ``retry_of``)."""
         tags = {**self.tags, "mnistlab.refit": "true", "mnistlab.refit_of_trial": str(trial),
                 "mnistlab.seed": str(cfg.train.seed)}
+        if retry_of:
+            tags["mnistlab.retry_of_run"] = ",".join(retry_of)
         return RunLog.start(self.tracker, self.experiment_id, f"refit-{trial}-seed-{cfg.train.seed}", cfg, n_params,
                             device, folder, tags, parent=self.parent_id,
                             files={"study": self.study_file} if self.study_file.is_file() else {})
+
+    def refit_runs(self, trial: int, seed: int, status: str = "RUNNING") -> list[Any]:
+        """This study's runs of refit seed ``seed`` of ``trial`` with ``status``."""
+        query = " AND ".join([*(f"tags.`{k}` = '{v}'" for k, v in self.tags.items()),
+                              "tags.`mnistlab.refit` = 'true'", f"tags.`mnistlab.refit_of_trial` = '{int(trial)}'",
+                              f"tags.`mnistlab.seed` = '{int(seed)}'", f"attributes.status = '{status}'"])
+        return self.tracker.search_all_runs(self.experiment_id, query)
+
+    def end_dead_refits(self, trial: int, seed: int) -> list[str]:
+        """End KILLED the RUNNING runs of a refit seed that no process trains (the caller holds the
+        seed's lock): those of attempts killed before they could end their run. Returns their ids."""
+        ended = []
+        for r in self.refit_runs(trial, seed):
+            self.tracker.finish(r.info.run_id, "KILLED", {"mnistlab.interrupted": "its process died"})
+            ended.append(r.info.run_id)
+        return ended
 
     def backfill(self, trial: Any, cfg: Any, history: list[Any], checkpoint_dir: Path) -> str:
         """The run of a trial that trained while MLflow was unreachable, made afterwards from its

@@ -17,13 +17,18 @@ def register_model(tracker: Tracker, name: str, run_id: str | None, experiment_i
     """Register an exported model as ``models:/NAME@best``: a pyfunc that maps pixels to digits.
 
     The pyfunc is MLflow's "model from code" (``mnistlab/tracking/serving.py``) over the ONNX file, so
-    loading it needs MLflow, numpy and onnxruntime only. Returns the new version number.
+    loading it needs MLflow, numpy and onnxruntime only. Returns the new version number, or that of
+    ``@best`` when it already is this very model (the same run, the same tags: the ONNX file's SHA-256
+    among them), so that running the same `best --export` again registers nothing twice.
     """
     import mlflow
     import numpy as np
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    same = _registered(tracker, name, run_id, tags)
+    if same is not None:  # the same command run again: the version it registered stands
+        return same
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
                                outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]))
     import logging
@@ -52,3 +57,14 @@ def register_model(tracker: Tracker, name: str, run_id: str | None, experiment_i
     finally:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
+
+
+def _registered(tracker: Tracker, name: str, run_id: str | None, tags: dict[str, Any]) -> int | None:
+    """The version ``@best`` names when it is the model about to be registered, else None."""
+    try:
+        current = tracker.client.get_model_version_by_alias(name, REGISTRY_ALIAS)
+    except Exception:  # no such model or alias yet (MLflow raises its own error type)
+        return None
+    if current.run_id != run_id or any(current.tags.get(k) != str(v) for k, v in tags.items()):
+        return None
+    return int(current.version)

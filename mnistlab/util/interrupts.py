@@ -9,6 +9,7 @@ signal arriving then is held and raised as soon as the call returns.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -73,3 +74,25 @@ def stopped(exc: BaseException, what: str) -> int:
     name = getattr(exc, "signame", "SIGINT")
     print(f"interrupted by {name}: {what}", file=sys.stderr, flush=True)
     return 128 + int(getattr(signal, name, signal.SIGINT))
+
+
+# A test-only hook: MNISTLAB_TEST_SIGNAL_AT="POINT[#N]:SIGNAL" makes the process send itself SIGNAL
+# (INT, TERM or KILL) the Nth time (1st by default) it passes the named instant ``point(POINT)``,
+# so that the interruption tests stop a real command at every instant of a trial's, a refit's and
+# an export's life, not at a few a timer happens to hit. Unset, ``point`` only reads a dict.
+TEST_HOOK = "MNISTLAB_TEST_SIGNAL_AT"
+_passes: dict[str, int] = {}
+
+
+def point(name: str) -> None:
+    """A named instant that an interruption can cut (see TEST_HOOK)."""
+    spec = os.environ.get(TEST_HOOK)
+    if not spec:
+        return
+    where, _, sig = spec.rpartition(":")
+    wanted, _, nth = where.partition("#")
+    if wanted != name:
+        return
+    _passes[name] = _passes.get(name, 0) + 1
+    if _passes[name] == int(nth or 1):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig.upper().removeprefix('SIG')}"))
