@@ -142,7 +142,11 @@ class Checker:
                     " (its worker is alive, or --repair fails it once its heartbeat is stale)" if not self.repair else
                     " and its worker is still sending heartbeats"))
             elif t.state == TrialState.FAIL and not t.user_attrs.get(tr.REASON) and t.number not in retried:
-                self.note(f"trial {t.number}", "FAIL without a reason")
+                if self.repair:  # an older mnistlab left interrupted trials so: retried as an interruption is now
+                    self.retry_unexplained(t)
+                    self.note(f"trial {t.number}", "FAIL without a reason: a retry queued", fixed=True)
+                else:
+                    self.note(f"trial {t.number}", "FAIL without a reason (--repair retries it)")
         promotions = collections.defaultdict(list)  # a screened study: each promotion trains once at its rung
         for t in trials:
             if tr.is_promoted(t) and trained(t):
@@ -151,6 +155,15 @@ class Checker:
             if len(numbers) > 1:
                 self.note(f"trial {origin}", f"promoted to rung {rung} and trained {len(numbers)} times (trials "
                                              f"{', '.join(map(str, numbers))})")
+
+    def retry_unexplained(self, t: optuna.trial.FrozenTrial) -> None:
+        """A FAIL without a reason (older versions' interruptions ended so) gets a retry with its
+        parameters and checkpoint folder, as an interrupted trial does now; the retry names it
+        (``retry_of_trial``), which is its explanation (a finished trial cannot be written to)."""
+        attrs = {k: t.user_attrs[k] for k in (tr.REPEAT_OF, tr.SEED, tr.SCREEN, tr.PROMOTED_FROM, tr.MLFLOW_RUN_ID)
+                 if k in t.user_attrs}
+        attrs.update({tr.ROOT_TRIAL: t.user_attrs.get(tr.ROOT_TRIAL, t.number), tr.RETRY_OF_TRIAL: t.number})
+        self.study.enqueue_trial(dict(t.params), user_attrs=attrs, skip_if_exists=False)
 
     # -- MLflow --------------------------------------------------------------------------------
     def check_runs(self, trials: list[optuna.trial.FrozenTrial]) -> None:

@@ -14,7 +14,7 @@ try:  # typer vendors click from 0.2x on; its exceptions live there
 except ImportError:  # pragma: no cover - older typer on the real click
     from click import exceptions as cli_errors
 
-from mnistlab.core.config import FLAGS
+from mnistlab.core.config import FLAGS, MAX_THREADS
 from mnistlab.util.errors import UserError
 
 app = typer.Typer(help="Search for small, accurate MNIST networks; every experiment tracked.",
@@ -41,6 +41,7 @@ StudyFile = Annotated[Path | None, typer.Argument(help="Study YAML file.", show_
 StudyName = Annotated[str | None, typer.Option("--name", help="Study name, instead of a study file.")]
 Artifacts = Annotated[Path, typer.Option(help="Folder for trial checkpoints and plots.")]
 _debug = False
+MAX_WORKERS = 1024  # --workers and --worker-index: far beyond any machine; a bound, not a recommendation
 
 
 @app.callback()
@@ -124,8 +125,8 @@ def study_run(
     stop_minutes: Annotated[float | None, typer.Option(
         help="Stop every worker once the study is this many minutes old (the file's stop.minutes).")] = None,
     storage: Storage = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine (one GPU each); at most its "
-                                                     "cores (or GPUs) and what its memory holds.")] = 1,
+    workers: Annotated[int, typer.Option(min=1, max=MAX_WORKERS, help="Worker processes on this machine (one GPU "
+                                         "each); at most its cores (or GPUs) and what its memory holds.")] = 1,
     oversubscribe: Annotated[bool, typer.Option(
         "--oversubscribe", envvar="MNISTLAB_OVERSUBSCRIBE",
         help="Start --workers beyond the cores or memory anyway.")] = False,
@@ -137,11 +138,12 @@ def study_run(
     data_dir: DataDir = None,
     artifacts: Artifacts = Path("mnistlab-artifacts"),
     heartbeat: Annotated[int, typer.Option(min=1, help="Seconds between trial heartbeats.")] = 30,
-    threads: Annotated[int, typer.Option(min=0, help="Torch threads per worker (0: split the cores).")] = 0,
+    threads: Annotated[int, typer.Option(min=0, max=MAX_THREADS,
+                                         help="Torch threads per worker (0: split the cores).")] = 0,
     verbose: Annotated[bool, typer.Option(help="Per-epoch lines and progress bars.")] = False,
     wait: Wait = 0,
     worker_index: Annotated[int | None, typer.Option(
-        min=0, hidden=True, help="Set by --workers in the worker processes it starts.")] = None,
+        min=0, max=MAX_WORKERS, hidden=True, help="Set by --workers in the worker processes it starts.")] = None,
     change_space: Annotated[bool, typer.Option(
         "--change-space", help="Continue a stored study although the file's search space differs from the "
                                      "one its trials were sampled from.")] = False,

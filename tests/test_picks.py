@@ -150,7 +150,8 @@ def test_confirm_block_is_parsed_and_checked(tmp_path: Path, capsys: pytest.Capt
     for block, message in [("confirm: {seeds: 1}", "2 <= seeds"), ("confirm: {top_k: 0}", "confirm.top_k must be > 0"),
                            ("confirm: {top: 2}", "unknown key confirm.'top'"), ("confirm: 3", "must be a mapping"),
                            ("confirm: {top_k: 5}", "top_k 5 is more than the study's n_trials 3"),
-                           ("confirm: {seeds: 2.5}", "confirm.seeds must be int")]:
+                           ("confirm: {seeds: 2.5}", "confirm.seeds must be int"),
+                           ("confirm: {max_params: 100}", "confirm.max_params 100 is below the smallest network")]:
         path = study_file(tmp_path, SMALL + block + "\n", name="bad")
         code, out, err = cli(capsys, "study", "run", str(path))
         assert code == 2 and err.startswith("error: ") and message in err, (block, err)
@@ -321,6 +322,13 @@ def test_bad_refit_input_exits_2_and_creates_nothing(tmp_path: Path, capsys: pyt
         code, _, err = cli(capsys, "best", "--name", "e", "--storage", f"sqlite:///{tmp_path / 'e.db'}", *args)
         assert code == 2 and err.startswith("error: ") and message in err, err
     assert listing() == before
+    s = recorded(tmp_path, [{"score": 99.1, "params": 5_000}])  # a study that logs to MLflow ...
+    s.set_user_attr("mlflow_parent_run_id", "0123456789abcdef")
+    before = listing()
+    code, _, err = cli(capsys, "best", "--name", "r", "--storage", f"sqlite:///{tmp_path / 'r.db'}", "--refit",
+                       "--tracking-uri", f"sqlite:///{tmp_path / 'mlfow-typo.db'}")  # ... and a mistyped store
+    assert code == 2 and "there is no MLflow store at sqlite:///" in err and "pass --tracking-uri" in err, err
+    assert listing() == before  # the mistyped store was not created
 
 
 def _shuffled_test_labels(source: Path, into: Path) -> Path:

@@ -95,3 +95,21 @@ def test_sigkill_then_the_same_command_at_once_resumes_without_waiting(tmp_path:
     dead, retry = s.trials
     assert dead.state == TrialState.FAIL and "is gone" in dead.user_attrs[tr.REASON]
     assert retry.state == TrialState.COMPLETE and retry.user_attrs[tr.ROOT_TRIAL] == 0
+
+
+def test_repair_retries_a_fail_without_a_reason_that_an_older_version_left(tmp_path: Path) -> None:
+    """Older versions ended a trial interrupted in its first instants FAIL with no reason and no retry:
+    `study check` could never pass again. --repair now queues its retry, which explains it."""
+    from mnistlab.check import check
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="old")
+    dist = {"x": optuna.distributions.IntDistribution(0, 10)}
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params={"x": 3}, distributions=dist))
+    found = check(study, None)
+    assert [(f.where, f.what) for f in found] == [("trial 0", "FAIL without a reason (--repair retries it)")]
+    fixed = check(study, None, repair=True)
+    assert [(f.where, f.fixed) for f in fixed] == [("trial 0", True)]
+    retry = study.get_trials()[1]
+    assert retry.state == TrialState.WAITING and retry.system_attrs["fixed_params"] == {"x": 3}
+    assert retry.user_attrs[tr.RETRY_OF_TRIAL] == 0 and retry.user_attrs[tr.ROOT_TRIAL] == 0
+    assert check(study, None) == []  # consistent from here on

@@ -37,7 +37,7 @@ from mnistlab.core.config import from_dict
 from mnistlab.core.model import count_params
 from mnistlab.search.plots import trial_curves
 from mnistlab.util import interrupts, locks
-from mnistlab.util.errors import UserError, clip
+from mnistlab.util.errors import Interrupted, UserError, clip
 from mnistlab.util.jsonfile import read_json
 
 if TYPE_CHECKING:
@@ -197,10 +197,15 @@ def _export(choice: Choice, study: optuna.Study, out: Path, *, force: bool, trac
             moved = True
         interrupts.point("export.moved")
     except BaseException as exc:
-        if moved and isinstance(exc, KeyboardInterrupt):
-            exc.exported = out  # type: ignore[attr-defined]  # stopped after the export was in place
-        else:
+        stop = exc if isinstance(exc, KeyboardInterrupt) else None
+        if stop is None and interrupts.received():  # a library wrapped the stop in its own error
+            stop = Interrupted(interrupts.received() or "SIGTERM")
+        if moved and stop is not None:
+            stop.exported = out  # type: ignore[attr-defined]  # stopped after the export was in place
+        elif not moved:
             shutil.rmtree(tmp, ignore_errors=True)
+        if stop is not None and stop is not exc:
+            raise stop from None
         raise
     finally:
         interrupts.restore(previous)

@@ -50,9 +50,12 @@ def best(found: find_study.Stored, opts: BestOptions) -> int:
     check_reachable(tracker.uri)
     tracker.check_access()
     known = tracker if tracker.known() else None
-    if opts.export is not None and opts.register:  # found out before anything is refitted or written
-        from mnistlab.search.runner import PARENT_ATTR
+    from mnistlab.search.runner import PARENT_ATTR
 
+    if known is None and loaded.user_attrs.get(PARENT_ATTR):  # a mistyped store: the refit's runs would go nowhere
+        raise UserError(f"study {loaded.study_name!r} logs to MLflow, but there is no MLflow store at "
+                        f"{mask(tracker.uri)}: pass --tracking-uri")
+    if opts.export is not None and opts.register:  # found out before anything is refitted or written
         parent = loaded.user_attrs.get(PARENT_ATTR)
         if parent and (known is None or not tracker.has_run(parent)):
             raise UserError(f"MLflow at {mask(tracker.uri)} has no run of study {loaded.study_name!r} (its parent run "

@@ -93,7 +93,10 @@ def resolve_device(name: str) -> torch.device:
     before any tensor goes there, where torch would fail with a traceback)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):  # torch's own message for "cuda:x" or an index past 64 bits
+        raise UserError(f"device {clip(name)}: not a device name (auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

@@ -224,9 +224,14 @@ def check_workers(opts: RunOptions) -> None:
     The workers' memory itself is not limited (an address-space limit breaks CUDA, which reserves
     far more than it uses); too many of them are refused instead.
     """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if opts.worker_index is None and opts.threads * max(1, opts.workers) > cores and not opts.oversubscribe:
+        # (100,000 threads crashed torch after the study existed; a worker process was checked by its parent)
+        raise UserError(f"--threads {opts.threads}: {max(1, opts.workers)} worker(s) x {opts.threads} threads is more "
+                        f"than this machine's {cores} CPU cores; give at most {max(1, cores // max(1, opts.workers))} "
+                        "(0 splits the cores), or --oversubscribe")
     if opts.workers <= 1 or opts.oversubscribe:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = _gpus(opts.device)
     most = max(cores, gpus)
     memory = _available_memory()
@@ -335,6 +340,9 @@ def prepare(cfg: StudyConfig, opts: RunOptions) -> Prepared:
     if smallest > cfg.max_params:
         raise UserError(f"{cfg.path}: the smallest network in the space has {smallest:,} "
                         f"params, over the budget of {cfg.max_params:,}")
+    if cfg.confirm is not None and cfg.confirm.max_params is not None and cfg.confirm.max_params < smallest:
+        raise UserError(f"{cfg.path}: confirm.max_params {cfg.confirm.max_params:,} is below the smallest network in "
+                        f"the space ({smallest:,} params): no configuration could ever be confirmed")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress line and the trial's reason say it
     url = storage_url(opts.storage)
     new = check_file(url)  # before the MLflow store is made: a bad storage creates nothing

@@ -7,8 +7,8 @@ never the first epochs of a longer run: a one-cycle schedule's early epochs say 
 where it ends. The study's own schedule is the last rung. A new configuration trains at rung 0.
 After every finished trial, any worker promotes the best configurations of each rung not yet
 promoted, as long as the rung has promoted fewer than ``promote`` times its finished trials
-(a quota: see ``due``), so no worker ever waits for a rung to fill. A promotion is an ordinary trial, enqueued with the same
-parameters and the user attributes ``screen`` (its rung; absent at the full schedule) and
+(a quota: see ``due``), so no worker ever waits for a rung to fill. A promotion is an ordinary
+trial, enqueued with the same parameters and the user attributes ``screen`` (its rung; absent at the full schedule) and
 ``promoted_from`` (the trial one rung below); ``objective.claim_promotion`` makes sure each trains once
 however many workers enqueued it. Screens never count as picks (``trials.scored``); n_trials
 counts configurations, so promotions do not count toward it (``trials.search_trained``).

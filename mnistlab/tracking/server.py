@@ -9,6 +9,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from mnistlab.tracking.tracker import KIND, KIND_TAG, Tracker
 from mnistlab.tracking.ui_plugin import TRAINING, TRIALS_VIEW
 from mnistlab.tracking.uri import mask, resolve_uri
+from mnistlab.util.errors import UserError, clip
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -21,6 +22,15 @@ def exposure_warning(host: str, auth: bool) -> str | None:
             "change every run; add --auth (MLflow's basic-auth app) or bind 127.0.0.1")
 
 
+AUTH_ENV = ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD")
+
+
+def printable(name: str) -> str:
+    """A name from the store as a terminal line shows it: anyone can name an experiment, and escape
+    sequences or a newline in it would retitle the window, clear the screen or print a fake link."""
+    return name if name.isprintable() else clip(name, 80)
+
+
 def serve_ui(uri: str | None, host: str, port: int, auth: bool = False) -> int:
     """Run MLflow's server (the web UI) over a local store until interrupted; returns its exit code.
 
@@ -31,6 +41,11 @@ def serve_ui(uri: str | None, host: str, port: int, auth: bool = False) -> int:
     if urlsplit(uri).scheme in ("http", "https"):
         print(f"the tracking server {mask(uri)} serves the MLflow UI itself: open it in a browser")
         return 0
+    if auth:  # MLflow's auth app signs its sessions with this key; without it, it fails after starting
+        missing = [k for k in AUTH_ENV if not os.environ.get(k)]
+        if missing:
+            raise UserError(f"ui --auth: set {' and '.join(missing)} in the environment first (the secret that signs "
+                            "login sessions, and the admin password MLflow's auth app creates its admin with)")
     warning = exposure_warning(host, auth)
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -40,7 +55,7 @@ def serve_ui(uri: str | None, host: str, port: int, auth: bool = False) -> int:
     print(f"MLflow UI: {base}  (store {mask(uri)}; Ctrl-C stops it)", flush=True)
     tracker = Tracker(uri)
     for name, link in runs_links(tracker, base) if tracker.known() else []:
-        print(f"  {name}: {link}", flush=True)
+        print(f"  {printable(name)}: {link}", flush=True)
     env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}  # a password in the URI stays off the command line
     os.execve(sys.executable, cmd, env)  # the server takes this process over: signals reach it directly
     return 1  # not reached

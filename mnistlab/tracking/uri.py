@@ -133,13 +133,41 @@ def _without_userinfo(uri: str) -> str:
     return parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl()
 
 
+def _check_database(uri: str, wait: float) -> None:
+    """UserError in one line, within seconds, when a database tracking store cannot be connected to
+    (MLflow itself retries for about two minutes, then prints a traceback). A server that is not up
+    yet is waited for, with ``wait``, like a tracking server."""
+    import sqlalchemy
+
+    waiting = Wait(wait)
+    while True:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.NullPool)
+        try:
+            with engine.connect():
+                return
+        except Exception as exc:  # the driver's OperationalError (a missing database, a refused login, no server)
+            detail = mask(str(getattr(exc, "orig", exc)).strip().splitlines()[0][:300], uri)
+            starting = any(sign in detail.lower() for sign in ("connection refused", "could not connect",
+                                                               "starting up", "timeout expired"))
+            if not starting or waiting.over():
+                raise UserError(f"tracking store {mask(uri)}: cannot connect ({detail}){waiting.waited()}; "
+                                "nothing was trained") from None
+            waiting.again(f"waiting for the tracking store {mask(uri)} ({detail})")
+        finally:
+            engine.dispose()
+
+
 def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
     """UserError in one line when a tracking server does not answer its health check.
 
     With ``wait``, a server that is not up yet (connection refused, unknown host) is retried
     every 2 s for that many seconds, with one line on stderr saying so.
     """
-    if split_url(uri, "tracking URI").scheme not in ("http", "https"):
+    scheme = split_url(uri, "tracking URI").scheme
+    if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        _check_database(uri, wait)
+        return
+    if scheme not in ("http", "https"):
         return
     health = _without_userinfo(uri).rstrip("/") + "/health"
     waiting = Wait(wait)

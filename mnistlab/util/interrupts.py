@@ -34,18 +34,30 @@ def stop_on_signals() -> dict[int, Any]:
         return {}
     fired: list[int] = []
     _state.held = None
+    _received.clear()
 
     def handler(signum: int, frame: Any) -> None:
         if fired:
             return
         fired.append(signum)
         name = signal.Signals(signum).name
+        _received[:] = [name]
         if _depth() > 0:
             _state.held = name
             return
         raise Interrupted(name)
 
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+_received: list[str] = []  # the signal this process was stopped by, once one arrived
+
+
+def received() -> str | None:
+    """The name of the SIGTERM/SIGINT that arrived (None before one did). Code that calls into a library
+    which catches every exception and raises its own (torch.export wraps an Interrupted raised inside
+    it in a TorchExportError) asks this to tell the user's stop from a failure."""
+    return _received[0] if _received else None
 
 
 def restore(previous: dict[int, Any]) -> None:
