@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save
 
 from mnistlab.core.config import from_dict
 from mnistlab.core.data import sha256
+from mnistlab.core.metrics import EpochMetrics
 from mnistlab.core.model import build_model
 from mnistlab.util.errors import UserError, clip
 from mnistlab.util.files import write_atomic, write_temp
@@ -145,7 +146,6 @@ def misfit(state: dict[str, Any]) -> str:
     names and shapes, the optimiser's parameters, the types a resume restores. A checksum only says
     the file is the one written; a file that does not fit is passed over like a corrupt one, never
     half-restored into a model."""
-    from mnistlab.core.train import EpochMetrics  # train imports this module
 
     try:
         cfg = from_dict(state["config"], "its config")

@@ -24,25 +24,9 @@ from tqdm import tqdm
 from mnistlab.core import checkpoint
 from mnistlab.core.config import ExperimentConfig, TrainConfig
 from mnistlab.core.data import MnistData, Split, batches
+from mnistlab.core.metrics import EpochMetrics
 from mnistlab.core.model import build_model, count_params
 from mnistlab.util.errors import UserError, clip
-
-
-@dataclass
-class EpochMetrics:
-    """What one epoch measured. Losses are mean NLL; accuracies are percent."""
-
-    epoch: int  # 1-based
-    train_loss: float
-    train_acc: float
-    val_loss: float  # on the test set when eval_split == "test" (full_train runs)
-    val_acc: float
-    val_correct: int
-    val_total: int
-    lr: float  # at the end of the epoch
-    epoch_seconds: float
-    images_per_s: float  # training images per second, this epoch
-    eval_split: str = "val"
 
 
 @dataclass
