@@ -44,8 +44,18 @@ _debug = False
 MAX_WORKERS = 1024  # --workers and --worker-index: far beyond any machine; a bound, not a recommendation
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"mnistlab {version('mnistlab')}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print mnistlab's version and exit.")] = False) -> None:
     global _debug
     _debug = debug
 
@@ -92,7 +102,7 @@ def train_cmd(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
     overrides: Overrides = None,
     epochs: Annotated[int | None, typer.Option(help=f"Override {FLAGS['epochs']}.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     seed: Annotated[int | None, typer.Option(help=f"Override {FLAGS['seed']}.")] = None,
     limit_train: Annotated[int | None, typer.Option(help="Train on the first N images.")] = None,
     limit_eval: Annotated[int | None, typer.Option(help="Evaluate on the first N images.")] = None,
@@ -130,7 +140,7 @@ def study_run(
     oversubscribe: Annotated[bool, typer.Option(
         "--oversubscribe", envvar="MNISTLAB_OVERSUBSCRIBE",
         help="Start --workers beyond the cores or memory anyway.")] = False,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N for every trial.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps for every trial.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help=f"Override {FLAGS['epochs']}.")] = None,
     limit_train: Annotated[int | None, typer.Option(min=1, help="Train on the first N images.")] = None,
     limit_eval: Annotated[int | None, typer.Option(min=1, help="Evaluate on the first N images.")] = None,

@@ -49,7 +49,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("model: {widths: 16}", "model.widths must be a list"),
     ("model: {head: mlp}", "model.head must be one of conv_gap, gap_conv, gap_linear"),
     ("model: {dropout: 1.5}", "model.dropout must be in [0, 1)"),
-    ("train: {device: tpu}", "train.device must be auto, cpu, cuda or cuda:N"),
+    ("train: {device: tpu}", "train.device must be auto, cpu, cuda, cuda:N or mps"),
     ("model: [1, 2", "malformed YAML"),
     ("- 1\n- 2", "expected a mapping"),
 ])
@@ -167,3 +167,18 @@ def test_the_cli_flags_set_real_config_fields(tmp_path: Path) -> None:
     assert (cfg.train.epochs, cfg.train.device, cfg.train.seed, cfg.data.limit_eval) == (2, "cpu", 1, 7)
     opts = runner.RunOptions(epochs=3, limit_train=64)
     assert opts.extra() == {"train.epochs": 3, "data.limit_train": 64}
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e-3", 0.001), ("5E-4", 0.0005), ("2e0", 2.0), ("+2.5e-2", 0.025),
+                                             ("3.0e-1", 0.3)])
+def test_numbers_in_exponent_notation_are_numbers_everywhere(tmp_path: Path, text: str, value: float) -> None:
+    """YAML 1.1 reads 1e-3 as a string; mnistlab reads it as people write it, in files and overrides."""
+    exp = tmp_path / "e.yaml"
+    exp.write_text(f"name: e\ntrain: {{lr: {text}}}\n")
+    assert config.load(exp).train.lr == value
+    assert config.load(ROOT / "experiments" / "eva4-s4.yaml", [f"train.lr={text}"]).train.lr == value
+    study = tmp_path / "s.yaml"
+    study.write_text(f"name: s\nbase: {ROOT / 'experiments' / 'eva4-s4.yaml'}\nmax_params: 20000\n"
+                     f"space:\n  train.lr: {{type: float, low: {text}, high: 10.0, log: true}}\n")
+    assert study_file.load_study(study).space[0].low == value
+    assert config.parse_yaml("-1e-3") == -0.001 and config.parse_yaml("1e") == "1e"  # a sign; not a number

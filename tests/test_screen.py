@@ -276,3 +276,25 @@ def test_screen_configs_are_complete_short_schedules_capped_by_the_full_one(tmp_
     assert trial.user_attrs[tr.SCREEN] == 0 and config.train.schedule == cfg.base.train.schedule
     assert s.get_trials()[0].constraints == {"params_over_budget": float(n - 20000)}  # Optuna's own feasibility
     assert math.isclose(config.model.dropout, trial.params["model.dropout"])
+
+
+def test_every_trained_trial_s_run_has_its_rank_tag(tmp_path: Path, mlflow_db: str) -> None:
+    """best / tied / behind for the candidates, pruned and screen for the runs that are not (a real MLflow store)."""
+    from mlflow import MlflowClient
+
+    from mnistlab.tracking.recorder import StudyRecorder
+    from mnistlab.tracking.tracker import Tracker
+
+    tracker = Tracker(mlflow_db)
+    experiment = tracker.experiment("ranks")
+    parent = tracker.start_run(experiment, "parent", {})
+    recorder = StudyRecorder(tracker, "ranks", experiment, parent, tmp_path / "s.yaml")
+    s = study(tmp_path)
+    runs = [tracker.start_run(experiment, f"trial-{i}", {}, parent) for i in range(4)]
+    add(s, 0, 97.0, mlflow_run_id=runs[0])  # a screen
+    add(s, 1, 99.3, rung=None, mlflow_run_id=runs[1])  # the best
+    add(s, 2, 98.0, rung=None, state=optuna.trial.TrialState.PRUNED, mlflow_run_id=runs[2])
+    add(s, 3, 97.5, rung=None, mlflow_run_id=runs[3])  # far behind
+    recorder.summary(s, s.get_trials())
+    client = MlflowClient(mlflow_db)
+    assert [client.get_run(r).data.tags.get("mnistlab.rank") for r in runs] == ["screen", "best", "pruned", "behind"]

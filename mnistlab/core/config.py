@@ -266,6 +266,10 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_yaml_map)
 _Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: its floats need a dot. Every ML config in the wild
+# writes learning rates so (YAML 1.2 reads them as numbers), and so does mnistlab: 1e-3, 5E-4, 1e3.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
@@ -531,7 +535,7 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> None:
     need(0 <= t.threads <= MAX_THREADS, f"train.threads must be 0..{MAX_THREADS}; got {shown(t.threads)}")
     need(0 <= t.seed < 2**63, f"train.seed must be 0..2**63-1 (torch's seed range); got {shown(t.seed)}")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
-         f"train.device must be auto, cpu, cuda or cuda:N; got {shown(t.device)}")
+         f"train.device must be auto, cpu, cuda, cuda:N or mps; got {shown(t.device)}")
     need(d.limit_train is None or d.limit_train >= 1, "data.limit_train must be >= 1")
     need(d.limit_eval is None or d.limit_eval >= 1, "data.limit_eval must be >= 1")
     need(0 <= d.translate < 0.5, "data.translate must be in [0, 0.5)")

@@ -275,23 +275,35 @@ class StudyRecorder:
             self.tracker.log_metrics(self.parent_id, values, step=finished)
             if tags:
                 self.tracker.set_tags(self.parent_id, tags)
-            self._mark_ranks(gs, best)
+            self._mark_ranks(gs, best, trials)
         except Exception as exc:  # the summary is a convenience; a trial's own data is never at stake
             warnings.warn(f"could not update the study summary in MLflow ({type(exc).__name__})", stacklevel=2)
 
-    def _mark_ranks(self, gs: list[Any], best: Any) -> None:
-        """Tag each scored trial's run ``mnistlab.rank``: best, tied (within noise of it) or behind,
-        so the runs table can be filtered on it; only changed tags are written."""
+    def _mark_ranks(self, gs: list[Any], best: Any, trials: list[Any]) -> None:
+        """Tag every trained trial's run ``mnistlab.rank``: best, tied (within noise of it) or behind
+        for a scored one, ``pruned`` for one the pruner stopped, ``screen`` for a screening run (never
+        picked), so the runs table can be filtered on it; only changed tags are written."""
+        from optuna.trial import TrialState
+
         from mnistlab.core import trials as tr
         from mnistlab.core.trials import tied
 
+        ranks: dict[str, str] = {}
+        for t in trials:
+            if tr.trained(t) and t.user_attrs.get(tr.MLFLOW_RUN_ID):
+                if t.state == TrialState.PRUNED:
+                    ranks[t.user_attrs[tr.MLFLOW_RUN_ID]] = "pruned"
+                elif t.state == TrialState.COMPLETE and tr.is_screen(t):
+                    ranks[t.user_attrs[tr.MLFLOW_RUN_ID]] = "screen"
         for g in gs if best is not None else []:
             rank = "best" if g.number == best.number else ("tied" if tied(g, best) else "behind")
             for t in g.members:
-                run_id = t.user_attrs.get(tr.MLFLOW_RUN_ID)
-                if run_id and self.marked.get(run_id) != rank:
-                    self.tracker.set_tags(run_id, {"mnistlab.rank": rank})
-                    self.marked[run_id] = rank
+                if t.user_attrs.get(tr.MLFLOW_RUN_ID):
+                    ranks[t.user_attrs[tr.MLFLOW_RUN_ID]] = rank
+        for run_id, rank in ranks.items():
+            if self.marked.get(run_id) != rank:
+                self.tracker.set_tags(run_id, {"mnistlab.rank": rank})
+                self.marked[run_id] = rank
 
     def mark_stopped(self, at: str, reason: str) -> None:
         """The study-wide stop on the parent run: tags ``mnistlab.stopped_at`` and ``mnistlab.stop_reason``."""

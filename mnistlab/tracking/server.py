@@ -57,6 +57,9 @@ def serve_ui(uri: str | None, host: str, port: int, auth: bool = False) -> int:
     for name, link in runs_links(tracker, base) if tracker.known() else []:
         print(f"  {printable(name)}: {link}", flush=True)
     env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}  # a password in the URI stays off the command line
+    # MLflow's background job workers (GenAI evaluation jobs, trace roll-ups) serve nothing a
+    # training tracker uses, and were most of the UI's processes and memory (docs/mlflow.md)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execve(sys.executable, cmd, env)  # the server takes this process over: signals reach it directly
     return 1  # not reached
 
