@@ -112,6 +112,14 @@ def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = Fals
                        data_dir=data_dir, refit=refit)
 
 
+def holds_export(out: Path) -> bool:
+    """``out`` is a folder holding an mnistlab export (its config.json of this format)."""
+    try:
+        return out.is_dir() and not out.is_symlink() and bool(_export_info(out))
+    except UserError:
+        return False
+
+
 def _already(choice: Choice, study: optuna.Study, out: Path, refit: Any, data_dir: Path | None) -> Exported | None:
     """The same export, found whole in ``out`` (the same command run again after it was stopped once
     the folder was in place): re-measured from its files, not written again. None otherwise."""

@@ -60,8 +60,8 @@ def best(found: find_study.Stored, opts: BestOptions) -> int:
         if parent and (known is None or not tracker.has_run(parent)):
             raise UserError(f"MLflow at {mask(tracker.uri)} has no run of study {loaded.study_name!r} (its parent run "
                             f"{parent}) to register the export in: pass the study's --tracking-uri, or --no-register")
-    if opts.export is not None:  # a folder that cannot take the export is refused before a refit trains
-        ex.prepare_target(opts.export, opts.force)
+    if opts.export is not None and not ex.holds_export(opts.export):  # refused before a refit trains; an
+        ex.prepare_target(opts.export, opts.force)  # earlier export there may be this very one (export decides)
     refitted = None
     if opts.refit:
         budget = int(loaded.user_attrs.get("max_params", 1 << 62))

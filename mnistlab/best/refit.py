@@ -132,6 +132,9 @@ def run(trial: Any, trial_cfg: ExperimentConfig, n_seeds: int, max_params: int, 
         if done is not None:
             print(f"refit seed {cfg.train.seed}: finished before, test {done.test_acc:.2f}% "
                   f"({done.test_correct}/{done.test_total})", flush=True)
+            if recorder is not None:  # killed between its result and its run's end: the run is ended now
+                with locks.claimed(folder / LOCK, f"refit seed {cfg.train.seed} of trial {trial.number}"):
+                    recorder.end_dead_refits(trial.number, cfg.train.seed)
             results.append(done)
             continue
         if loaded is None:

@@ -51,9 +51,12 @@ def claimed(path: Path, what: str) -> Iterator[None]:
     kernel drops the lock when its holder dies, so a killed holder never blocks the next one. The
     lock file is removed when the block ends (while still locked; a process that opened the old
     file sees it is no longer the one at ``path``, and opens again), so nothing is left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:  # a folder that cannot be written, a symlink planted at the lock's name
+            raise UserError(f"{what}: cannot make its lock {path} ({exc.strerror or type(exc).__name__})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
