@@ -41,7 +41,7 @@ StudyFile = Annotated[Path | None, typer.Argument(help="Study YAML file.", show_
 StudyName = Annotated[str | None, typer.Option("--name", help="Study name, instead of a study file.")]
 Artifacts = Annotated[Path, typer.Option(help="Folder for trial checkpoints and plots.")]
 _debug = False
-MAX_WORKERS = 1024  # --workers and --worker-index: far beyond any machine; a bound, not a recommendation
+MAX_WORKERS = 1024  # --worker-index: far beyond any machine (--workers is checked against the machine itself)
 
 
 def _version(value: bool) -> None:
@@ -135,7 +135,7 @@ def study_run(
     stop_minutes: Annotated[float | None, typer.Option(
         help="Stop every worker once the study is this many minutes old (the file's stop.minutes).")] = None,
     storage: Storage = None,
-    workers: Annotated[int, typer.Option(min=1, max=MAX_WORKERS, help="Worker processes on this machine (one GPU "
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine (one GPU "
                                          "each); at most its cores (or GPUs) and what its memory holds.")] = 1,
     oversubscribe: Annotated[bool, typer.Option(
         "--oversubscribe", envvar="MNISTLAB_OVERSUBSCRIBE",
