@@ -71,6 +71,7 @@ def test_a_signal_landing_inside_mlflow_writes_leaves_the_store_writable(tmp_pat
         assert not tracker.pending or tracker.flush()  # what was queued is sent, nothing is lost
 
 
+@pytest.mark.slow  # many signals into real storage writes (4 s)
 def test_a_signal_landing_inside_optuna_writes_leaves_the_storage_writable(tmp_path: Path,
                                                                          handlers: None) -> None:
     """The same for the study's storage as mnistlab opens it: the trial is still failed at once."""

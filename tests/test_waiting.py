@@ -8,6 +8,7 @@ import time
 import pytest
 
 
+@pytest.mark.slow  # it waits for real: a server that comes up late, one that never does (6 s)
 def test_waiting_for_a_tracking_server_that_comes_up_late_and_one_that_never_does(
         capsys: pytest.CaptureFixture) -> None:
     """`--wait`: one line on stderr, retries every 2 s; a real HTTP server answering /health
