@@ -19,6 +19,7 @@ its experiments as model training (``mlflow.experimentKind``) is tagged.
 from __future__ import annotations
 
 import collections
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,7 +218,7 @@ class Checker:
 
     def check_refit_run(self, r: Any, state: dict[int, optuna.trial.FrozenTrial]) -> None:
         """A refit seed's run is RUNNING only while a process holds that seed's lock (best/refit.py)."""
-        from mnistlab.best.refit import LOCK
+        from mnistlab.best.refit import LOCK, folder_for
         from mnistlab.util.locks import held
 
         if r.info.status != "RUNNING":
@@ -226,8 +227,11 @@ class Checker:
         seed, of = tags.get("mnistlab.seed"), tags.get("mnistlab.refit_of_trial")
         where = f"run {r.info.run_id} (refit seed {seed} of trial {of})"
         trial = state.get(int(of)) if str(of).isdigit() else None
-        folder = Path(str(trial.user_attrs.get(tr.CHECKPOINT_DIR, ""))).parent if trial is not None else None
-        lock = folder / f"refit-{of}" / f"seed-{seed}" / LOCK if folder is not None and str(seed).isdigit() else None
+        lock = None
+        if trial is not None and str(seed).isdigit():  # the seed's folder as the refit spells it
+            artifacts = Path(str(trial.user_attrs.get(tr.CHECKPOINT_DIR, ""))).parent.parent
+            with contextlib.suppress(UserError):
+                lock = folder_for(trial, artifacts, int(seed)) / LOCK
         if lock is not None and held(lock):
             return  # a refit trains it now
         if self.repair:
