@@ -3,11 +3,13 @@
 FROM python:3.11-slim
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Where torch's own dependencies come from; a host without PyPI names a local index (docker/try-stack.sh).
+ARG TORCH_EXTRA_INDEX=https://pypi.org/simple
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 MNISTLAB_DATA_DIR=/opt/mnistlab/data
 
 WORKDIR /app
 # torch first, from the chosen index, so the project install below keeps it.
-RUN pip install --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple \
+RUN pip install --index-url "$TORCH_INDEX" --extra-index-url "$TORCH_EXTRA_INDEX" \
         "torch>=2.10,<=2.14.1" "torchvision>=0.25,<=0.29.1"
 COPY pyproject.toml README.md ./
 COPY mnistlab ./mnistlab
