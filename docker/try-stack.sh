@@ -99,7 +99,7 @@ if [ "$STANDIN" = 1 ]; then
         rm -rf "$WORK/rootfs"
         debootstrap --variant=minbase bookworm "$WORK/rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
             || die "debootstrap failed (see $WORK/debootstrap.log)"
-        tar -C "$WORK/rootfs" -c . | eng import - "$base" >/dev/null
+        tar -C "$WORK/rootfs" -c . | eng import - "$base" >/dev/null 2>&1
         rm -rf "$WORK/rootfs"
     fi
     for name in python postgres; do

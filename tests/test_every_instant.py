@@ -190,3 +190,29 @@ def test_an_export_stopped_at_any_instant_is_whole_after_the_same_command(
     assert left == [], left  # no partial folder, no lock
     checked = run_cli("study", "check", str(study), cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- the shipped smoke study ----------------------------------------------------------------------
+
+SMOKE_CASES = [("trial.epoch#3", "INT"), ("trial.recorded#1", "KILL")]
+
+
+@pytest.mark.parametrize(("point", "sig"), SMOKE_CASES, ids=[f"{p}-{s}" for p, s in SMOKE_CASES])
+def test_the_smoke_study_stopped_in_the_middle_then_run_again_checks_clean(
+        tmp_path: Path, _mlflow_template: Path, point: str, sig: str) -> None:
+    """`mnistlab study run studies/smoke.yaml` as shipped (3 trained trials, a median pruner, the
+    embedded stores), stopped mid-study, then the same command at once: `study check` passes with
+    no --repair, the study holds its 3 trained trials, and every FAIL says why."""
+    shutil.copy(_mlflow_template, tmp_path / "mlflow.db")
+    study = str(ROOT / "studies" / "smoke.yaml")
+    stopped = run_cli("study", "run", study, "--threads", "1", cwd=tmp_path, env={TEST_HOOK: f"{point}:{sig}"})
+    assert stopped.returncode == EXIT[sig], stopped.stdout + stopped.stderr
+    again = run_cli("study", "run", study, "--threads", "1", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    checked = run_cli("study", "check", study, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    s = load("smoke", open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=None))
+    trials = s.get_trials(deepcopy=False)
+    assert len([t for t in trials if tr.trained(t) and t.state in tr.FINISHED]) == 3, \
+        [(t.number, t.state, t.user_attrs.get(tr.REASON)) for t in trials]
+    assert all(t.user_attrs.get(tr.REASON) for t in trials if t.state == TrialState.FAIL)

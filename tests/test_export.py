@@ -20,7 +20,7 @@ from conftest import ROOT, cli, one_line_error, run_cli
 from mnistlab.best import export, picks
 from mnistlab.core import data
 from mnistlab.search.storage import load, open_storage
-from mnistlab.util.errors import UserError
+from mnistlab.util.errors import Interrupted, UserError
 
 SMOKE = ROOT / "studies" / "smoke.yaml"
 
@@ -281,6 +281,40 @@ def test_force_replaces_an_earlier_export_and_nothing_else(finished: dict, tmp_p
     assert json.loads((earlier / "config.json").read_text())["exported_at"] != json.loads(
         (finished["export"] / "config.json").read_text())["exported_at"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".earlier.")]  # no temporary left
+
+
+@pytest.mark.slow
+def test_a_stop_inside_torchs_exporter_ends_the_export_as_a_stop(finished: dict, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SIGTERM delivered while torch's ONNX exporter traces the network (a global forward
+    pre-hook sends it once torch says it is exporting): the export ends as the user's stop, its
+    temporary folder removed, the target untouched; not as an export error with a traceback."""
+    import torch
+
+    env = copy_study(finished, tmp_path)
+    monkeypatch.setenv("MNISTLAB_DATA_DIR", env["MNISTLAB_DATA_DIR"])
+    s = load("smoke", open_storage(env["MNISTLAB_STORAGE"], heartbeat=None))
+    choice = picks.pick(s, ("val_acc",))
+    out = tmp_path / "out"
+    sent: list[str] = []
+
+    def inside_the_exporter(module: torch.nn.Module, args: tuple) -> None:
+        if torch.compiler.is_exporting() and not sent:
+            sent.append(type(module).__name__)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(inside_the_exporter)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            export.export(choice, s, out)
+    finally:
+        hook.remove()
+    assert sent and stopped.value.signame == "SIGTERM"
+    assert not getattr(stopped.value, "exported", None)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.*")), list(tmp_path.iterdir())  # no temporary folder left
+    assert signal.getsignal(signal.SIGTERM) is before  # the export's handler is gone again
 
 
 def copy_study(finished: dict, tmp_path: Path) -> dict[str, str]:
