@@ -270,7 +270,8 @@ def best(
     register: Annotated[bool, typer.Option(
         help="With --export, also register the model in MLflow as models:/STUDY@best.")] = True,
     refit: Annotated[bool, typer.Option(
-        "--refit", help="Retrain the pick on all 60,000 training images (its own recipe), --seeds times; read the "
+        "--refit", help="Retrain the pick on the training and validation images together (all 60,000 unless "
+        "the study limits them; its own recipe), --seeds times; read the "
         "test set once per seed. --export then delivers the refit of the pick's own seed.")] = False,
     seeds: Annotated[int, typer.Option(min=1, max=100, help="Seeds for --refit (its own seed, then the next).")] = 3,
     artifacts: Artifacts = Path("mnistlab-artifacts"),

@@ -39,8 +39,9 @@ def result_summary(cfg: ExperimentConfig, result: Result, wall_seconds: float) -
         "params": result.params,
         "device": result.device,
         "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "best_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch if not cfg.data.full_train else None,  # no validation split: none
+        "best_val_acc": result.best_val_acc if not cfg.data.full_train else None,
+        "images": data_mod.image_counts(cfg.data),  # train / val (null in full-train mode) / test
         "test_acc": result.test_acc,
         "test_correct": result.test_correct,
         "test_total": result.test_total,
@@ -148,6 +149,18 @@ def train_command(cfg: ExperimentConfig, source: Path, output: Path | None = Non
     out = output or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker = Tracker(tracking_uri) if track else None
     figures = run_experiment(cfg, out, data_dir, tracker, source=source, resume=resume)
-    print(f"params {figures['params']:,} | best validation {figures['best_val_acc']:.2f}% at epoch "
-          f"{figures['best_epoch']} | test {figures['test_acc']:.2f}% | "
-          f"{figures['seconds_per_epoch']:.1f} s/epoch | run folder {out}")
+    print(summary_line(cfg, figures, out))
+
+
+def summary_line(cfg: ExperimentConfig, figures: dict[str, Any], out: Path) -> str:
+    """`mnistlab train`'s last line: the images each figure counts. A full-train run has no
+    validation split: its one held-out figure is the test set's, of the last epoch."""
+    counts = data_mod.image_counts(cfg.data)
+    test = f"test {figures['test_acc']:.2f}% on {figures['test_total']:,} images"
+    if counts["val"] is None:
+        held = f"trained on {counts['train']:,} images (no validation split) | {test}, last epoch"
+    else:
+        held = (f"trained on {counts['train']:,} images | best validation {figures['best_val_acc']:.2f}% on "
+                f"{counts['val']:,} images at epoch {figures['best_epoch']} | {test}, best epoch's weights")
+    return (f"params {figures['params']:,} | {held} | {figures['seconds_per_epoch']:.1f} s/epoch | "
+            f"run folder {out}")

@@ -37,12 +37,40 @@ def test_train_prints_a_summary_and_writes_the_run_folder(capsys: pytest.Capture
     code, out, _ = cli(capsys, "train", EXP, "--epochs", "1", "--limit-train", "2000", "--limit-eval", "500",
                        "--output", "run", "train.batch_size=64", "train.lr=0.05")
     assert code == 0, out
-    assert "params 12,400 | best validation" in out and "s/epoch" in out
+    assert ("params 12,400 | trained on 2,000 images | best validation " in out and " on 500 images at epoch 1 | "
+            "test " in out and " on 500 images, best epoch's weights | " in out), out
     figures = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert figures["epochs_run"] == 1 and figures["best_val_acc"] > 50
+    assert figures["images"] == {"train": 2000, "val": 500, "test": 500} and figures["test_total"] == 500
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc") and len(rows) == 2
     assert "batch_size: 64" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_full_train_run_names_its_held_out_figure_test_and_prints_it_once(
+        capsys: pytest.CaptureFixture, tmp_path: Path, data_dir: Path, mlflow_db: str) -> None:
+    """data.full_train: no validation split. Each epoch reads the test set, for comparison only: the
+    summary, summary.json and the MLflow run call it test, never validation, and it is printed once."""
+    from mlflow import MlflowClient
+
+    code, out, _ = cli(capsys, "train", EXP, "--epochs", "2", "--limit-train", "1000", "--limit-eval", "300",
+                       "--output", "run", "data.full_train=true", "train.batch_size=64", "train.lr=0.05",
+                       "--tracking-uri", mlflow_db)
+    assert code == 0, out
+    epochs = [line for line in out.splitlines() if line.startswith("Test")]
+    assert len(epochs) == 2 and all(line.startswith("Test: ") for line in epochs), out  # no "Test (last epoch)"
+    last = epochs[-1].rsplit("(", 1)[1].rstrip("%)")
+    assert f"| trained on 1,000 images (no validation split) | test {last}% on 300 images, last epoch |" in out, out
+    assert "best validation" not in out
+    figures = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert figures["best_val_acc"] is None and figures["best_epoch"] is None
+    assert figures["images"] == {"train": 1000, "val": None, "test": 300}
+    client = MlflowClient(mlflow_db)
+    (run,) = client.search_runs([client.get_experiment_by_name("eva4-s4").experiment_id])
+    assert "val_acc" not in run.data.metrics and "val_loss" not in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "test_acc")
+    assert sorted({m.step for m in history}) == [1, 2] and run.data.metrics["test_acc"] == float(last)
 
 
 @pytest.mark.parametrize(("args", "message"), [

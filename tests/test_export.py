@@ -498,3 +498,52 @@ def test_the_model_card_names_the_score_that_picked_the_model() -> None:
     text = card.model_card(info, cfg, {"safetensors": 99.4}, curves=False)
     assert "| validation score | 99.41% ± 0.08 (the last epoch's accuracy, mean of 2 seeds; what picked it) |" in text
     assert "mean of the last epochs" not in text
+
+
+def _card_info(cfg_search, refit_cfg, refit: bool) -> dict:
+    """An export's config.json fields that MODEL_CARD.md reads, with the image counts of ``cfg_search``."""
+    from mnistlab.core.model import count_params
+
+    return {
+        "study": "cards", "trial": 7, "params": count_params(cfg_search.model), "picked_by": "the best score",
+        "val_score": 99.1, "val_score_se": 0.09, "val_seeds": 1, "test_acc": 99.2, "test_images": 10_000,
+        "trial_test_acc": 98.9, "trial_test_images": data.image_counts(cfg_search.data)["test"],
+        "mlflow_run_id": "r", "git_commit": "c",
+        "refit": {"seeds": [7, 8], "test_acc": {"7": 99.0, "8": 99.1}, "test_acc_mean": 99.05, "test_acc_std": 0.07,
+                  "test_acc_min": 99.0, "exported_seed": 7} if refit else None,
+        "images": {"search": data.image_counts(cfg_search.data),
+                   "refit": data.image_counts(refit_cfg.data) if refit else None},
+    }
+
+
+@pytest.mark.parametrize("limited", [True, False], ids=["limited-data", "full-data"])
+def test_the_model_card_states_the_images_each_figure_counts(limited: bool) -> None:
+    """MODEL_CARD.md for a study that limits its data (as smoke.yaml: 2,000 / 1,000) and one that does
+    not: every count it states is the config's, and two test figures on different sets say why."""
+    from mnistlab.best.card import model_card
+    from mnistlab.best.refit import refit_config
+    from mnistlab.core.config import load as load_experiment
+
+    limits = ["data.limit_train=2000", "data.limit_eval=1000"] if limited else []
+    search = load_experiment(ROOT / "experiments" / "eva4-s4.yaml", limits)
+    refit = refit_config(search, 7)
+    card = model_card(_card_info(search, refit, True), refit, {"safetensors": 99.2}, curves=False)
+    text = " ".join(card.split())
+    if limited:
+        assert "validation on the first 1,000 of the 10,000 validation images" in text
+        assert "had trained on the first 2,000 of the 50,000 training images" in text
+        assert ("trained again on the first 2,000 of the 60,000 training images (training and validation "
+                "together)") in text
+        assert "each refit read the first 1,000 of the 10,000 test images once" in text
+        assert "The refit's figures count 1,000 test images" in text and "on 10,000: the two differ" in text
+        assert "(seed 7: 99.00%, seed 8: 99.10%), on 1,000 images |" in text
+    else:
+        assert "validation on all 10,000 validation images" in text
+        assert "had trained on all 50,000 training images" in text
+        assert "trained again on all 60,000 training images (training and validation together)" in text
+        assert "each refit read all 10,000 test images once" in text and "differ by" not in text
+    assert "all training images" not in text and "the last 10,000 training images)" not in text
+    trial_card = " ".join(model_card(_card_info(search, refit, False), search, {"safetensors": 99.2}, False).split())
+    counted = "1,000" if limited else "10,000"
+    assert f"| test accuracy recorded by the trial | 98.9% on {counted} images |" in trial_card
+    assert ("The trial's own test figure counts 1,000 test images" in trial_card) == limited

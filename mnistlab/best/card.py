@@ -14,6 +14,23 @@ def _seeds(info: dict[str, Any]) -> str:
     return f", mean of {info['val_seeds']} seeds" if info.get("val_seeds", 1) > 1 else ""
 
 
+POOLS = {"search": "training images", "refit": "training images (training and validation together)",
+         "val": "validation images (the last 10,000 of MNIST's training file)", "test": "test images"}
+
+
+def images(n: int, total: int, what: str) -> str:
+    """``all 60,000 training images`` or ``the first 2,000 of the 60,000 training images``."""
+    return f"all {total:,} {what}" if n >= total else f"the first {n:,} of the {total:,} {what}"
+
+
+def _counts(info: dict[str, Any], key: str) -> dict[str, Any]:
+    """The images the search trial or the refit counted (exports written before this was recorded:
+    the full sets, as every shipped study used then)."""
+    default = {"train": data.SIZES["train"] + (data.SIZES["val"] if key == "refit" else 0),
+               "val": None if key == "refit" else data.SIZES["val"], "test": data.SIZES["test"]}
+    return (info.get("images") or {}).get(key) or default
+
+
 def _test_rows(info: dict[str, Any]) -> list[str]:
     r = info.get("refit")
     if not r:
@@ -21,19 +38,37 @@ def _test_rows(info: dict[str, Any]) -> list[str]:
                 f"{info['trial_test_images']:,} images |"]
     per_seed = ", ".join(f"seed {k}: {v:.2f}%" for k, v in r["test_acc"].items())
     return [f"| refit test accuracy over {len(r['seeds'])} seeds | mean {r['test_acc_mean']:.2f}% ± "
-            f"{r['test_acc_std']:.2f} (std), min {r['test_acc_min']:.2f}% ({per_seed}) |"]
+            f"{r['test_acc_std']:.2f} (std), min {r['test_acc_min']:.2f}% ({per_seed}), on "
+            f"{_counts(info, 'refit')['test']:,} images |"]
 
 
 def _protocol(info: dict[str, Any]) -> list[str]:
     r = info.get("refit")
+    search, total = _counts(info, "search"), data.SIZES
+    trained = images(search["train"], total["train"], POOLS["search"])
+    picked = images(search["val"], total["val"], POOLS["val"])
     if not r:
-        return ["The weights are those of the trial's best validation epoch. Validation picked them; the",
-                "test set was never used for a choice."]
-    return [f"Protocol: validation (the last 10,000 training images) picked trial {info['trial']}'s configuration.",
-            "It was then trained again on all training images, with its own recipe and epochs, once per seed",
-            f"({', '.join(map(str, r['seeds']))}); each refit read the test set once, after its last epoch. These",
-            f"are the weights of seed {r['exported_seed']}, the configuration's own seed, fixed before any test",
-            "figure existed; the other seeds show the spread."]
+        lines = [f"The weights are those of the trial's best validation epoch. The trial trained on {trained};",
+                 f"validation on {picked} picked them; the test set was never used for a choice."]
+        if info["trial_test_images"] != info["test_images"]:
+            lines += ["", f"The trial's own test figure counts {info['trial_test_images']:,} test images (the study's "
+                      f"`data.limit_eval`); the one re-measured at export counts {info['test_images']:,}: they",
+                      "differ by the images counted, not by the weights."]
+        return lines
+    refit = _counts(info, "refit")
+    lines = [f"Protocol: validation on {picked} picked trial {info['trial']}'s configuration, which had trained on",
+             f"{trained}. It was then trained again on "
+             f"{images(refit['train'], total['train'] + total['val'], POOLS['refit'])},",
+             f"with its own recipe and epochs, once per seed ({', '.join(map(str, r['seeds']))}); each refit read "
+             f"{images(refit['test'], total['test'], POOLS['test'])}",
+             f"once, after its last epoch. These are the weights of seed {r['exported_seed']}, the configuration's "
+             "own seed, fixed before any test",
+             "figure existed; the other seeds show the spread."]
+    if refit["test"] != info["test_images"]:
+        lines += ["", f"The refit's figures count {refit['test']:,} test images (the study's `data.limit_eval`); the "
+                  f"test accuracy at the top re-measures these weights on {info['test_images']:,}: the two differ by",
+                  "the images counted, not by the weights."]
+    return lines
 
 
 def model_card(info: dict[str, Any], cfg: ExperimentConfig, accuracies: dict[str, float], curves: bool) -> str:
@@ -50,7 +85,7 @@ def model_card(info: dict[str, Any], cfg: ExperimentConfig, accuracies: dict[str
         "|---|---|",
         f"| parameters | {info['params']:,} |",
         f"| validation score | {info['val_score']:.2f}% ± {info['val_score_se']:.2f} (the last epoch's "
-        f"accuracy{_seeds(info)}; what picked it) |",
+        f"accuracy on {_counts(info, 'search')['val']:,} images{_seeds(info)}; what picked it) |",
         f"| test accuracy (re-measured at export) | {info['test_acc']:.2f}% on {info['test_images']:,} images |",
         f"| test accuracy per format | {acc} |",
         *_test_rows(info),

@@ -9,6 +9,7 @@ alone, each checked against its SHA-256 first.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -184,6 +185,9 @@ def _export(choice: Choice, study: optuna.Study, out: Path, *, force: bool, trac
             "test_images": int(len(y)),
             "trial_test_acc": a.get(trials_mod.TEST_ACC),
             "trial_test_images": cfg.data.limit_eval or data.SIZES["test"],
+            # the images the search trial and the refit trained, validated and tested on (card.py says them)
+            "images": {"search": data.image_counts(dataclasses.replace(cfg.data, full_train=False)),
+                       "refit": data.image_counts(cfg.data) if refit is not None else None},
             "picked_by": choice.rule,
             "refit": refit.summary() if refit is not None else None,
             "input": INPUT,

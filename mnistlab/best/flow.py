@@ -25,7 +25,7 @@ class BestOptions:
     export: Path | None = None  # the folder to export the model to
     force: bool = False  # replace an earlier export there
     register: bool = True  # with an export, register it as models:/STUDY@best
-    refit: bool = False  # retrain the pick on all 60,000 training images first
+    refit: bool = False  # retrain the pick on training + validation images first
     seeds: int = 3  # seeds of the refit
     artifacts: Path = Path("mnistlab-artifacts")
     tracking_uri: str | None = None

@@ -1,4 +1,5 @@
-"""Refit: the picked configuration trained again on all 60,000 training images, with N seeds.
+"""Refit: the picked configuration trained again on the training and validation images together
+(all 60,000 unless the study limits them), with N seeds.
 
 The last step of the usual protocol, made a command (`mnistlab best … --refit --seeds N`):
 validation chose the configuration; each refit trains it with its own recipe and epochs on
@@ -207,11 +208,12 @@ def _write_result(folder: Path, r: SeedResult) -> None:
 def describe(refit: Refit) -> str:
     """What `mnistlab best --refit` prints: one line a seed, then mean ± std and min."""
     cfg = refit.config
-    lines = [f"refit of trial {refit.trial} on all {data.SIZES['train'] + data.SIZES['val']:,} training images "
-             f"({cfg.train.epochs} epochs each); the test set ({refit.seeds[0].test_total:,} images) read once per "
-             "seed, after the last epoch:" if not cfg.data.limit_train else
-             f"refit of trial {refit.trial} on the first {cfg.data.limit_train:,} training images "
-             f"({cfg.train.epochs} epochs each); test read once per seed, after the last epoch:"]
+    counts = data.image_counts(cfg.data)
+    pool = data.SIZES["train"] + data.SIZES["val"]
+    trained = (f"all {pool:,} training images" if counts["train"] >= pool else
+               f"the first {counts['train']:,} of the {pool:,} training images")
+    lines = [f"refit of trial {refit.trial} on {trained} ({cfg.train.epochs} epochs each); the test set "
+             f"({refit.seeds[0].test_total:,} images) read once per seed, after the last epoch:"]
     for s in refit.seeds:
         mark = "  (exported)" if s is refit.exported else ""
         lines.append(f"  seed {s.seed:>4}: test {s.test_acc:.2f}% ({s.test_correct}/{s.test_total})  "

@@ -179,6 +179,14 @@ def cached_arrays(data_dir: Path | None = None) -> dict[str, tuple[np.ndarray, n
     return load_arrays(root)
 
 
+def image_counts(cfg: DataConfig) -> dict[str, int | None]:
+    """How many images a config trains on, validates on (None: full-train has no validation split)
+    and tests on, as ``load`` selects them."""
+    pool = SIZES["train"] + (SIZES["val"] if cfg.full_train else 0)
+    held = min(cfg.limit_eval or SIZES["test"], SIZES["test"])
+    return {"train": min(cfg.limit_train or pool, pool), "val": None if cfg.full_train else held, "test": held}
+
+
 def load(cfg: DataConfig, device: torch.device | str = "cpu", data_dir: Path | None = None) -> MnistData:
     """The splits a config asks for, normalised once, on ``device`` (the cache is built on first use)."""
     arrays = cached_arrays(data_dir)

@@ -350,6 +350,12 @@ def _finish(run: _Run, result: Result, best_state: dict[str, Any] | None, ckpt: 
             best_state, _ = checkpoint.load_best(ckpt)
         if best_state is not None:
             run.model.load_state_dict(best_state)
+    last = run.history[-1] if run.history else None
+    if run.data.val is None and last is not None and last.eval_split == "test" and last.epoch == run.epoch:
+        # full-train: the last epoch measured the test set on these very weights, and printed it
+        result.test_loss, result.test_acc = last.val_loss, last.val_acc
+        result.test_correct, result.test_total = last.val_correct, last.val_total
+        return
     loss_sum, correct = evaluate(run.model, run.data.test, run.cfg.train.eval_batch_size)
     total = len(run.data.test)
     result.test_loss, result.test_acc = loss_sum / total, 100.0 * correct / total

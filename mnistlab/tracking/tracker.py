@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +31,16 @@ STORAGE_TAG = "mnistlab.storage"  # on a study's experiment: its storage, passwo
 # genai_development, custom_model_development, ...); mnistlab's experiments are model training.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s")
+
+
+def epoch_values(metrics: Any) -> dict[str, float]:
+    """One epoch's figures under their MLflow names. A full-train run (no validation split) evaluates
+    the test set each epoch: those figures are logged as ``test_loss``/``test_acc``, never as
+    validation. A refit's epochs measure nothing held out: their NaN figures are not logged."""
+    values = {key: float(getattr(metrics, key)) for key in EPOCH_METRICS}
+    if getattr(metrics, "eval_split", "val") == "test":
+        values["test_loss"], values["test_acc"] = values.pop("val_loss"), values.pop("val_acc")
+    return {key: value for key, value in values.items() if math.isfinite(value)}
 
 
 def sharing_warning(storage_url: str, tracker: Tracker, experiment_id: str) -> str | None:
@@ -222,10 +231,7 @@ class Tracker:
 
     def log_epoch(self, run_id: str, metrics: Any) -> None:
         """One epoch's metrics with ``step=epoch``."""
-        values = asdict(metrics)
-        # a refit's epochs measure nothing held out: their NaN validation figures are not logged
-        self.log_metrics(run_id, {k: values[k] for k in EPOCH_METRICS if math.isfinite(values[k])},
-                         step=metrics.epoch)
+        self.log_metrics(run_id, epoch_values(metrics), step=metrics.epoch)
 
     def flush(self) -> bool:
         """Send what is queued; True when nothing is left."""
@@ -311,11 +317,13 @@ class Tracker:
         from mlflow.entities import Metric
 
         now, missing, batch = int(time.time() * 1000), set(), []
-        for key in EPOCH_METRICS:
-            have = {step for step, _ in self.metric_history(run_id, key)}
-            for m in history:
-                if m.epoch not in have:
-                    batch.append(Metric(key, float(getattr(m, key)), now, m.epoch))
+        have: dict[str, set[int]] = {}
+        for m in history:
+            for key, value in epoch_values(m).items():
+                if key not in have:
+                    have[key] = {step for step, _ in self.metric_history(run_id, key)}
+                if m.epoch not in have[key]:
+                    batch.append(Metric(key, value, now, m.epoch))
                     missing.add(m.epoch)
         for start in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics a batch
             self.client.log_batch(run_id, metrics=batch[start : start + 1000])
