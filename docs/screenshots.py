@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import os
 import re
 import shutil
@@ -106,10 +107,14 @@ def pages(client: MlflowClient, study: str, link: str) -> dict[str, tuple[str, l
     root = link.split("/#/", 1)[0]
     base = f"{root}/#/experiments/{exp.experiment_id}/runs"
     mode = "?workflowType=machine_learning"  # MLflow's model-training side bar on the run pages too
+    # The runs table's first columns, in a browser that never chose them: the score, its standard error,
+    # the parameter count, the rank tag, then what the study searches (tracking/ui_plugin.py).
+    searched = [c.split("`")[1] for c in json.loads(exp.tags.get("mnistlab.columns", "[]"))]
+    columns = ["val_score", "val_se", "param_count", "mnistlab.rank", *searched]
     return {
         # Where a click on the experiment in MLflow's list goes, in a browser that never chose a view.
-        "ui-experiment.png": (f"{root}/#/experiments/{exp.experiment_id}", ["Runs", *names], None),
-        "ui-runs.png": (link, ["Runs", *names], None),
+        "ui-experiment.png": (f"{root}/#/experiments/{exp.experiment_id}", ["Runs", *names, *columns], None),
+        "ui-runs.png": (link, ["Runs", *names, *columns], None),
         "ui-parent-run.png": (f"{base}/{parent.info.run_id}{mode}", [parent.info.run_name, "Child runs"], None),
         # On a busy machine the charts may not draw within the render budget of any attempt: this page must
         # show its run and metrics section; its charts are retried (see shoot) but not required.

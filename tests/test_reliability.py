@@ -120,6 +120,9 @@ def test_sigkill_mid_epoch_is_recovered_and_resumed_to_the_same_weights(
     resumed = run_cli("study", "run", str(SMOKE), *SLOW, "--n-trials", "1", "--verbose", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from" in resumed.stdout and f"after epoch {saved}" in resumed.stdout, resumed.stdout
+    # where the checkpoint came from, said plainly (the run's copy in MLflow is no newer than the local one)
+    assert f"trial resumes from its local checkpoint after epoch {saved} (" in resumed.stdout, resumed.stdout
+    assert "could be fetched" not in resumed.stdout + resumed.stderr
     resume_seconds = time.monotonic() - killed_at
     assert check(env=env).returncode == 0
     s = load("smoke", open_storage(storage, heartbeat=None))

@@ -211,10 +211,12 @@ def test_ui_serves_the_store_on_loopback(mlflow_db: str) -> None:
 
     from conftest import free_port
     from mnistlab.tracking.tracker import Tracker
-    from mnistlab.tracking.ui_plugin import WORKFLOW_KEY, state_key
+    from mnistlab.tracking.ui_plugin import ASSISTANT_KEY, COLUMNS_TAG, WORKFLOW_KEY, searched_columns, state_key
 
     tracker = Tracker(mlflow_db)
     study = tracker.experiment("a-study", "0123abcd", "sqlite:///optuna.db")
+    tracker.tag_experiment(study, COLUMNS_TAG, json.dumps(searched_columns(["model.dropout", "model.widths.1",
+                                                                             "model.widths.3"])))
     plain = tracker.client.create_experiment("not-a-study")
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "mnistlab", "ui", "--port", str(port)], stdout=subprocess.PIPE,
@@ -235,6 +237,11 @@ def test_ui_serves_the_store_on_loopback(mlflow_db: str) -> None:
         head = page.split("<script defer", 1)[0]  # before MLflow's own script
         keys = [json.dumps(state_key(i)) for i in (study, plain)]  # as the script's JSON spells them
         assert WORKFLOW_KEY in head and keys[0] in head and keys[1] not in head
+        assert ASSISTANT_KEY in head  # MLflow's Assistant does not open itself over the table
+        view = head.split(keys[0], 1)[1].split("]", 1)[0]  # the study's table state, as the script spells it
+        for column in ("val_score", "val_se", "param_count", "mnistlab.rank", "model.dropout", "model.widths"):
+            assert f"`{column}`" in view, (column, view)
+        assert view.count("model.widths") == 1  # two searched positions of one list: one column
         assert page.count("</script>") == page.count("<script")  # the page is MLflow's, whole
     finally:
         stop(ui)

@@ -5,7 +5,6 @@ Data and the tracker come in through the callable class, so data loads once per 
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -119,13 +118,16 @@ class Objective:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=ckpt.parent, prefix=".fetch-") as scratch:
             folder = self.recorder.tracker.download_checkpoints(run_id, Path(scratch))
-            if folder is None:
-                print(f"no checkpoint of run {run_id} could be fetched from MLflow; resuming from what "
-                      f"{ckpt} holds", file=sys.stderr, flush=True)
-                return
-            note = checkpoint.adopt(folder, ckpt, cfg.to_dict())
-        if note:
+            note = checkpoint.adopt(folder, ckpt, cfg.to_dict()) if folder is not None else ""
+        if note.startswith("took"):
             print(f"checkpoint of run {run_id}: {note}", flush=True)
+            return
+        _, local, _ = checkpoint.load_latest(ckpt, config=cfg.to_dict())
+        where = (f"its local checkpoint after epoch {local['epoch']} ({ckpt})" if local else
+                 "epoch 0: the earlier attempt stopped before it checkpointed an epoch")
+        remote = f"; MLflow: {note}" if note else ("" if folder is not None else
+                                                    f"; its MLflow run {run_id} holds no checkpoint")
+        print(f"trial resumes from {where}{remote}", flush=True)
 
     def sample(self, trial: optuna.Trial) -> tuple[ExperimentConfig, int]:
         """The trial's config and exact parameter count; over-budget or invalid ones never train."""

@@ -8,6 +8,7 @@ worker processes (arguments, environment, signals passed on) stay beside the one
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -308,6 +309,7 @@ def spawn_workers(cfg: StudyConfig, opts: RunOptions) -> int:
 def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Tracker, storage_url_: str) -> Any:
     """The study's MLflow experiment and its one parent run, kept as study attributes."""
     from mnistlab.tracking.recorder import StudyRecorder
+    from mnistlab.tracking.ui_plugin import COLUMNS_TAG, searched_columns
 
     attrs = study.user_attrs
     known = attrs.get(TRACKING_ATTR)
@@ -319,6 +321,8 @@ def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Tracker, storag
         tracker.mark_training(exp_id)
     else:
         exp_id = tracker.experiment(cfg.name, uid, mask(storage_url_))
+    # the runs table's columns in `mnistlab ui`: the score, then what this study searches (tracking/ui_plugin.py)
+    tracker.tag_experiment(exp_id, COLUMNS_TAG, json.dumps(searched_columns([p.name for p in cfg.space])))
     parent = attrs.get(PARENT_ATTR)
     if parent is None:
         params = {"study.name": cfg.name, "study.file": str(cfg.path), "study.max_params": cfg.max_params,

@@ -165,6 +165,11 @@ class Tracker:
         self.client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
         return True
 
+    def tag_experiment(self, experiment_id: str, key: str, value: str) -> None:
+        """Set one experiment tag unless it already holds ``value``."""
+        if self.client.get_experiment(experiment_id).tags.get(key) != value:
+            self.client.set_experiment_tag(experiment_id, key, value)
+
     def holder(self, name: str) -> tuple[str, str] | None:
         """The study that holds the experiment ``name``: (its id, its storage); the id is "" for a
         study made before study ids (a parent run without one). None when no study holds it."""

@@ -10,7 +10,11 @@ starts with a short script that, in a browser that has not chosen yet,
 - sets the switch to "Model training", so a click on an experiment opens its runs table;
 - gives each experiment mnistlab made (tagged model training) not yet opened in this browser the
   table's sort by ``val_acc``, best first, which lists the trials flat instead of folded under the
-  study's parent run.
+  study's parent run, and its first columns: ``val_score``, ``val_se``, ``param_count``, the
+  ``mnistlab.rank`` tag, then the study's searched hyperparameters (the experiment tag
+  ``mnistlab.columns`` that `study run` sets);
+- marks MLflow's Assistant as already opened once, so that it does not open itself over a third of
+  the page on the first visit (a click on its button still opens it).
 
 What a user then chooses in the UI is kept by the browser and never overwritten. The keys are MLflow's
 UI internals: ``docs/screenshots.py`` (run by a test) opens the plain experiment address in a fresh
@@ -30,6 +34,13 @@ WORKFLOW_KEY = "mlflow.workflowType_v1"
 TRAINING = "machine_learning"
 TRIALS_VIEW = {"orderByKey": "metrics.`val_acc`", "orderByAsc": False}  # also the sort of the links server.py prints
 SEEDED = 1000  # experiments given the trials view per page load, newest first
+# The runs table's first columns: the score, its standard error, the parameter count and the rank,
+# then the study's searched hyperparameters (the experiment tag COLUMNS_TAG, set by `study run`).
+SCORE_COLUMNS = ["metrics.`val_score`", "metrics.`val_se`", "params.`param_count`", "tags.`mnistlab.rank`"]
+COLUMNS_TAG = "mnistlab.columns"
+# MLflow's Assistant opens itself on a browser's first visit to a local server, over a third of the
+# page: marked as done, it stays closed until the user opens it.
+ASSISTANT_KEY = "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1"
 
 _log = logging.getLogger(__name__)
 
@@ -40,26 +51,53 @@ def state_key(experiment_id: str) -> str:
     return f"MLflowLocalStorage-1.1-ExperimentPage-{ids}-ReactComponentState"
 
 
-def first_visit_script(experiment_ids: list[str]) -> str:
-    """The script put in front of MLflow's page: defaults for what a browser has not chosen."""
-    data = {"workflow": [WORKFLOW_KEY, json.dumps(TRAINING)], "view": json.dumps(TRIALS_VIEW),
-            "states": [state_key(i) for i in experiment_ids]}
+def searched_columns(space_names: list[str]) -> list[str]:
+    """The runs-table columns of a study's searched names: ``model.widths.1`` is a position in the
+    ``model.widths`` param, which holds the whole list."""
+    out: list[str] = []
+    for name in space_names:
+        head, _, tail = name.rpartition(".")
+        column = f"params.`{head if tail.isdigit() and head else name}`"
+        if column not in out:
+            out.append(column)
+    return out
+
+
+def table_view(columns: list[str] | None) -> dict[str, Any]:
+    """The runs-table state a browser that never opened the experiment starts with."""
+    return {**TRIALS_VIEW, "selectedColumns": SCORE_COLUMNS + [c for c in columns or [] if c not in SCORE_COLUMNS]}
+
+
+def first_visit_script(experiments: list[tuple[str, list[str] | None]]) -> str:
+    """The script put in front of MLflow's page: defaults for what a browser has not chosen.
+    ``experiments``: (id, searched columns) of each model-training experiment."""
+    data = {"workflow": [WORKFLOW_KEY, json.dumps(TRAINING)], "assistant": ASSISTANT_KEY,
+            "states": [[state_key(i), json.dumps(table_view(columns))] for i, columns in experiments]}
     text = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")  # nothing closes the script tag
     return ("<script>(function(d){try{var s=window.localStorage;"
             "if(s.getItem(d.workflow[0])===null)s.setItem(d.workflow[0],d.workflow[1]);"
-            "d.states.forEach(function(k){if(s.getItem(k)===null)s.setItem(k,d.view)})}catch(e){}})"
+            "if(s.getItem(d.assistant)===null)s.setItem(d.assistant,'true');"
+            "d.states.forEach(function(k){if(s.getItem(k[0])===null)s.setItem(k[0],k[1])})}catch(e){}})"
             f"({text});</script>")
 
 
-def study_experiments(store: Any) -> list[str]:
-    """Ids of the store's model-training experiments (the kind mnistlab gives every experiment it makes, and
-    `study check --repair` gives older ones), newest first."""
+def study_experiments(store: Any) -> list[tuple[str, list[str] | None]]:
+    """(id, searched columns) of the store's model-training experiments (the kind mnistlab gives every
+    experiment it makes, and `study check --repair` gives older ones), newest first."""
     from mlflow.entities import ViewType
 
     found = store.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=SEEDED,
                                      filter_string=f"tags.`{KIND_TAG}` = '{KIND}'",
                                      order_by=["last_update_time DESC"])
-    return [e.experiment_id for e in found]
+    out = []
+    for e in found:
+        try:
+            columns = json.loads(e.tags.get(COLUMNS_TAG, "null"))
+        except ValueError:
+            columns = None
+        ok = isinstance(columns, list) and all(isinstance(c, str) and len(c) < 300 for c in columns)
+        out.append((e.experiment_id, columns[:50] if ok else None))
+    return out
 
 
 def open_on_trials(flask_app: Any) -> None:
