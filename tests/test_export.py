@@ -496,7 +496,8 @@ def test_the_model_card_names_the_score_that_picked_the_model() -> None:
             "val_score": 99.41, "val_score_se": 0.08, "val_seeds": 2, "test_acc": 99.4, "test_images": 10_000,
             "trial_test_acc": 99.4, "trial_test_images": 10_000, "git_commit": "abc", "mlflow_run_id": "r"}
     text = card.model_card(info, cfg, {"safetensors": 99.4}, curves=False)
-    assert "| validation score | 99.41% ± 0.08 (the last epoch's accuracy, mean of 2 seeds; what picked it) |" in text
+    assert ("| validation score | 99.41% ± 0.08 (the last epoch's accuracy on 10,000 images, mean of 2 seeds; "
+            "what picked it) |") in text
     assert "mean of the last epochs" not in text
 
 
