@@ -103,7 +103,10 @@ def start_mlflow_server(backend: str, artifacts: Path, port: int | None = None, 
            "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            *(extra or [])]
     log = open(artifacts.parent / f"mlflow-server-{port}.log", "ab")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    # as `mnistlab ui` and the compose stack run it: without MLflow's background job workers (8 more
+    # processes and about 1.5 GB, which slowed every test beside a server on a 2-core machine)
+    quiet = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **quiet, **(env or {})})
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:

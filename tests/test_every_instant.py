@@ -50,10 +50,15 @@ PRUNED = "{name: threshold, lower: 99.9, n_warmup_steps: 0}"  # every trial is p
 EXIT = {"INT": 130, "TERM": 143, "KILL": -9}
 # (instant, signal, study): every instant with SIGINT and SIGKILL (SIGTERM takes SIGINT's path:
 # the same handler raises the same Interrupted; the refit's case below sends it)
-CASES = [(point, sig, COMPLETE) for point in ("trial.start", "trial.claimed", "trial.run", "trial.epoch",
-                                                "trial.trained", "trial.recorded", "trial.told")
-         for sig in ("INT", "KILL")]
-CASES += [("trial.pruning", sig, PRUNED) for sig in ("INT", "KILL")]
+# The default run takes one signal at each instant, SIGINT and SIGKILL alternating; the other one is
+# the `deep` tier's (`python3 -m pytest -m deep`), run before a change to a trial's lifecycle.
+DEEP = pytest.mark.deep
+INSTANTS = ("trial.start", "trial.claimed", "trial.run", "trial.epoch", "trial.trained", "trial.recorded",
+            "trial.told")
+CASES = [pytest.param(point, sig, COMPLETE, id=f"{point}-{sig}", marks=() if (i + (sig == "KILL")) % 2 == 0 else DEEP)
+         for i, point in enumerate(INSTANTS) for sig in ("INT", "KILL")]
+CASES += [pytest.param("trial.pruning", "INT", PRUNED, id="trial.pruning-INT", marks=DEEP),
+          pytest.param("trial.pruning", "KILL", PRUNED, id="trial.pruning-KILL")]
 
 
 def run_study(folder: Path, pruner: str, hook: str | None = None) -> tuple[int, str]:
@@ -92,7 +97,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, mnist_cache: Path,
     return out
 
 
-@pytest.mark.parametrize(("point", "sig", "pruner"), CASES, ids=[f"{p}-{s}" for p, s, _ in CASES])
+@pytest.mark.parametrize(("point", "sig", "pruner"), CASES)
 def test_a_stop_at_any_instant_then_the_same_command_leaves_a_whole_record(
         tmp_path: Path, uninterrupted: dict[str, dict[int, float]], point: str, sig: str, pruner: str) -> None:
     code, text = run_study(tmp_path, pruner, hook=f"{point}:{sig}")
@@ -118,7 +123,8 @@ def test_a_stop_at_any_instant_then_the_same_command_leaves_a_whole_record(
 
 # -- refit and export ---------------------------------------------------------------------------------
 
-REFIT_CASES = [("train.epoch", "KILL"), ("refit.run", "KILL"), ("refit.trained", "TERM"), ("refit.saved", "KILL")]
+REFIT_CASES = [("train.epoch", "KILL"), pytest.param("refit.run", "KILL", marks=DEEP), ("refit.trained", "TERM"),
+               pytest.param("refit.saved", "KILL", marks=DEEP)]
 EXPORT_CASES = [("export.written", "KILL"), ("export.moved", "INT")]
 
 
@@ -152,7 +158,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory, mnist_cache: Path,
     return {"refit": refit_figures(folder), "export": json.loads((folder / "out" / "config.json").read_text())}
 
 
-@pytest.mark.parametrize(("point", "sig"), REFIT_CASES, ids=[f"{p}-{s}" for p, s in REFIT_CASES])
+@pytest.mark.parametrize(("point", "sig"), REFIT_CASES, ids=["train.epoch-KILL", "refit.run-KILL",
+                                                              "refit.trained-TERM", "refit.saved-KILL"])
 def test_a_refit_stopped_at_any_instant_resumes_to_the_same_figures(
         tmp_path: Path, reference: dict[str, object], point: str, sig: str) -> None:
     study = finished_study(tmp_path)
