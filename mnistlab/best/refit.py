@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mnistlab.best.card import images
 from mnistlab.core import checkpoint, data
 from mnistlab.core import trials as tr
 from mnistlab.core.config import ExperimentConfig, from_dict
@@ -208,10 +209,7 @@ def _write_result(folder: Path, r: SeedResult) -> None:
 def describe(refit: Refit) -> str:
     """What `mnistlab best --refit` prints: one line a seed, then mean ± std and min."""
     cfg = refit.config
-    counts = data.image_counts(cfg.data)
-    pool = data.SIZES["train"] + data.SIZES["val"]
-    trained = (f"all {pool:,} training images" if counts["train"] >= pool else
-               f"the first {counts['train']:,} of the {pool:,} training images")
+    trained = images(data.image_counts(cfg.data)["train"], data.SIZES["train"] + data.SIZES["val"], "training images")
     lines = [f"refit of trial {refit.trial} on {trained} ({cfg.train.epochs} epochs each); the test set "
              f"({refit.seeds[0].test_total:,} images) read once per seed, after the last epoch:"]
     for s in refit.seeds:

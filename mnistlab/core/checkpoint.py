@@ -238,6 +238,9 @@ def load_best(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         raise UserError(f"{path}: unreadable safetensors file ({str(exc)[:200]})") from None
 
 
+TOOK = "took the checkpoint"  # how adopt's line starts when it took MLflow's checkpoint
+
+
 def adopt(downloaded: Path, directory: Path, config: dict[str, Any]) -> str:
     """Take the checkpoint a trial's earlier attempt sent to MLflow (downloaded into
     ``downloaded``) into the local folder ``directory`` when it is newer than what that folder
@@ -262,4 +265,4 @@ def adopt(downloaded: Path, directory: Path, config: dict[str, Any]) -> str:
     _atomic(directory / BEST, (downloaded / BEST).read_bytes())
     _write_text(directory / BEST_META, json.dumps(meta, indent=2) + "\n")
     _install(directory, remote.read_bytes())
-    return f"took the checkpoint after epoch {state['epoch']} from MLflow{note}"
+    return f"{TOOK} after epoch {state['epoch']} from MLflow{note}"

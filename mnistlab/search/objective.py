@@ -119,7 +119,7 @@ class Objective:
         with tempfile.TemporaryDirectory(dir=ckpt.parent, prefix=".fetch-") as scratch:
             folder = self.recorder.tracker.download_checkpoints(run_id, Path(scratch))
             note = checkpoint.adopt(folder, ckpt, cfg.to_dict()) if folder is not None else ""
-        if note.startswith("took"):
+        if note.startswith(checkpoint.TOOK):
             print(f"checkpoint of run {run_id}: {note}", flush=True)
             return
         _, local, _ = checkpoint.load_latest(ckpt, config=cfg.to_dict())

@@ -225,7 +225,7 @@ def check_workers(opts: RunOptions) -> None:
     The workers' memory itself is not limited (an address-space limit breaks CUDA, which reserves
     far more than it uses); too many of them are refused instead.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     if opts.worker_index is None and opts.threads * max(1, opts.workers) > cores and not opts.oversubscribe:
         # (100,000 threads crashed torch after the study existed; a worker process was checked by its parent)
         raise UserError(f"--threads {opts.threads}: {max(1, opts.workers)} worker(s) x {opts.threads} threads is more "
@@ -233,10 +233,7 @@ def check_workers(opts: RunOptions) -> None:
                         "(0 splits the cores), or --oversubscribe")
     if opts.workers <= 1 or opts.oversubscribe:
         return
-    gpus = _gpus(opts.device)
-    most = max(cores, gpus)
-    memory = _available_memory()
-    fits = memory // WORKER_MEMORY if memory is not None else most
+    gpus, memory, most, fits = _capacity(opts.device)
     if opts.workers <= min(most, fits):
         return
     have = f"{cores} CPU cores" + (f" and {gpus} GPUs" if gpus else "")
@@ -250,14 +247,23 @@ def check_workers(opts: RunOptions) -> None:
 
 def most_workers(device: str | None) -> tuple[int, str]:
     """The most workers ``check_workers`` lets `study run --workers` start here, and why."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    gpus = _gpus(device)
-    memory = _available_memory()
-    fits = memory // WORKER_MEMORY if memory is not None else max(cores, gpus)
-    have = f"{cores} CPU cores" + (f", {gpus} GPUs" if gpus else "")
+    gpus, memory, most, fits = _capacity(device)
+    have = f"{_cores()} CPU cores" + (f", {gpus} GPUs" if gpus else "")
     if memory is not None:
         have += f", {memory / 2**30:.1f} GB of memory available at about {WORKER_MEMORY / 2**30:.0f} GB a worker"
-    return max(1, min(max(cores, gpus), fits)), have
+    return max(1, min(most, fits)), have
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _capacity(device: str | None) -> tuple[int, int | None, int, int]:
+    """(GPUs used, available memory or None, the cores or GPUs, the workers that memory holds)."""
+    gpus = _gpus(device)
+    most = max(_cores(), gpus)
+    memory = _available_memory()
+    return gpus, memory, most, memory // WORKER_MEMORY if memory is not None else most
 
 
 def _gpus(device: str | None) -> int:
