@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from mnistlab.util.errors import UserError
+from mnistlab.util.errors import UserError, clip
 
 OK, NOTE, FAIL = "ok", "--", "FAIL"
+LINE_LIMIT = 500  # characters of one finding
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,10 @@ def run(data_dir: Path, storage: str | None, tracking_uri: str | None, device: s
     found = findings(data_dir, storage, tracking_uri, device)
     width = max(len(f.topic) for f in found)
     for f in found:
-        print(f"{f.verdict:>4}  {f.topic:<{width}}  {mask(f.text)}")
+        text = mask(f.text)
+        if not text.isprintable() or len(text) > LINE_LIMIT:  # a URL from the user: escaped and cut short
+            text = clip(text, LINE_LIMIT)
+        print(f"{f.verdict:>4}  {f.topic:<{width}}  {text}")
     failed = [f.topic for f in found if f.verdict == FAIL]
     print(f"\n{'FAIL: ' + ', '.join(failed) + ' cannot be used' if failed else 'everything asked for is usable'}")
     return 1 if failed else 0

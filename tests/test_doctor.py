@@ -99,3 +99,15 @@ def test_doctor_fails_on_a_corrupt_cache(capsys: pytest.CaptureFixture, tmp_path
     assert code == 1
     assert lines(out)["data"] == ("FAIL", f"{copy / data.CACHE_FILE}: checksum mismatch (corrupt cache); delete it "
                                           "and run `mnistlab data prepare`")
+
+
+def test_doctor_escapes_and_bounds_what_the_user_gave(capsys: pytest.CaptureFixture) -> None:
+    """A URL with a non-UTF-8 byte, an escape sequence or 5,000 characters is shown escaped and cut
+    short, its password masked, never echoed whole onto the terminal."""
+    code, out, _ = cli(capsys, "doctor", "--storage", "postgresql://u:pw-secret@h/\udcff\x1b]0;title\x07",
+                       "--tracking-uri", "http://x:" + "9" * 5000)
+    assert code == 1
+    found = lines(out)
+    assert found["storage"][0] == "FAIL" and found["tracking"][0] == "FAIL"
+    assert all(line.isprintable() and len(line) < 600 for line in out.splitlines()), out
+    assert "pw-secret" not in out
