@@ -149,6 +149,31 @@ def test_sigkill_mid_epoch_is_recovered_and_resumed_to_the_same_weights(
     print(f"SIGKILL to a finished, resumed trial ({recovery}): {resume_seconds:.1f} s")
 
 
+def test_a_worker_that_finds_the_study_full_stays_to_retry_a_dead_worker_s_trial(
+        tmp_path: Path, mlflow_db: str) -> None:
+    """A worker of another machine (or container) dies in the study's last trial; the worker left
+    finds the study full and stays until that trial's heartbeat is stale, then trains its retry,
+    rather than exiting and leaving it RUNNING with nobody to take it (found by docker/try-stack.sh)."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {"MNISTLAB_STORAGE": storage}
+    worker = start_worker("--n-trials", "1", env=env)
+    wait_until_into_epoch_2(storage, worker)
+    s = load("smoke", open_storage(storage, heartbeat=None))
+    s._storage.set_trial_user_attr(s.get_trials(deepcopy=False)[0]._trial_id, "worker", "another-machine|boot|1|1|1")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    # at once, with a grace of 3 x 10 s: trial 0 is not stale yet when this worker starts
+    left = run_cli("study", "run", str(SMOKE), *SLOW, "--heartbeat", "10", "--n-trials", "1", env=env)
+    assert left.returncode == 0, left.stderr
+    assert "already has 1 trained trials" in left.stdout, left.stdout
+    assert "waiting for trial 0 of other workers to end" in left.stdout, left.stdout
+    assert "1 retries of dead workers' trials run by this worker" in left.stdout, left.stdout
+    assert check(env=env).returncode == 0
+    dead, retry = load("smoke", open_storage(storage, heartbeat=None)).trials
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["root_trial"] == 0 and retry.params == dead.params
+
+
 def test_a_trial_killed_on_one_machine_resumes_on_another_from_its_mlflow_checkpoint(
         tmp_path: Path, pg_url: str, mlflow_server: str) -> None:
     """Two machines simulated on this one: two working folders, each with its own artifacts

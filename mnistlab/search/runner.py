@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from mnistlab.core.config import FLAGS, flag_values
 from mnistlab.core.train import Diverged
-from mnistlab.core.trials import search_trained
+from mnistlab.core.trials import WORKER, search_trained
 from mnistlab.search.objective import Objective, StudyFull
 from mnistlab.search.progress import Progress
 from mnistlab.search.screen import enqueue_due
@@ -117,7 +117,7 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
     if opts.heartbeat:
         _fail_dead(study)  # a dead worker's trial is retried, not counted
     callbacks = ([Promoter(cfg.screen, len(cfg.objectives) > 1)] if cfg.screen else []) + [progress]
-    if n_trials is not None and sum(map(search_trained, study.get_trials(deepcopy=False))) >= n_trials:
+    if n_trials is not None and _searched(study) >= n_trials:
         print(f"study {cfg.name!r} already has {n_trials} trained trials; raise --n-trials to search more")
     elif not progress.stopped(study):
         study.optimize(objective, timeout=opts.timeout or cfg.timeout, catch=CAUGHT, callbacks=callbacks)
@@ -130,6 +130,41 @@ def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any =
         _promotions(study, cfg, opts, objective, progress)
     if cfg.confirm is not None:
         _confirmation(study, cfg, opts, objective, progress)
+    if opts.heartbeat and n_trials is not None and _searched(study) >= n_trials:
+        _last_trials(study, objective, progress)
+
+
+def _searched(study: optuna.Study) -> int:
+    return sum(map(search_trained, study.get_trials(deepcopy=False)))
+
+
+def _last_trials(study: optuna.Study, objective: Objective, progress: Progress, poll: float = 2.0) -> int:
+    """The end of a study that has all its trials, for one worker: stay while another worker's
+    trial runs, so that a worker that dies in it (another machine or container, whose death only
+    its heartbeat shows) has its retry trained here; returns the retries this worker ran.
+
+    Only trials that mnistlab workers run (they send heartbeats) are waited for: a RUNNING trial
+    without a worker would never go stale. A stopped study waits for nothing.
+    """
+    ran, said = 0, False
+    while not progress.stopped(study):
+        _fail_dead(study)
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            study.optimize(objective, n_trials=1, catch=CAUGHT, callbacks=[progress])
+            ran += 1
+            continue
+        running = [t.number for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get(WORKER)]
+        if not running:
+            break
+        if not said:
+            said = True
+            print(f"waiting for trial{'s' if len(running) > 1 else ''} {', '.join(map(str, running))} of other "
+                  "workers to end (a dead worker's trial is retried here once its heartbeat is stale)", flush=True)
+        time.sleep(poll)
+    if ran:
+        print(f"{ran} retries of dead workers' trials run by this worker at the end of the study", flush=True)
+    return ran
 
 
 def _fail_dead(study: optuna.Study) -> None:
