@@ -300,6 +300,8 @@ say "study done in ${FIG[study]}: $(python3 -c 'import json,sys; r=json.load(ope
 resumed=$(compose logs --no-color worker 2>/dev/null | grep -o 'checkpoint of run [0-9a-f]*: .*' | head -1)
 [ -n "$resumed" ] || die "no worker resumed the killed worker's trial from its checkpoint in MLflow"
 say "the retry resumed: $resumed"
+waited=$(compose logs --no-color worker 2>/dev/null | grep -c 'waiting for trial' || true)
+say "workers that found the study full and stayed for another worker's trial: $waited"
 
 in_stack mnistlab:latest study check "studies/$STUDY.yaml" >"$WORK/check.log" 2>&1 \
     || { tail -5 "$WORK/check.log"; die "mnistlab study check failed in a container"; }
