@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from mnistlab.core import checkpoint, data
+from mnistlab.core.checkpoint_files import LAST
 from mnistlab.core.config import from_dict
 from mnistlab.core.model import build_model, count_params
 from mnistlab.core.train import evaluate, train
@@ -71,7 +72,7 @@ def one_run(raw: dict[str, Any], seed: int, mnist: data.MnistData, threads: int)
         net = build_model(cfg.model)
 
         def on_epoch(m: Any) -> None:
-            state = checkpoint.load_state(folder / checkpoint.LAST)["model"]
+            state = checkpoint.load_state(folder / LAST)["model"]
             net.load_state_dict(state)
             kept.append(state)
             del kept[:-3]

@@ -28,19 +28,35 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from mnistlab.core import checkpoint
+from mnistlab.core import checkpoint_files as files
 from mnistlab.core import trials as tr
-from mnistlab.core.data import sha256
 from mnistlab.core.trials import trained
 from mnistlab.search.workers import dead_here
 from mnistlab.util.errors import UserError
+from mnistlab.util.files import sha256
 from mnistlab.util.jsonfile import read_json, write_json
+from mnistlab.util.keys import (
+    EXPERIMENT_ATTR,
+    FAIL_REASON_TAG,
+    ID_ATTR,
+    INTERRUPTED_TAG,
+    MISSING_ARTIFACTS_TAG,
+    PARENT_ATTR,
+    PARENT_TAG,
+    REFIT_OF_TAG,
+    REFIT_TAG,
+    SEED_TAG,
+    STUDY_FILE_ATTR,
+    STUDY_ID_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+)
 
 if TYPE_CHECKING:
     from mnistlab.tracking.tracker import Tracker
 
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
-CHECKPOINT_FILES = checkpoint.KEPT
+CHECKPOINT_FILES = files.KEPT
 
 
 @dataclass
@@ -75,7 +91,7 @@ class Checker:
                         self.note(str(folder / name), what)
         trials = self.study.get_trials(deepcopy=False)
         self.check_trials(trials)
-        if self.tracker is not None and self.study.user_attrs.get("mlflow_parent_run_id"):
+        if self.tracker is not None and self.study.user_attrs.get(PARENT_ATTR):
             self.check_runs(trials)
         return self.findings
 
@@ -168,11 +184,9 @@ class Checker:
 
     # -- MLflow --------------------------------------------------------------------------------
     def check_runs(self, trials: list[optuna.trial.FrozenTrial]) -> None:
-        from mnistlab.search.storage import ID_ATTR
-        from mnistlab.tracking.tracker import PARENT_TAG, STUDY_ID_TAG, STUDY_TAG, TRIAL_TAG
 
         attrs = self.study.user_attrs
-        parent_id, experiment = attrs["mlflow_parent_run_id"], attrs.get("mlflow_experiment_id")
+        parent_id, experiment = attrs[PARENT_ATTR], attrs.get(EXPERIMENT_ATTR)
         uid = attrs.get(ID_ATTR)
         query = f"tags.`{STUDY_TAG}` = '{self.study.study_name}'"
         if uid:
@@ -185,7 +199,7 @@ class Checker:
         for r in runs:
             if r.data.tags.get(PARENT_TAG) == "true":
                 continue
-            if r.data.tags.get("mnistlab.refit") == "true":
+            if r.data.tags.get(REFIT_TAG) == "true":
                 self.check_refit_run(r, state)
                 continue
             by_trial[int(r.data.tags.get(TRIAL_TAG, -1))].append(r)
@@ -224,7 +238,7 @@ class Checker:
         if r.info.status != "RUNNING":
             return
         tags = r.data.tags
-        seed, of = tags.get("mnistlab.seed"), tags.get("mnistlab.refit_of_trial")
+        seed, of = tags.get(SEED_TAG), tags.get(REFIT_OF_TAG)
         where = f"run {r.info.run_id} (refit seed {seed} of trial {of})"
         trial = state.get(int(of)) if str(of).isdigit() else None
         lock = None
@@ -236,7 +250,7 @@ class Checker:
             return  # a refit trains it now
         if self.repair:
             self.tracker.finish(r.info.run_id, "KILLED",
-                                {"mnistlab.interrupted": "its process died; ended by mnistlab study check"})
+                                {INTERRUPTED_TAG: "its process died; ended by mnistlab study check"})
             self.note(where, "RUNNING but no process trains it: ended KILLED", fixed=True)
         else:
             self.note(where, "RUNNING but no process trains it")
@@ -245,7 +259,7 @@ class Checker:
         where = f"run {r.info.run_id} (trial {number})"
         if self.repair:
             self.tracker.finish(r.info.run_id, "FAILED",
-                                {"mnistlab.fail_reason": "its worker stopped; ended by mnistlab study check"})
+                                {FAIL_REASON_TAG: "its worker stopped; ended by mnistlab study check"})
             self.note(where, "RUNNING after its trial ended: marked FAILED", fixed=True)
         else:
             self.note(where, "RUNNING although its trial is not")
@@ -291,20 +305,20 @@ class Checker:
 
     def backfill(self, t: optuna.trial.FrozenTrial) -> Any:
         """Make the missing run of a trial from its local checkpoint; None if that is gone too."""
+        from mnistlab.core.checkpoint import load_latest
         from mnistlab.core.config import from_dict
-        from mnistlab.core.train import EpochMetrics
-        from mnistlab.search.storage import ID_ATTR
+        from mnistlab.core.metrics import EpochMetrics
         from mnistlab.tracking.recorder import StudyRecorder
 
         folder = Path(t.user_attrs.get(tr.CHECKPOINT_DIR, ""))
-        last, state, _ = checkpoint.load_latest(folder) if folder.is_dir() else (None, {}, "")
+        last, state, _ = load_latest(folder) if folder.is_dir() else (None, {}, "")
         if last is None:
             return None
         history = [EpochMetrics(**m) for m in state["history"]]
         epochs = t.user_attrs.get(tr.EPOCHS_RUN) or t.user_attrs.get(tr.PRUNED_AT_EPOCH) or len(history)
         attrs = self.study.user_attrs
-        recorder = StudyRecorder(self.tracker, self.study.study_name, attrs.get("mlflow_experiment_id"),
-                                 attrs["mlflow_parent_run_id"], Path(attrs.get("study_file", "")), attrs.get(ID_ATTR))
+        recorder = StudyRecorder(self.tracker, self.study.study_name, attrs.get(EXPERIMENT_ATTR),
+                                 attrs[PARENT_ATTR], Path(attrs.get(STUDY_FILE_ATTR, "")), attrs.get(ID_ATTR))
         run_id = recorder.backfill(t, from_dict(state["config"], str(last)), history[:epochs], folder)
         return self.tracker.get_run(run_id)
 
@@ -312,31 +326,31 @@ class Checker:
         where = f"trial {t.number}"
         listed = self.tracker.checkpoint_names(run.info.run_id)
         # files the run's end could not send: MLflow may hold an older epoch's copy of them
-        unsent = {Path(p).name for p in run.data.tags.get("mnistlab.missing_artifacts", "").split(",") if p}
+        unsent = {Path(p).name for p in run.data.tags.get(MISSING_ARTIFACTS_TAG, "").split(",") if p}
         missing = [n for n in CHECKPOINT_FILES
-                   if n in unsent or (n in (checkpoint.BEST, checkpoint.BEST_META) and n not in listed)]
+                   if n in unsent or (n in (files.BEST, files.BEST_META) and n not in listed)]
         if missing and self.repair:
             folder = Path(t.user_attrs.get(tr.CHECKPOINT_DIR, ""))
             if all((folder / n).is_file() for n in missing):
                 for name in CHECKPOINT_FILES:
                     if (folder / name).is_file() and (name not in listed or name in unsent):
                         self.tracker.log_artifact(run.info.run_id, folder / name, "checkpoints")
-                if run.data.tags.get("mnistlab.missing_artifacts"):
-                    self.tracker.delete_tag(run.info.run_id, "mnistlab.missing_artifacts")
+                if run.data.tags.get(MISSING_ARTIFACTS_TAG):
+                    self.tracker.delete_tag(run.info.run_id, MISSING_ARTIFACTS_TAG)
                 self.note(where, f"uploaded {', '.join(missing)} from {folder}", fixed=True)
                 missing = []
         if missing:
             self.note(where, f"MLflow run {run.info.run_id} lacks checkpoints/{', checkpoints/'.join(missing)}")
             return
         with tempfile.TemporaryDirectory() as tmp:
-            got = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{checkpoint.BEST_META}", Path(tmp))
-            weights = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{checkpoint.BEST}", Path(tmp))
+            got = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{files.BEST_META}", Path(tmp))
+            weights = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{files.BEST}", Path(tmp))
             try:
-                recorded = checkpoint.read_meta(got).get("sha256")
+                recorded = files.read_meta(got).get("sha256")
             except UserError:
                 recorded = None
             if recorded != sha256(weights):
-                self.note(where, f"checkpoints/{checkpoint.BEST} does not match the SHA-256 in {checkpoint.BEST_META}")
+                self.note(where, f"checkpoints/{files.BEST} does not match the SHA-256 in {files.BEST_META}")
 
     def _checkpoint_dirs(self) -> list[Path]:
         dirs = {Path(t.user_attrs[tr.CHECKPOINT_DIR]) for t in self.study.get_trials(deepcopy=False)
@@ -357,7 +371,6 @@ def check_study(study: optuna.Study, storage: str | None, tracking_uri: str | No
     trials, which needs the workers' ``heartbeat``, and ends their runs in this study's store.
     """
     from mnistlab import find_study
-    from mnistlab.search.runner import PARENT_ATTR
     from mnistlab.search.storage import load, open_storage
     from mnistlab.tracking.uri import check_reachable
 

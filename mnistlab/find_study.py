@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from mnistlab.search.study_file import StudyConfig, check_name, load_study
 from mnistlab.util.errors import UserError
+from mnistlab.util.keys import OBJECTIVES_ATTR, TRACKING_ATTR
 
 
 class Stored(NamedTuple):
@@ -33,13 +34,12 @@ def load(study_file: Path | None, name: str | None, storage: str | None) -> Stor
     from mnistlab.search.storage import open_storage
 
     loaded = load_stored(name, open_storage(storage, heartbeat=None, create=False))
-    return Stored(loaded, objectives or tuple(loaded.user_attrs.get("objectives", ["val_acc"])), cfg)
+    return Stored(loaded, objectives or tuple(loaded.user_attrs.get(OBJECTIVES_ATTR, ["val_acc"])), cfg)
 
 
 def tracker(study: Any, tracking_uri: str | None) -> Any:
     """The MLflow store of a study: --tracking-uri, $MLFLOW_TRACKING_URI, the one it recorded, the
     default (the rule of uri.resolve_uri)."""
-    from mnistlab.search.runner import TRACKING_ATTR
     from mnistlab.tracking.tracker import Tracker
 
     return Tracker(tracking_uri, recorded=study.user_attrs.get(TRACKING_ATTR))

@@ -19,6 +19,7 @@ from mnistlab.tracking.tracker import Tracker
 from mnistlab.tracking.uri import check_reachable, mask
 from mnistlab.util import interrupts
 from mnistlab.util.errors import UserError
+from mnistlab.util.keys import OUTPUT_TAG, RUN_KIND_TAG
 
 METRIC_FIELDS = [f for f in EpochMetrics.__dataclass_fields__]
 
@@ -115,7 +116,7 @@ def run_experiment(
     run = None
     if tracker is not None:
         run = RunLog.start(tracker, tracker.experiment(cfg.name), output.name, cfg, count_params(cfg.model),
-                           str(device), ckpt, {"mnistlab.kind": "train", "mnistlab.output": str(output)},
+                           str(device), ckpt, {RUN_KIND_TAG: "train", OUTPUT_TAG: str(output)},
                            files={"experiment": source} if source else None)
         if verbose:
             print(f"MLflow run {run.run_id} in experiment {cfg.name!r} at {mask(tracker.uri)}")

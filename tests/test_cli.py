@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -413,6 +414,27 @@ def test_a_missing_file_is_answered_before_any_heavy_import(args: list[str]) -> 
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     one_line_error(2, proc.stderr, "missing.yaml: no such file")
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("data_dir")
+def test_commands_that_read_records_do_not_import_torch(tmp_path: Path) -> None:
+    """`study check`, `best` (the pick alone), `study status` and `studies` read a trained study's
+    records without the trainer: names come from util/keys.py and core/checkpoint_files.py."""
+    env = {"MNISTLAB_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    ran = run_cli("study", "run", "smoke", "--n-trials", "2", "--epochs", "1", "--limit-train", "300",
+                  "--limit-eval", "100", "--threads", "1", env=env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    code = f"HEAVY = {('torch',)!r}\n{IMPORTS}"
+    said = {}
+    for args in (["study", "check", "smoke"], ["best", "smoke"], ["study", "status", "smoke"], ["studies"]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path, env={**os.environ, **env})
+        *said[" ".join(args)], imported = proc.stdout.strip().splitlines() or [""]
+        assert proc.returncode == 0 and json.loads(imported) == [], (args, proc.stdout, proc.stderr)
+    assert "'smoke': consistent (2 trials" in said["study check smoke"][-1]  # the records were read
+    assert said["best smoke"][0].startswith("best trial: "), said["best smoke"]
 
 
 def test_shipped_studies_and_experiments_are_found_by_name_from_any_folder(capsys: pytest.CaptureFixture,

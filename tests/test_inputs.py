@@ -15,6 +15,7 @@ import torch
 
 from conftest import PG_ADMIN, ROOT, cli, one_line_error
 from mnistlab.core import checkpoint, data
+from mnistlab.core.checkpoint_files import BEST_META
 from mnistlab.util.errors import UserError
 
 
@@ -196,7 +197,7 @@ def test_every_json_file_read_back_is_bounded(tmp_path: Path) -> None:
     (tmp_path / data.CACHE_FILE).write_bytes(b"")
     with pytest.raises(UserError, match="manifest.json: missing or unreadable"):
         data.load_arrays(tmp_path)
-    (tmp_path / checkpoint.BEST_META).write_text(DEEP)
+    (tmp_path / BEST_META).write_text(DEEP)
     with pytest.raises(UserError, match="best.json: missing or unreadable"):
         checkpoint.load_best(tmp_path)
 

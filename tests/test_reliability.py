@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop, trial_dir
 from mnistlab.core import checkpoint
+from mnistlab.core.checkpoint_files import KEPT
 from mnistlab.core.trials import trained
 from mnistlab.search.storage import create, load, open_storage
 
@@ -249,7 +250,7 @@ def test_the_artifact_server_down_while_a_checkpoint_is_due_loses_nothing(tmp_pa
         assert sorted(m.step for m in client.get_metric_history(run_id, "val_acc")) == [1, 2, 3]
         sent = Path(client.download_artifacts(run_id, "checkpoints", str(tmp_path / "sent")))
         local = trial_dir(tmp_path / "mnistlab-artifacts", 0)
-        for name in checkpoint.KEPT:
+        for name in KEPT:
             assert (sent / name).read_bytes() == (local / name).read_bytes(), name
     finally:
         worker.kill()

@@ -18,8 +18,9 @@ from mnistlab.core import trials as tr
 from mnistlab.search import screen as sc
 from mnistlab.search import stop as stop_mod
 from mnistlab.search.objective import Objective, StudyFull, claim, claim_promotion
-from mnistlab.search.study_file import STARTED_ATTR, STOP_ATTR, Rung, Screen, Stop, load_study
+from mnistlab.search.study_file import Rung, Screen, Stop, load_study
 from mnistlab.util.errors import UserError
+from mnistlab.util.keys import STARTED_ATTR, STOP_ATTR
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE = Screen((Rung(2, 1000),), promote=0.25)

@@ -19,8 +19,9 @@ from conftest import ROOT, run_cli
 from mnistlab.core import trials as tr
 from mnistlab.search.screen import finished_at, winners
 from mnistlab.search.storage import load, open_storage
-from mnistlab.search.study_file import STOP_ATTR, Rung, Screen
+from mnistlab.search.study_file import Rung, Screen
 from mnistlab.search.warm import WARM_FROM
+from mnistlab.util.keys import STOP_ATTR
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,10 @@ from conftest import ROOT, cli, one_line_error, run_cli
 from mnistlab.core import trials as tr
 from mnistlab.search import objective as objective_mod
 from mnistlab.search import runner
-from mnistlab.search.storage import ID_ATTR, create, load, open_storage
+from mnistlab.search.storage import create, load, open_storage
 from mnistlab.search.study_file import check_name, load_study, worker_salt
 from mnistlab.util.errors import UserError
+from mnistlab.util.keys import ID_ATTR
 
 SMOKE = ROOT / "studies" / "smoke.yaml"
 FAST = ["--epochs", "1", "--limit-train", "1000", "--limit-eval", "500"]

@@ -211,7 +211,8 @@ def test_ui_serves_the_store_on_loopback(mlflow_db: str) -> None:
 
     from conftest import free_port
     from mnistlab.tracking.tracker import Tracker
-    from mnistlab.tracking.ui_plugin import ASSISTANT_KEY, COLUMNS_TAG, WORKFLOW_KEY, searched_columns, state_key
+    from mnistlab.tracking.ui_plugin import ASSISTANT_KEY, WORKFLOW_KEY, searched_columns, state_key
+    from mnistlab.util.keys import COLUMNS_TAG
 
     tracker = Tracker(mlflow_db)
     study = tracker.experiment("a-study", "0123abcd", "sqlite:///optuna.db")

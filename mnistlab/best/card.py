@@ -6,7 +6,7 @@ from typing import Any
 
 from mnistlab.best.formats import CURVES, FORMATS, ONNX, TORCHSCRIPT
 from mnistlab.core import data
-from mnistlab.core.config import ExperimentConfig
+from mnistlab.core.config import SIZES, ExperimentConfig
 from mnistlab.core.model import summary
 
 
@@ -26,8 +26,8 @@ def images(n: int, total: int, what: str) -> str:
 def _counts(info: dict[str, Any], key: str) -> dict[str, Any]:
     """The images the search trial or the refit counted (exports written before this was recorded:
     the full sets, as every shipped study used then)."""
-    default = {"train": data.SIZES["train"] + (data.SIZES["val"] if key == "refit" else 0),
-               "val": None if key == "refit" else data.SIZES["val"], "test": data.SIZES["test"]}
+    default = {"train": SIZES["train"] + (SIZES["val"] if key == "refit" else 0),
+               "val": None if key == "refit" else SIZES["val"], "test": SIZES["test"]}
     return (info.get("images") or {}).get(key) or default
 
 
@@ -44,7 +44,7 @@ def _test_rows(info: dict[str, Any]) -> list[str]:
 
 def _protocol(info: dict[str, Any]) -> list[str]:
     r = info.get("refit")
-    search, total = _counts(info, "search"), data.SIZES
+    search, total = _counts(info, "search"), SIZES
     trained = images(search["train"], total["train"], POOLS["search"])
     picked = images(search["val"], total["val"], POOLS["val"])
     if not r:

@@ -34,7 +34,7 @@ from mnistlab.best.picks import Choice
 from mnistlab.best.weights import refit_weights, trial_weights
 from mnistlab.core import data
 from mnistlab.core import trials as trials_mod
-from mnistlab.core.config import from_dict
+from mnistlab.core.config import SIZES, from_dict
 from mnistlab.core.model import count_params
 from mnistlab.search.plots import trial_curves
 from mnistlab.util import interrupts, locks
@@ -184,7 +184,7 @@ def _export(choice: Choice, study: optuna.Study, out: Path, *, force: bool, trac
             "test_acc": test_acc,
             "test_images": int(len(y)),
             "trial_test_acc": a.get(trials_mod.TEST_ACC),
-            "trial_test_images": cfg.data.limit_eval or data.SIZES["test"],
+            "trial_test_images": cfg.data.limit_eval or SIZES["test"],
             # the images the search trial and the refit trained, validated and tested on (card.py says them)
             "images": {"search": data.image_counts(dataclasses.replace(cfg.data, full_train=False)),
                        "refit": data.image_counts(cfg.data) if refit is not None else None},

@@ -11,6 +11,7 @@ from mnistlab import find_study
 from mnistlab.tracking.uri import mask
 from mnistlab.util import interrupts
 from mnistlab.util.errors import UserError
+from mnistlab.util.keys import EXPERIMENT_ATTR, MAX_PARAMS_ATTR, PARENT_ATTR, TRIAL_TAG
 
 if TYPE_CHECKING:
     from mnistlab.tracking.tracker import Tracker
@@ -36,22 +37,21 @@ def best(found: find_study.Stored, opts: BestOptions) -> int:
     """`mnistlab best`: print the pick; with ``refit`` retrain it on all training images, with
     ``export`` deliver it (verified in every format) and register it. Returns the exit code: 0, or
     the signal's (143, 130) when SIGTERM/SIGINT stopped the refit or the export."""
-    from mnistlab.best import export as ex
     from mnistlab.best import picks as pk
-    from mnistlab.best import refit as rf
-    from mnistlab.tracking.uri import check_reachable
 
     loaded = found.study
     choice = pk.pick(loaded, found.objectives, opts.min_accuracy, opts.max_params)
     print(pk.describe(choice))
     if opts.export is None and not opts.refit:
-        return 0
+        return 0  # the pick alone needs neither torch nor MLflow
+    from mnistlab.best import export as ex
+    from mnistlab.best import refit as rf
+    from mnistlab.tracking.uri import check_reachable
+
     tracker = find_study.tracker(loaded, opts.tracking_uri)
     check_reachable(tracker.uri)
     tracker.check_access()
     known = tracker if tracker.known() else None
-    from mnistlab.search.runner import PARENT_ATTR
-
     if known is None and loaded.user_attrs.get(PARENT_ATTR):  # a mistyped store: the refit's runs would go nowhere
         raise UserError(f"study {loaded.study_name!r} logs to MLflow, but there is no MLflow store at "
                         f"{mask(tracker.uri)}: pass --tracking-uri")
@@ -64,7 +64,7 @@ def best(found: find_study.Stored, opts: BestOptions) -> int:
         ex.prepare_target(opts.export, opts.force)  # earlier export there may be this very one (export decides)
     refitted = None
     if opts.refit:
-        budget = int(loaded.user_attrs.get("max_params", 1 << 62))
+        budget = int(loaded.user_attrs.get(MAX_PARAMS_ATTR, 1 << 62))
         if found.config is not None:
             budget = min(budget, found.config.max_params)
         print()
@@ -94,7 +94,6 @@ def best(found: find_study.Stored, opts: BestOptions) -> int:
 def register(tracker: Tracker, loaded: Any, done: Any) -> None:
     """The export ``done`` of study ``loaded`` registered as models:/STUDY@best; UserError when it cannot be."""
     from mnistlab.best import formats
-    from mnistlab.search.runner import EXPERIMENT_ATTR
     from mnistlab.tracking.registry import register_model
 
     run_id = done.info["mlflow_run_id"]
@@ -104,7 +103,7 @@ def register(tracker: Tracker, loaded: Any, done: Any) -> None:
     try:
         version = register_model(tracker, loaded.study_name, run_id, loaded.user_attrs.get(EXPERIMENT_ATTR),
                                  done.folder / formats.ONNX, done.example,
-                                 {"mnistlab.trial": done.info["trial"], "test_acc": done.test_acc,
+                                 {TRIAL_TAG: done.info["trial"], "test_acc": done.test_acc,
                                   "params": done.info["params"],
                                   "mnistlab.onnx_sha256": done.info["files"][formats.ONNX]})
     except Exception as exc:

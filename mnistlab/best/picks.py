@@ -9,10 +9,11 @@ from typing import Any
 
 import optuna
 
-from mnistlab.core import checkpoint, data
 from mnistlab.core import trials as trials_mod
-from mnistlab.core.config import ExperimentConfig, from_dict
+from mnistlab.core.checkpoint_files import BEST_META, read_meta
+from mnistlab.core.config import SIZES, ExperimentConfig, from_dict
 from mnistlab.util.errors import UserError
+from mnistlab.util.keys import MAX_PARAMS_ATTR
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Choice:
 
 def candidates(study: optuna.Study) -> list[trials_mod.Group]:
     """Configurations of completed, trained trials within the study's budget, seed repeats grouped."""
-    budget = study.user_attrs.get("max_params")
+    budget = study.user_attrs.get(MAX_PARAMS_ATTR)
     return [g for g in trials_mod.groups(study.get_trials(deepcopy=False))
             if trials_mod.PARAM_COUNT in g.first.user_attrs and (budget is None or g.params <= budget)]
 
@@ -83,7 +84,7 @@ def pick(study: optuna.Study, objectives: tuple[str, ...] | list[str], min_accur
 def _measured(t: optuna.trial.FrozenTrial) -> str:
     """What a trial's own test figure was measured on (a limited run reads fewer images)."""
     cfg = _recorded_config(t)
-    n = (cfg.data.limit_eval if cfg is not None and cfg.data.limit_eval else None) or data.SIZES["test"]
+    n = (cfg.data.limit_eval if cfg is not None and cfg.data.limit_eval else None) or SIZES["test"]
     return f"{n:,} test images"
 
 
@@ -98,7 +99,7 @@ def describe(choice: Choice) -> str:
         lines.append("")
     g, t = choice.group, choice.trial
     a = t.user_attrs
-    total = int(a.get(trials_mod.VAL_TOTAL, data.SIZES["val"]))
+    total = int(a.get(trials_mod.VAL_TOTAL, SIZES["val"]))
     lines.append(f"best trial: {t.number} ({choice.rule})")
     lines.append(f"  params:          {g.params:,}")
     lines.append(f"  validation:      {g.describe()} (score: the last epoch's accuracy on "
@@ -140,8 +141,8 @@ def _acc(t: optuna.trial.FrozenTrial) -> float:
 
 def _recorded_config(t: optuna.trial.FrozenTrial) -> ExperimentConfig | None:
     """The full config a trial trained, from its checkpoint folder's best.json (None if not here)."""
-    meta = Path(t.user_attrs.get(trials_mod.CHECKPOINT_DIR, "")) / checkpoint.BEST_META
+    meta = Path(t.user_attrs.get(trials_mod.CHECKPOINT_DIR, "")) / BEST_META
     try:
-        return from_dict(checkpoint.read_meta(meta).get("config"), str(meta))
+        return from_dict(read_meta(meta).get("config"), str(meta))
     except UserError:
         return None

@@ -27,11 +27,13 @@ from typing import TYPE_CHECKING, Any
 from mnistlab.best.card import images
 from mnistlab.core import checkpoint, data
 from mnistlab.core import trials as tr
-from mnistlab.core.config import ExperimentConfig, from_dict
+from mnistlab.core.checkpoint_files import LAST
+from mnistlab.core.config import SIZES, ExperimentConfig, from_dict
 from mnistlab.core.model import build_model, count_params
 from mnistlab.util import interrupts, locks
 from mnistlab.util.errors import UserError
 from mnistlab.util.jsonfile import read_json
+from mnistlab.util.keys import ID_ATTR, STUDY_FILE_ATTR
 
 if TYPE_CHECKING:
     from mnistlab.tracking.tracker import Tracker
@@ -190,7 +192,7 @@ def _train_locked(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path
 
 def _save_final(folder: Path, cfg: ExperimentConfig, result: Any, trial: int) -> None:
     """The last epoch's weights as best.safetensors (what a refit delivers), from its checkpoint."""
-    state = checkpoint.load_state(folder / checkpoint.LAST)
+    state = checkpoint.load_state(folder / LAST)
     net = build_model(cfg.model)
     net.load_state_dict(state["model"])
     meta = {"config": cfg.to_dict(), "epoch": result.epochs_run, "val_acc": None, "test_acc": result.test_acc,
@@ -209,7 +211,7 @@ def _write_result(folder: Path, r: SeedResult) -> None:
 def describe(refit: Refit) -> str:
     """What `mnistlab best --refit` prints: one line a seed, then mean ± std and min."""
     cfg = refit.config
-    trained = images(data.image_counts(cfg.data)["train"], data.SIZES["train"] + data.SIZES["val"], "training images")
+    trained = images(data.image_counts(cfg.data)["train"], SIZES["train"] + SIZES["val"], "training images")
     lines = [f"refit of trial {refit.trial} on {trained} ({cfg.train.epochs} epochs each); the test set "
              f"({refit.seeds[0].test_total:,} images) read once per seed, after the last epoch:"]
     for s in refit.seeds:
@@ -232,7 +234,6 @@ def for_choice(choice: Any, study: Any, max_params: int, n_seeds: int, artifacts
     parent run, keep the figures in the study's attributes (``refit:T``)."""
     from mnistlab.best.weights import trial_weights
     from mnistlab.search import runner as st
-    from mnistlab.search.storage import ID_ATTR
     from mnistlab.tracking.recorder import StudyRecorder
 
     check_seeds(n_seeds)
@@ -243,7 +244,7 @@ def for_choice(choice: Any, study: Any, max_params: int, n_seeds: int, artifacts
     recorder = None
     if tracker is not None and attrs.get(st.PARENT_ATTR) and attrs.get(st.EXPERIMENT_ATTR):
         recorder = StudyRecorder(tracker, study.study_name, attrs[st.EXPERIMENT_ATTR], attrs[st.PARENT_ATTR],
-                                 Path(str(attrs.get("study_file", ""))), attrs.get(ID_ATTR))
+                                 Path(str(attrs.get(STUDY_FILE_ATTR, ""))), attrs.get(ID_ATTR))
     previous = interrupts.stop_on_signals()
     try:
         done = run(trial, cfg, n_seeds, max_params, artifacts, recorder, data_dir, verbose)

@@ -4,6 +4,7 @@ Every epoch writes ``last.pt`` (model, optimiser, scheduler, RNG states, epoch, 
 history) through a temporary file, fsync and rename; the one before it is kept as
 ``prev.pt``. Each file has a ``.sha256`` sidecar; a file whose checksum does not match is
 never loaded. The best-validation-epoch weights go to ``best.safetensors`` + ``best.json``.
+The files' names, and the reader of ``best.json``, are checkpoint_files.py's (no torch there).
 """
 
 from __future__ import annotations
@@ -18,22 +19,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from mnistlab.core.checkpoint_files import BEST, BEST_META, LAST, PREV, SUM, read_meta
 from mnistlab.core.config import from_dict
-from mnistlab.core.data import sha256
 from mnistlab.core.metrics import EpochMetrics
 from mnistlab.core.model import build_model
 from mnistlab.util.errors import UserError, clip
-from mnistlab.util.files import write_atomic, write_temp
-from mnistlab.util.jsonfile import read_json
-
-LAST, PREV, BEST, BEST_META = "last.pt", "prev.pt", "best.safetensors", "best.json"
-SUM = ".sha256"  # a checkpoint's checksum sidecar: last.pt.sha256
-# What a retry on another machine needs, in the order a trial sends it to its MLflow run each
-# epoch: the best weights first (never older than the epoch checkpoint sent after them), then
-# prev.pt, then last.pt, so a send cut short leaves last.pt failing its checksum and prev.pt whole.
-SHARED = (BEST, BEST_META, PREV, PREV + SUM, LAST + SUM, LAST)
-# The files a finished run keeps in MLflow (prev.pt is only a fallback while it trains).
-KEPT = (BEST, BEST_META, LAST, LAST + SUM)
+from mnistlab.util.files import sha256, write_atomic, write_temp
 
 
 def _write_new(path: Path, data: bytes) -> tuple[Path, str]:
@@ -213,17 +204,6 @@ def save_best(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> 
     digest = _atomic(path, save(weights))
     _write_text(directory / BEST_META, json.dumps({**meta, "sha256": digest}, indent=2) + "\n")
     return path
-
-
-def read_meta(meta_path: Path) -> dict[str, Any]:
-    """A best.json: a JSON object, or UserError naming the file (missing, not JSON, too deep, another type)."""
-    try:
-        meta = read_json(meta_path)
-    except (OSError, ValueError):
-        raise UserError(f"{meta_path}: missing or unreadable") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
-    return meta
 
 
 def load_best(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

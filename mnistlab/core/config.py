@@ -74,6 +74,7 @@ class TrainConfig:
 
 
 TRAIN_IMAGES = 50_000  # the training split; the last 10,000 of MNIST's 60,000 training images validate
+SIZES = {"train": TRAIN_IMAGES, "val": 10_000, "test": 10_000}  # images in each split
 
 
 @dataclass(frozen=True)

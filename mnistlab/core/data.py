@@ -21,14 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mnistlab.core.config import TRAIN_IMAGES, DataConfig
+from mnistlab.core.config import SIZES, DataConfig
 from mnistlab.util.errors import UserError
+from mnistlab.util.files import sha256
 from mnistlab.util.jsonfile import read_json
 
 MEAN, STD = 0.1307, 0.3081
 CACHE_FILE = "mnist-uint8.npz"
 SPLITS = ("train", "val", "test")
-SIZES = {"train": TRAIN_IMAGES, "val": 10_000, "test": 10_000}
 
 
 def default_data_dir() -> Path:
@@ -115,15 +115,6 @@ def prepare(data_dir: Path, source: Path | None = None) -> Path:
     except OSError as exc:
         raise UserError(f"{data_dir}: cannot write the data cache ({exc.strerror})") from None
     return cache
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_arrays(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mnistlab.core import checkpoint
+from mnistlab.core.checkpoint_files import BEST, BEST_META, LAST, PREV, SUM
 from mnistlab.core.config import ExperimentConfig, TrainConfig
 from mnistlab.core.data import MnistData, Split, batches
 from mnistlab.core.metrics import EpochMetrics
@@ -310,12 +311,12 @@ def unproven(cfg: ExperimentConfig, data: MnistData, checkpoint_dir: Path) -> st
         return str(exc)
     problem = checkpoint.weights_misfit(weights, net)
     if problem or meta.get("epoch") != best.epoch:
-        return f"{checkpoint_dir / checkpoint.BEST}: " + (problem or f"of epoch {clip(meta.get('epoch'))}, "
+        return f"{checkpoint_dir / BEST}: " + (problem or f"of epoch {clip(meta.get('epoch'))}, "
                                                           f"the best epoch is {best.epoch}")
     net.load_state_dict(weights)
     _, correct = evaluate(net, data.val, cfg.train.eval_batch_size)
     if abs(correct - best.val_correct) > allowed:
-        return (f"{checkpoint_dir / checkpoint.BEST}: scores {100 * correct / len(data.val):.2f}% on validation, "
+        return (f"{checkpoint_dir / BEST}: scores {100 * correct / len(data.val):.2f}% on validation, "
                 f"not the {best.val_acc:.2f}% recorded for epoch {best.epoch}")
     return ""
 
@@ -328,8 +329,8 @@ def refuse_unproven(cfg: ExperimentConfig, data: MnistData, checkpoint_dir: Path
         return
     aside = checkpoint_dir / "refused"
     aside.mkdir(exist_ok=True)
-    for name in (checkpoint.LAST, checkpoint.PREV, checkpoint.BEST, checkpoint.BEST_META):
-        for path in (checkpoint_dir / name, checkpoint_dir / (name + checkpoint.SUM)):
+    for name in (LAST, PREV, BEST, BEST_META):
+        for path in (checkpoint_dir / name, checkpoint_dir / (name + SUM)):
             if path.is_file() and not path.is_symlink():
                 os.replace(path, aside / path.name)
     print(f"warning: checkpoint not believed ({why}); set aside in {aside}, training starts again from epoch 0",
@@ -346,7 +347,7 @@ def _best_from_history(history: list[EpochMetrics], result: Result) -> dict[str,
 def _finish(run: _Run, result: Result, best_state: dict[str, Any] | None, ckpt: Path | None, verbose: bool) -> None:
     """Report the test set once, on the weights a user would keep."""
     if run.data.val is not None:
-        if best_state is None and ckpt is not None and (ckpt / checkpoint.BEST).exists():
+        if best_state is None and ckpt is not None and (ckpt / BEST).exists():
             best_state, _ = checkpoint.load_best(ckpt)
         if best_state is not None:
             run.model.load_state_dict(best_state)

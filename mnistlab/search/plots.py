@@ -11,6 +11,8 @@ import optuna
 from optuna.trial import TrialState
 
 from mnistlab.core import trials as tr
+from mnistlab.core.checkpoint_files import LAST
+from mnistlab.util.keys import MAX_PARAMS_ATTR
 
 if TYPE_CHECKING:
     from mnistlab.tracking.tracker import Tracker
@@ -76,7 +78,7 @@ def accuracy_vs_params(study: optuna.Study, done: list[optuna.trial.FrozenTrial]
     if multi:
         front = tr.pareto(groups)
         ax.plot([g.params for g in front], [g.mean for g in front], "o-", color="C3", label="Pareto front")
-    budget = study.user_attrs.get("max_params")
+    budget = study.user_attrs.get(MAX_PARAMS_ATTR)
     if budget:
         ax.axvline(budget, color="grey", linestyle="--", label=f"budget {budget:,}")
     ax.set(xlabel="parameters", ylabel="validation score (%)", title="Accuracy against size")
@@ -142,7 +144,7 @@ def trial_curves(trial: optuna.trial.FrozenTrial, tracker: Tracker, path: Path) 
         except Exception:  # an unreachable server: fall back to the checkpoint
             series = {}
     if not any(series.values()):
-        last = Path(trial.user_attrs.get(tr.CHECKPOINT_DIR, "")) / checkpoint.LAST
+        last = Path(trial.user_attrs.get(tr.CHECKPOINT_DIR, "")) / LAST
         if checkpoint.verified(last):
             history = checkpoint.load_state(last)["history"]
             series = {k: [(m["epoch"], m[k]) for m in history] for k in ("train_acc", "val_acc")}

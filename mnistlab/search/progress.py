@@ -12,8 +12,9 @@ from optuna.trial import TrialState
 from mnistlab.core import trials as tr
 from mnistlab.core.trials import search_trained, state_label
 from mnistlab.search import stop as stop_mod
-from mnistlab.search.study_file import STARTED_ATTR, Stop, StudyConfig
+from mnistlab.search.study_file import Stop, StudyConfig
 from mnistlab.util import interrupts
+from mnistlab.util.keys import STARTED_ATTR
 
 # Configurations refused before training (over budget or invalid), in a row, that stop a worker: they do not
 # count toward n_trials, so a search space that hardly holds a valid network would be sampled forever.

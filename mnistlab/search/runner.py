@@ -29,21 +29,27 @@ from mnistlab.search.objective import Objective, StudyFull
 from mnistlab.search.progress import Progress
 from mnistlab.search.screen import enqueue_due
 from mnistlab.search.screen import run_stage as screen_stage
-from mnistlab.search.storage import ID_ATTR, check_file, check_name_free, create, open_storage, storage_url
-from mnistlab.search.study_file import STARTED_ATTR, Screen, Stop, StudyConfig, make_pruner, make_sampler, worker_salt
+from mnistlab.search.storage import check_file, check_name_free, create, open_storage, storage_url
+from mnistlab.search.study_file import Screen, Stop, StudyConfig, make_pruner, make_sampler, worker_salt
 from mnistlab.search.tables import status_table
 from mnistlab.search.workers import fail_dead_here
 from mnistlab.tracking.tracker import sharing_warning
 from mnistlab.tracking.uri import mask
 from mnistlab.util import interrupts
 from mnistlab.util.errors import UserError, clip
+from mnistlab.util.keys import (
+    COLUMNS_TAG,
+    EXPERIMENT_ATTR,
+    ID_ATTR,
+    PARENT_ATTR,
+    STARTED_ATTR,
+    STUDY_FILE_ATTR,
+    TRACKING_ATTR,
+)
 
 if TYPE_CHECKING:
     from mnistlab.tracking.tracker import Tracker
 
-PARENT_ATTR = "mlflow_parent_run_id"
-EXPERIMENT_ATTR = "mlflow_experiment_id"
-TRACKING_ATTR = "mlflow_tracking_uri"
 
 
 @dataclass(frozen=True)
@@ -350,7 +356,7 @@ def spawn_workers(cfg: StudyConfig, opts: RunOptions) -> int:
 def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Tracker, storage_url_: str) -> Any:
     """The study's MLflow experiment and its one parent run, kept as study attributes."""
     from mnistlab.tracking.recorder import StudyRecorder
-    from mnistlab.tracking.ui_plugin import COLUMNS_TAG, searched_columns
+    from mnistlab.tracking.ui_plugin import searched_columns
 
     attrs = study.user_attrs
     known = attrs.get(TRACKING_ATTR)
@@ -449,7 +455,7 @@ def report_study(study: optuna.Study, objectives: tuple[str, ...], tracker: Trac
         raise UserError(f"study {study.study_name!r} logs to MLflow, but there is no MLflow store at "
                         f"{mask(tracker.uri)}: pass --tracking-uri")
     recorder = StudyRecorder(tracker, study.study_name, study.user_attrs.get(EXPERIMENT_ATTR, ""),
-                             parent, Path(study.user_attrs.get("study_file", ""))) if parent else None
+                             parent, Path(study.user_attrs.get(STUDY_FILE_ATTR, ""))) if parent else None
     paths = plots.write(study, objectives, artifacts.resolve() / study_folder(study) / "plots", recorder)
     for path in paths:
         if recorder is not None:

@@ -20,7 +20,8 @@ from typing import Any
 from optuna.trial import FrozenTrial
 
 from mnistlab.core import trials as tr
-from mnistlab.search.study_file import STARTED_ATTR, STOP_ATTR, Stop
+from mnistlab.search.study_file import Stop
+from mnistlab.util.keys import STARTED_ATTR, STOP_ATTR
 
 
 def reason(stop: Stop, trials: list[FrozenTrial], started: float | None, now: float | None = None) -> str | None:

@@ -22,10 +22,19 @@ import optuna
 
 from mnistlab.core import trials as tr
 from mnistlab.core.config import safe_name
-from mnistlab.search.study_file import STARTED_ATTR, StudyConfig, check_name, make_pruner, make_sampler
+from mnistlab.search.study_file import StudyConfig, check_name, make_pruner, make_sampler
 from mnistlab.tracking.uri import mask, quote_userinfo, split_url, sqlite_file
 from mnistlab.util import interrupts
 from mnistlab.util.errors import UserError, clip
+from mnistlab.util.keys import (
+    FAIL_REASON_TAG,
+    ID_ATTR,
+    MAX_PARAMS_ATTR,
+    OBJECTIVES_ATTR,
+    READY_ATTR,
+    STARTED_ATTR,
+    STUDY_FILE_ATTR,
+)
 from mnistlab.util.locks import creating
 from mnistlab.util.waiting import Wait
 
@@ -35,7 +44,6 @@ if TYPE_CHECKING:
 # Heartbeats and the retry callback are marked experimental; they are what makes workers crash-safe.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-ID_ATTR = "mnistlab_study_id"  # a UUID set at creation: same-named studies in other storages stay apart
 
 
 def storage_url(url: str | None) -> str:
@@ -220,13 +228,12 @@ class _StaleTrial:
         run_id = trial.user_attrs.get(tr.MLFLOW_RUN_ID)
         if self.tracker is not None and run_id:
             try:
-                self.tracker.finish(run_id, "FAILED", {"mnistlab.fail_reason": reason or
+                self.tracker.finish(run_id, "FAILED", {FAIL_REASON_TAG: reason or
                                                        "worker stopped sending heartbeats"})
             except Exception as exc:  # the retry matters more than the dead run's status
                 warnings.warn(f"could not mark MLflow run {run_id} FAILED ({type(exc).__name__})", stacklevel=2)
 
 
-READY_ATTR = "mnistlab_ready"
 
 
 def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage,
@@ -252,9 +259,9 @@ def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage,
             check_space(cfg, study)
         return study
     study.set_user_attr(ID_ATTR, uuid.uuid4().hex)
-    study.set_user_attr("study_file", str(cfg.path))
-    study.set_user_attr("max_params", cfg.max_params)
-    study.set_user_attr("objectives", list(cfg.objectives))
+    study.set_user_attr(STUDY_FILE_ATTR, str(cfg.path))
+    study.set_user_attr(MAX_PARAMS_ATTR, cfg.max_params)
+    study.set_user_attr(OBJECTIVES_ATTR, list(cfg.objectives))
     study.set_user_attr(STARTED_ATTR, time.time())  # a stop's wall-clock budget counts from here, on every machine
     study.set_metric_names(list(cfg.objectives))  # optuna-dashboard and Optuna's tables name the values
     if cfg.enqueue_base:

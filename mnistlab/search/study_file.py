@@ -144,8 +144,6 @@ class Stop:
 
 # The study attributes of the study-wide stop (search/stop.py): spelled here, where the stop block
 # is read, so that the storage can set them without importing the stop's logic.
-STOP_ATTR = "mnistlab_stop"  # {"reason", "at", "host"} once the study is stopped
-STARTED_ATTR = "mnistlab_started_at"  # Unix time of the study's creation: a stop's minutes count from it
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from mnistlab.core.trials import best_trial, state_label
 from mnistlab.search.storage import shown_name
 from mnistlab.util.errors import UserError
 from mnistlab.util.files import write_temp
+from mnistlab.util.keys import OBJECTIVES_ATTR
 
 
 def trials_frame(study: optuna.Study, objectives: list[str] | tuple[str, ...]) -> Any:
@@ -169,7 +170,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> Any:
         trials = study.get_trials(deepcopy=False)
         best = best_trial(trials)
         states = [t.state.name for t in trials]
-        objectives = ",".join(study.user_attrs.get("objectives", []))
+        objectives = ",".join(study.user_attrs.get(OBJECTIVES_ATTR, []))
         rows.append({"study": shown_name(summary.study_name), "objectives": objectives,
                      "trials": len(trials), "complete": states.count("COMPLETE"),
                      "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),

@@ -8,10 +8,34 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mnistlab.core import checkpoint
+from mnistlab.core.checkpoint_files import KEPT, SHARED
 from mnistlab.tracking.provenance import environment
-from mnistlab.tracking.tracker import STUDY_ID_TAG, STUDY_TAG, TRIAL_TAG, Tracker
+from mnistlab.tracking.tracker import Tracker
 from mnistlab.util.jsonfile import read_note, write_json
+from mnistlab.util.keys import (
+    BACKFILLED_TAG,
+    BEST_RUN_TAG,
+    BEST_TRIAL_TAG,
+    EPOCHS_RUN_TAG,
+    FAIL_REASON_TAG,
+    INTERRUPTED_TAG,
+    MISSING_ARTIFACTS_TAG,
+    PROMOTED_FROM_TAG,
+    PRUNED_AT_TAG,
+    RANK_TAG,
+    REFIT_OF_TAG,
+    REFIT_TAG,
+    REPEAT_OF_TAG,
+    RETRY_OF_RUN_TAG,
+    RUNG_TAG,
+    SEED_TAG,
+    STOP_REASON_TAG,
+    STOPPED_AT_TAG,
+    STUDY_ID_TAG,
+    STUDY_TAG,
+    TIED_TAG,
+    TRIAL_TAG,
+)
 
 
 def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -62,7 +86,7 @@ class RunLog:
         """Send the epoch's checkpoint files to the run (``checkpoints/``), those changed since the
         last send, so that a retry on any machine can resume from them. A failed send is said once;
         training goes on, and the next epoch's send or the end of the run sends what is current."""
-        for name in checkpoint.SHARED:
+        for name in SHARED:
             path = self.checkpoint_dir / name
             stamp = _stamp(path)
             if stamp is None or self.shared.get(name) == stamp:
@@ -87,7 +111,7 @@ class RunLog:
     def _artifacts(self) -> dict[str, str]:
         """Upload the run's files; a failure is reported (and tagged), the files stay on local disk."""
         uploads = [(path, name) for name, path in self.files.items()]
-        uploads += [(self.checkpoint_dir / n, "checkpoints") for n in checkpoint.KEPT]
+        uploads += [(self.checkpoint_dir / n, "checkpoints") for n in KEPT]
         missing = []
         for path, where in uploads:
             if not path.is_file():
@@ -100,7 +124,7 @@ class RunLog:
                 warnings.warn(f"could not upload {path} to MLflow run {self.run_id} "
                               f"({type(exc).__name__}: {str(exc)[:200]}); it stays at {path}", stacklevel=2)
                 missing.append(str(path))
-        return {"mnistlab.missing_artifacts": ",".join(missing)[:5000]} if missing else {}
+        return {MISSING_ARTIFACTS_TAG: ",".join(missing)[:5000]} if missing else {}
 
     def complete(self, result: Any) -> None:
         """FINISHED, with the test figures and the checkpoints."""
@@ -110,20 +134,20 @@ class RunLog:
             final.update(best_val_acc=result.best_val_acc, best_epoch=result.best_epoch)
         self.tracker.log_metrics(self.run_id, {k: v for k, v in final.items() if v is not None},
                                  step=result.epochs_run)
-        self._close("FINISHED", {"mnistlab.epochs_run": result.epochs_run, **self._artifacts()})
+        self._close("FINISHED", {EPOCHS_RUN_TAG: result.epochs_run, **self._artifacts()})
 
     def end(self, exc: BaseException, history: list[Any]) -> None:
         """KILLED for a pruned or interrupted trial, FAILED with the reason otherwise."""
         self.log_missing(history)
         if type(exc).__name__ == "TrialPruned":
-            self._close("KILLED", {"mnistlab.pruned_at_epoch": history[-1].epoch if history else 0,
+            self._close("KILLED", {PRUNED_AT_TAG: history[-1].epoch if history else 0,
                                    **self._artifacts()})
         elif isinstance(exc, KeyboardInterrupt):  # stopped by the user: quick, the checkpoints stay local
-            self._close("KILLED", {"mnistlab.interrupted": getattr(exc, "signame", "SIGINT"),
-                                   "mnistlab.epochs_run": history[-1].epoch if history else 0})
+            self._close("KILLED", {INTERRUPTED_TAG: getattr(exc, "signame", "SIGINT"),
+                                   EPOCHS_RUN_TAG: history[-1].epoch if history else 0})
         else:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self._close("FAILED", {"mnistlab.fail_reason": reason[:5000]})
+            self._close("FAILED", {FAIL_REASON_TAG: reason[:5000]})
 
     def _close(self, status: str, tags: dict[str, Any]) -> None:
         """End the run; if MLflow is gone, keep what it missed beside the checkpoints and say so."""
@@ -182,16 +206,16 @@ class StudyRecorder:
 
         tags = {**self.tags, TRIAL_TAG: str(trial.number)}
         if trial.user_attrs.get(tr.MLFLOW_RUN_ID):  # a retry: link the run of the attempt that died
-            tags["mnistlab.retry_of_run"] = trial.user_attrs[tr.MLFLOW_RUN_ID]
+            tags[RETRY_OF_RUN_TAG] = trial.user_attrs[tr.MLFLOW_RUN_ID]
         if tr.SCREEN in trial.user_attrs:  # a screened study's rungs: which schedule, promoted from where
-            tags["mnistlab.rung"] = f"screen-{trial.user_attrs[tr.SCREEN]}"
+            tags[RUNG_TAG] = f"screen-{trial.user_attrs[tr.SCREEN]}"
         elif tr.PROMOTED_FROM in trial.user_attrs:
-            tags["mnistlab.rung"] = "full"
+            tags[RUNG_TAG] = "full"
         if tr.PROMOTED_FROM in trial.user_attrs:
-            tags["mnistlab.promoted_from"] = str(trial.user_attrs[tr.PROMOTED_FROM])
+            tags[PROMOTED_FROM_TAG] = str(trial.user_attrs[tr.PROMOTED_FROM])
         if tr.REPEAT_OF in trial.user_attrs:  # a seed repeat: link the configuration it confirms
-            tags.update({"mnistlab.repeat_of": str(trial.user_attrs[tr.REPEAT_OF]),
-                         "mnistlab.seed": str(trial.user_attrs.get(tr.SEED))})
+            tags.update({REPEAT_OF_TAG: str(trial.user_attrs[tr.REPEAT_OF]),
+                         SEED_TAG: str(trial.user_attrs.get(tr.SEED))})
         run = RunLog.start(self.tracker, self.experiment_id, f"trial-{trial.number}", cfg, n_params, device,
                            checkpoint_dir, tags, params=dict(trial.params), parent=self.parent_id,
                            files={"study": self.study_file})
@@ -202,10 +226,10 @@ class StudyRecorder:
                     retry_of: list[str] | None = None) -> RunLog:
         """The run of one refit seed, under the parent, tagged with the trial it refits (and the
         runs of earlier attempts whose process died, ``retry_of``)."""
-        tags = {**self.tags, "mnistlab.refit": "true", "mnistlab.refit_of_trial": str(trial),
-                "mnistlab.seed": str(cfg.train.seed)}
+        tags = {**self.tags, REFIT_TAG: "true", REFIT_OF_TAG: str(trial),
+                SEED_TAG: str(cfg.train.seed)}
         if retry_of:
-            tags["mnistlab.retry_of_run"] = ",".join(retry_of)
+            tags[RETRY_OF_RUN_TAG] = ",".join(retry_of)
         return RunLog.start(self.tracker, self.experiment_id, f"refit-{trial}-seed-{cfg.train.seed}", cfg, n_params,
                             device, folder, tags, parent=self.parent_id,
                             files={"study": self.study_file} if self.study_file.is_file() else {})
@@ -222,7 +246,7 @@ class StudyRecorder:
         seed's lock): those of attempts killed before they could end their run. Returns their ids."""
         ended = []
         for r in self.refit_runs(trial, seed):
-            self.tracker.finish(r.info.run_id, "KILLED", {"mnistlab.interrupted": "its process died"})
+            self.tracker.finish(r.info.run_id, "KILLED", {INTERRUPTED_TAG: "its process died"})
             ended.append(r.info.run_id)
         return ended
 
@@ -234,7 +258,7 @@ class StudyRecorder:
         from mnistlab.core import trials as tr
 
         a = trial.user_attrs
-        tags = {**self.tags, TRIAL_TAG: str(trial.number), "mnistlab.backfilled": "true"}
+        tags = {**self.tags, TRIAL_TAG: str(trial.number), BACKFILLED_TAG: "true"}
         run = RunLog.start(self.tracker, self.experiment_id, f"trial-{trial.number}", cfg, a[tr.PARAM_COUNT],
                            a.get(tr.DEVICE, "cpu"), checkpoint_dir, tags, params=dict(trial.params),
                            parent=self.parent_id, files={"study": self.study_file} if self.study_file.is_file() else {})
@@ -268,9 +292,9 @@ class StudyRecorder:
             values.update(best_val_score=best.mean, best_val_se=best.se, best_val_acc=best.first.user_attrs.get(
                 tr.BEST_VAL_ACC, best.mean), best_seeds=best.n_seeds)
             tied = sorted(tied_numbers(gs, best) - {best.number})
-            tags = {"mnistlab.best_trial": best.number,
-                    "mnistlab.best_run": best.first.user_attrs.get(tr.MLFLOW_RUN_ID),
-                    "mnistlab.tied_with_best": ",".join(map(str, tied)) or "none"}
+            tags = {BEST_TRIAL_TAG: best.number,
+                    BEST_RUN_TAG: best.first.user_attrs.get(tr.MLFLOW_RUN_ID),
+                    TIED_TAG: ",".join(map(str, tied)) or "none"}
         try:
             self.tracker.log_metrics(self.parent_id, values, step=finished)
             if tags:
@@ -302,13 +326,13 @@ class StudyRecorder:
                     ranks[t.user_attrs[tr.MLFLOW_RUN_ID]] = rank
         for run_id, rank in ranks.items():
             if self.marked.get(run_id) != rank:
-                self.tracker.set_tags(run_id, {"mnistlab.rank": rank})
+                self.tracker.set_tags(run_id, {RANK_TAG: rank})
                 self.marked[run_id] = rank
 
     def mark_stopped(self, at: str, reason: str) -> None:
         """The study-wide stop on the parent run: tags ``mnistlab.stopped_at`` and ``mnistlab.stop_reason``."""
         try:
-            self.tracker.set_tags(self.parent_id, {"mnistlab.stopped_at": at, "mnistlab.stop_reason": reason})
+            self.tracker.set_tags(self.parent_id, {STOPPED_AT_TAG: at, STOP_REASON_TAG: reason})
         except Exception as exc:  # the flag in the storage is what stops the workers; the tags only show it
             warnings.warn(f"could not tag the parent run with the stop ({type(exc).__name__})", stacklevel=2)
 

@@ -21,12 +21,8 @@ from mnistlab.tracking.client import connect
 from mnistlab.tracking.uri import mask, resolve_uri, sqlite_file
 from mnistlab.util.errors import UserError
 from mnistlab.util.jsonfile import read_json, read_note, write_json
+from mnistlab.util.keys import PARENT_TAG, STORAGE_TAG, STUDY_ID_TAG, STUDY_TAG
 
-PARENT_TAG = "mnistlab.parent"  # "true" on a study's parent run
-STUDY_TAG = "mnistlab.study"
-TRIAL_TAG = "mnistlab.trial"
-STUDY_ID_TAG = "mnistlab.study_id"  # on a study's experiment, parent and child runs: which study of that name
-STORAGE_TAG = "mnistlab.storage"  # on a study's experiment: its storage, password masked
 # MLflow 3's UI reads this experiment tag to tell model training from GenAI work (values in its UI bundle:
 # genai_development, custom_model_development, ...); mnistlab's experiments are model training.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"

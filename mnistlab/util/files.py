@@ -1,8 +1,10 @@
 """Files replaced all at once: written to a temporary file beside the target, synced, then renamed
-over it, so a kill or a full disk leaves the old file or the new one, never half of one."""
+over it, so a kill or a full disk leaves the old file or the new one, never half of one; and a
+file's SHA-256, which every checksum sidecar and manifest records."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -31,3 +33,12 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
