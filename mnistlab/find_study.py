@@ -7,15 +7,18 @@ The study file is read before Optuna is imported: a bad file is answered at once
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mnistlab.search.study_file import StudyConfig, check_name, load_study
 from mnistlab.util.errors import UserError
 from mnistlab.util.keys import OBJECTIVES_ATTR, TRACKING_ATTR
 
+if TYPE_CHECKING:
+    import optuna
+
 
 class Stored(NamedTuple):
-    study: Any  # optuna.Study
+    study: optuna.Study
     objectives: tuple[str, ...]
     config: StudyConfig | None  # the study file, when the study was named by it
 

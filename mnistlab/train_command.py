@@ -7,19 +7,23 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mnistlab.core import config as config_mod
 from mnistlab.core import data as data_mod
 from mnistlab.core.config import ExperimentConfig
+from mnistlab.core.metrics import EpochMetrics, Result
 from mnistlab.core.model import count_params, summary
-from mnistlab.core.train import Diverged, EpochMetrics, Result, refuse_unproven, resolve_device, restored_history, train
+from mnistlab.core.train import Diverged, refuse_unproven, resolve_device, restored_history, train
 from mnistlab.tracking.recorder import RunLog
 from mnistlab.tracking.tracker import Tracker
 from mnistlab.tracking.uri import check_reachable, mask
 from mnistlab.util import interrupts
 from mnistlab.util.errors import UserError
 from mnistlab.util.keys import OUTPUT_TAG, RUN_KIND_TAG
+
+if TYPE_CHECKING:
+    from mnistlab.core.data import MnistData
 
 METRIC_FIELDS = [f for f in EpochMetrics.__dataclass_fields__]
 
@@ -51,7 +55,7 @@ def result_summary(cfg: ExperimentConfig, result: Result, wall_seconds: float) -
     }
 
 
-def tracked_train(cfg: ExperimentConfig, data: Any, run: RunLog | None, checkpoint_dir: Path, *, resume: bool,
+def tracked_train(cfg: ExperimentConfig, data: MnistData, run: RunLog | None, checkpoint_dir: Path, *, resume: bool,
                   verbose: bool, test_once: bool = False) -> Result:
     """``train()`` with its MLflow run kept whole: the epochs a resume takes over from the checkpoint
     are logged first (they ran before this run existed), each new epoch as it ends, and the run is

@@ -42,6 +42,7 @@ from mnistlab.util.errors import Interrupted, UserError, clip
 from mnistlab.util.jsonfile import read_json
 
 if TYPE_CHECKING:
+    from mnistlab.best.refit import Refit
     from mnistlab.tracking.tracker import Tracker
 
 FORMAT = "mnistlab-export/1"
@@ -98,7 +99,7 @@ def _check_replaceable(out: Path) -> None:
 
 
 def export(choice: Choice, study: optuna.Study, out: Path, *, force: bool = False, tracker: Tracker | None = None,
-           data_dir: Path | None = None, refit: Any = None) -> Exported:
+           data_dir: Path | None = None, refit: Refit | None = None) -> Exported:
     """Write the picked trial's model (or, with ``refit``, its exported refit) into ``out``:
     all of it, checked, or nothing."""
     if not force:
@@ -121,7 +122,8 @@ def holds_export(out: Path) -> bool:
         return False
 
 
-def _already(choice: Choice, study: optuna.Study, out: Path, refit: Any, data_dir: Path | None) -> Exported | None:
+def _already(choice: Choice, study: optuna.Study, out: Path, refit: Refit | None,
+             data_dir: Path | None) -> Exported | None:
     """The same export, found whole in ``out`` (the same command run again after it was stopped once
     the folder was in place): re-measured from its files, not written again. None otherwise."""
     try:
@@ -143,7 +145,7 @@ def _already(choice: Choice, study: optuna.Study, out: Path, refit: Any, data_di
 
 
 def _export(choice: Choice, study: optuna.Study, out: Path, *, force: bool, tracker: Tracker | None,
-            data_dir: Path | None, refit: Any) -> Exported:
+            data_dir: Path | None, refit: Refit | None) -> Exported:
     from mnistlab.tracking.provenance import EXPORT_PACKAGES, environment, versions
 
     _remove_stale_partials(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mnistlab import find_study
 from mnistlab.tracking.uri import mask
@@ -14,6 +14,9 @@ from mnistlab.util.errors import UserError
 from mnistlab.util.keys import EXPERIMENT_ATTR, MAX_PARAMS_ATTR, PARENT_ATTR, TRIAL_TAG
 
 if TYPE_CHECKING:
+    import optuna
+
+    from mnistlab.best.export import Exported
     from mnistlab.tracking.tracker import Tracker
 
 
@@ -91,7 +94,7 @@ def best(found: find_study.Stored, opts: BestOptions) -> int:
     return 0
 
 
-def register(tracker: Tracker, loaded: Any, done: Any) -> None:
+def register(tracker: Tracker, loaded: optuna.Study, done: Exported) -> None:
     """The export ``done`` of study ``loaded`` registered as models:/STUDY@best; UserError when it cannot be."""
     from mnistlab.best import formats
     from mnistlab.tracking.registry import register_model

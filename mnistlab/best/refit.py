@@ -36,6 +36,11 @@ from mnistlab.util.jsonfile import read_json
 from mnistlab.util.keys import ID_ATTR, STUDY_FILE_ATTR
 
 if TYPE_CHECKING:
+    import optuna
+
+    from mnistlab.best.picks import Choice
+    from mnistlab.core.metrics import Result
+    from mnistlab.tracking.recorder import StudyRecorder
     from mnistlab.tracking.tracker import Tracker
 
 RESULT = "result.json"
@@ -94,7 +99,7 @@ def refit_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     return from_dict(raw, "refit config")
 
 
-def folder_for(trial: Any, artifacts: Path, seed: int) -> Path:
+def folder_for(trial: optuna.trial.FrozenTrial, artifacts: Path, seed: int) -> Path:
     """``ARTIFACTS/STUDY/refit-T/seed-S``, beside the trial's own checkpoint folder."""
     study_folder = Path(str(trial.user_attrs.get(tr.CHECKPOINT_DIR, ""))).parent.name
     if not study_folder or study_folder in (".", ".."):
@@ -118,8 +123,8 @@ def finished(folder: Path, cfg: ExperimentConfig) -> SeedResult | None:
         return None
 
 
-def run(trial: Any, trial_cfg: ExperimentConfig, n_seeds: int, max_params: int, artifacts: Path,
-        recorder: Any = None, data_dir: Path | None = None, verbose: bool = False) -> Refit:
+def run(trial: optuna.trial.FrozenTrial, trial_cfg: ExperimentConfig, n_seeds: int, max_params: int, artifacts: Path,
+        recorder: StudyRecorder | None = None, data_dir: Path | None = None, verbose: bool = False) -> Refit:
     """Refit ``trial_cfg`` with ``n_seeds`` seeds (its own seed first, then the next ones)."""
     from mnistlab.core.train import resolve_device
 
@@ -147,7 +152,8 @@ def run(trial: Any, trial_cfg: ExperimentConfig, n_seeds: int, max_params: int, 
     return Refit(trial.number, configs[0], results)
 
 
-def _train_seed(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, loaded: Any, recorder: Any,
+def _train_seed(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, loaded: optuna.Study,
+                recorder: StudyRecorder | None,
                 verbose: bool) -> SeedResult:
     """Train one refit seed (resuming from its checkpoint if it was interrupted), record it. The
     seed's lock is held throughout: a second refit of the same seed is refused, not run beside it."""
@@ -156,7 +162,8 @@ def _train_seed(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, 
         return done if done is not None else _train_locked(trial, cfg, n_params, folder, loaded, recorder, verbose)
 
 
-def _train_locked(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, loaded: Any, recorder: Any,
+def _train_locked(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, loaded: optuna.Study,
+                recorder: StudyRecorder | None,
                   verbose: bool) -> SeedResult:
     from mnistlab.core.train import resolve_device
     from mnistlab.train_command import tracked_train
@@ -190,7 +197,7 @@ def _train_locked(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path
     return seed
 
 
-def _save_final(folder: Path, cfg: ExperimentConfig, result: Any, trial: int) -> None:
+def _save_final(folder: Path, cfg: ExperimentConfig, result: Result, trial: int) -> None:
     """The last epoch's weights as best.safetensors (what a refit delivers), from its checkpoint."""
     state = checkpoint.load_state(folder / LAST)
     net = build_model(cfg.model)
@@ -228,8 +235,8 @@ def check_seeds(n: int) -> None:
         raise UserError(f"--seeds {n}: expected 1 to 100")
 
 
-def for_choice(choice: Any, study: Any, max_params: int, n_seeds: int, artifacts: Path, tracker: Tracker | None = None,
-               data_dir: Path | None = None, verbose: bool = False) -> Refit:
+def for_choice(choice: Choice, study: optuna.Study, max_params: int, n_seeds: int, artifacts: Path,
+               tracker: Tracker | None = None, data_dir: Path | None = None, verbose: bool = False) -> Refit:
     """`mnistlab best --refit`: refit the picked configuration, log each seed under the study's
     parent run, keep the figures in the study's attributes (``refit:T``)."""
     from mnistlab.best.weights import trial_weights

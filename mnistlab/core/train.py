@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +25,9 @@ from mnistlab.core import checkpoint
 from mnistlab.core.checkpoint_files import BEST, BEST_META, LAST, PREV, SUM
 from mnistlab.core.config import ExperimentConfig, TrainConfig
 from mnistlab.core.data import MnistData, Split, batches
-from mnistlab.core.metrics import EpochMetrics
+from mnistlab.core.metrics import EpochMetrics, Result
 from mnistlab.core.model import build_model, count_params
 from mnistlab.util.errors import UserError, clip
-
-
-@dataclass
-class Result:
-    """A finished run."""
-
-    params: int
-    device: str
-    history: list[EpochMetrics] = field(default_factory=list)
-    best_epoch: int = 0
-    best_val_acc: float = 0.0
-    test_loss: float = 0.0
-    test_acc: float = 0.0  # of the best-validation-epoch weights (last epoch with full_train)
-    test_correct: int = 0
-    test_total: int = 0
-    checkpoint_dir: str | None = None
-
-    @property
-    def epochs_run(self) -> int:
-        return len(self.history)
-
-    @property
-    def seconds_per_epoch(self) -> float:
-        return sum(m.epoch_seconds for m in self.history) / max(1, len(self.history))
-
 
 OnEpoch = Callable[[EpochMetrics], None]
 

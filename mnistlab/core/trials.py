@@ -21,9 +21,12 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    import optuna
 
 # Trial user attributes (trial.user_attrs): their keys are spelled here only.
 # Scores and seed groups, read by the pick rules:
@@ -242,7 +245,7 @@ def pareto(gs: list[Group]) -> list[Group]:
     return sorted(front, key=lambda g: (g.params, -g.mean, g.number))
 
 
-def record_score(trial: Any, val_accs: Sequence[float], val_total: int) -> float:
+def record_score(trial: optuna.Trial, val_accs: Sequence[float], val_total: int) -> float:
     """Set the score attributes of a trial from its per-epoch validation accuracies."""
     value = trial_score(val_accs)
     trial.set_user_attr(VAL_SCORE, round(value, 4))

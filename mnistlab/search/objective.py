@@ -7,24 +7,29 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mnistlab.core import checkpoint
 from mnistlab.core import data as data_mod
 from mnistlab.core import trials as tr
 from mnistlab.core.config import ExperimentConfig
+from mnistlab.core.metrics import EpochMetrics, Result
 from mnistlab.core.model import count_params
-from mnistlab.core.train import Diverged, EpochMetrics, Result, refuse_unproven, resolve_device, restored_history, train
+from mnistlab.core.train import Diverged, refuse_unproven, resolve_device, restored_history, train
 from mnistlab.search import stop as stop_mod
 from mnistlab.search import workers
 from mnistlab.search.screen import promotion_key
-from mnistlab.search.study_file import Stop, StudyConfig
+from mnistlab.search.study_file import Screen, Stop, StudyConfig
 from mnistlab.util import interrupts
 from mnistlab.util.errors import Interrupted, UserError
+
+if TYPE_CHECKING:
+    from mnistlab.tracking.recorder import RunLog, StudyRecorder
 
 
 class StudyFull(Exception):
@@ -36,8 +41,9 @@ class Objective:
     """Callable for ``study.optimize``; holds the data and the tracker for one worker."""
 
     def __init__(self, study: StudyConfig, *, extra: dict[str, Any] | None = None, data_dir: Path | None = None,
-                 artifacts: Path = Path("mnistlab-artifacts"), folder: str | None = None, recorder: Any = None,
-                 n_trials: int | None = None, verbose: bool = False, stop: Stop | None = None) -> None:
+                 artifacts: Path = Path("mnistlab-artifacts"), folder: str | None = None,
+                 recorder: StudyRecorder | None = None, n_trials: int | None = None, verbose: bool = False,
+                 stop: Stop | None = None) -> None:
         self.study, self.extra, self.data_dir = study, extra or {}, data_dir
         self.artifacts, self.recorder, self.n_trials, self.verbose = artifacts, recorder, n_trials, verbose
         self.folder = folder or study.name  # the study's folder under ``artifacts`` (study.study_folder)
@@ -192,7 +198,7 @@ class _Life:
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
         self.root = int(trial.user_attrs.get(tr.ROOT_TRIAL, trial.number))  # a retry keeps its original's folder
-        self.run: Any = None  # its MLflow run, once made
+        self.run: RunLog | None = None  # its MLflow run, once made
         self.history: list[EpochMetrics] = []
 
     def end(self, exc: BaseException) -> None:
@@ -261,7 +267,7 @@ def _decline(trial: optuna.Trial, why: str) -> None:
     raise StudyFull(why)
 
 
-def _stopped(trial: optuna.Trial, study: Any, stop: Stop | None) -> None:
+def _stopped(trial: optuna.Trial, study: optuna.Study, stop: Stop | None) -> None:
     """Decline the trial when the study is stopped (the flag in the storage, or ``stop`` met now)."""
     flag = stop_mod.check(study, stop or Stop())
     if flag is not None:
@@ -309,7 +315,7 @@ def claim_repeat(trial: optuna.Trial, wait: float = 10.0) -> None:
           f"seed {key[1]} of trial {key[0]} is already trained")
 
 
-def claim_promotion(trial: optuna.Trial, stop: Stop | None, screen: Any, wait: float = 10.0) -> None:
+def claim_promotion(trial: optuna.Trial, stop: Stop | None, screen: Screen, wait: float = 10.0) -> None:
     """A promotion trains once: not when an earlier trial already trains or trained the same
     (configuration, rung), and not once the study is stopped. Trial numbers decide between
     workers that enqueued the same promotion."""
@@ -323,7 +329,7 @@ def claim_promotion(trial: optuna.Trial, stop: Stop | None, screen: Any, wait: f
           f"trial {key[0]} is already promoted to rung {key[1]}")
 
 
-def _once(trial: optuna.Trial, study: Any, same: Any, wait: float, why: str) -> None:
+def _once(trial: optuna.Trial, study: optuna.Study, same: Callable[[FrozenTrial], bool], wait: float, why: str) -> None:
     """Decline ``trial`` (``why``) when an earlier trial of the same work (``same``) trains or trained;
     one that is RUNNING but has not decided yet is waited for, up to ``wait`` seconds."""
     deadline = time.monotonic() + wait
@@ -340,7 +346,7 @@ def _once(trial: optuna.Trial, study: Any, same: Any, wait: float, why: str) -> 
 class _Reporter:
     """The trainer's epoch callback: log to MLflow, report to Optuna, prune."""
 
-    def __init__(self, trial: optuna.Trial, run: Any, multi: bool, epochs: int,
+    def __init__(self, trial: optuna.Trial, run: RunLog | None, multi: bool, epochs: int,
                  history: list[EpochMetrics] | None = None) -> None:
         # a seed repeat is never pruned: it measures a configuration, it does not search; a screen is
         # neither reported nor pruned: its short schedule's epochs are not comparable with the full one's

@@ -15,6 +15,7 @@ from mnistlab.core.checkpoint_files import LAST
 from mnistlab.util.keys import MAX_PARAMS_ATTR
 
 if TYPE_CHECKING:
+    from mnistlab.tracking.recorder import StudyRecorder
     from mnistlab.tracking.tracker import Tracker
 
 
@@ -27,7 +28,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def write(study: optuna.Study, objectives: tuple[str, ...] | list[str], out: Path, recorder: Any = None
+def write(study: optuna.Study, objectives: tuple[str, ...] | list[str], out: Path, recorder: StudyRecorder | None = None
           ) -> list[Path]:
     """Draw every plot the finished trials allow into ``out``; returns the files written."""
     finished = [t for t in study.get_trials(deepcopy=False)
@@ -111,7 +112,8 @@ def importances(study: optuna.Study, path: Path, done: list[optuna.trial.FrozenT
     return _save(fig, path)
 
 
-def learning_curves(done: list[optuna.trial.FrozenTrial], recorder: Any, path: Path, top: int = 5) -> Path:
+def learning_curves(done: list[optuna.trial.FrozenTrial], recorder: StudyRecorder | None, path: Path,
+                    top: int = 5) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     best = sorted(done, key=lambda t: -tr.score(t))[:top]

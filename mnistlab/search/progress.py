@@ -4,7 +4,7 @@ the study-wide stop of search/stop.py)."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
@@ -16,6 +16,9 @@ from mnistlab.search.study_file import Stop, StudyConfig
 from mnistlab.util import interrupts
 from mnistlab.util.keys import STARTED_ATTR
 
+if TYPE_CHECKING:
+    from mnistlab.tracking.recorder import StudyRecorder
+
 # Configurations refused before training (over budget or invalid), in a row, that stop a worker: they do not
 # count toward n_trials, so a search space that hardly holds a valid network would be sampled forever.
 REFUSED_IN_A_ROW = 500
@@ -24,7 +27,8 @@ REFUSED_IN_A_ROW = 500
 class Progress:
     """After each trial: a line a terminal and a log file both read well, and stop checks."""
 
-    def __init__(self, cfg: StudyConfig, n_trials: int | None, recorder: Any = None, stop: Stop | None = None) -> None:
+    def __init__(self, cfg: StudyConfig, n_trials: int | None, recorder: StudyRecorder | None = None,
+                 stop: Stop | None = None) -> None:
         self.cfg, self.n_trials, self.recorder = cfg, n_trials, recorder
         self.stop = cfg.stop if stop is None else stop
         self.start = time.monotonic()

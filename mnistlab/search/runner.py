@@ -48,6 +48,7 @@ from mnistlab.util.keys import (
 )
 
 if TYPE_CHECKING:
+    from mnistlab.tracking.recorder import StudyRecorder
     from mnistlab.tracking.tracker import Tracker
 
 
@@ -101,7 +102,8 @@ def study_folder(study: optuna.Study) -> str:
 CAUGHT = (StudyFull, Diverged)
 
 
-def run_worker(cfg: StudyConfig, opts: RunOptions, storage: Any, recorder: Any = None) -> None:
+def run_worker(cfg: StudyConfig, opts: RunOptions, storage: optuna.storages.BaseStorage,
+               recorder: StudyRecorder | None = None) -> None:
     """One worker's loop: Optuna's own optimize, stopped by the study's trial count or target."""
     import torch
 
@@ -385,7 +387,7 @@ def recorder_for(study: optuna.Study, cfg: StudyConfig, tracker: Tracker, storag
 class Prepared(NamedTuple):
     study: optuna.Study
     storage: optuna.storages.RDBStorage
-    recorder: Any  # runs.StudyRecorder
+    recorder: StudyRecorder | None
     tracker: Tracker
     url: str
 

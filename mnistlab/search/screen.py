@@ -23,12 +23,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
 
 from mnistlab.core import trials as tr
 from mnistlab.search.study_file import Screen
+
+if TYPE_CHECKING:
+    import optuna
 
 
 def rung_of(t: FrozenTrial, screen: Screen) -> int:
@@ -113,7 +116,7 @@ def due(trials: list[FrozenTrial], screen: Screen, multi: bool) -> list[tuple[Fr
     return out
 
 
-def enqueue_due(study: Any, screen: Screen, multi: bool) -> int:
+def enqueue_due(study: optuna.Study, screen: Screen, multi: bool) -> int:
     """Enqueue the promotions that are due (see ``due``); returns how many. Several workers may
     enqueue the same one at once: ``objective.claim_promotion`` lets the first trial of it train."""
     added = 0
@@ -132,7 +135,7 @@ def busy(trials: list[FrozenTrial]) -> bool:
                for t in trials)
 
 
-def run_stage(study: Any, screen: Screen, multi: bool, run_one: Callable[[], None],
+def run_stage(study: optuna.Study, screen: Screen, multi: bool, run_one: Callable[[], None],
               stopped: Callable[[], bool], stale: Callable[[], None] | None = None, poll: float = 2.0) -> int:
     """The end of a screened search for one worker: train the promotions that are due until none
     is left and no trial that could still earn one is running; returns the trials this worker ran.

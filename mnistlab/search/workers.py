@@ -16,11 +16,14 @@ import copy
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from optuna.trial import TrialState
 
 from mnistlab.core import trials as tr
+
+if TYPE_CHECKING:
+    import optuna
 
 
 def _start_time(pid: int) -> str | None:
@@ -67,7 +70,7 @@ def dead_here(worker: str) -> bool:
     return now is None or now != started
 
 
-def fail_dead_here(study: Any) -> list[int]:
+def fail_dead_here(study: optuna.Study) -> list[int]:
     """Fail the RUNNING trials of this machine's dead workers, with their reason, and retry each
     as a stale heartbeat would (the storage's callback); returns their numbers."""
     storage = study._storage

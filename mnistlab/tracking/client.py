@@ -12,12 +12,17 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mnistlab.tracking.uri import mask, sqlite_file
 from mnistlab.util import interrupts
 from mnistlab.util.errors import UserError
 from mnistlab.util.locks import creating
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from mnistlab.tracking.tracker import Tracker
 
 # MLflow's HTTP retries, unless the user set them: about 15 s of retrying (4 retries, backoff
 # 1, 2, 4, 8 s) rides out a server restart; a longer outage is queued locally instead of
@@ -35,7 +40,7 @@ class _Guarded:
     """MlflowClient with a circuit breaker: while the server is known to be down, calls fail at
     once instead of each waiting out MLflow's retries."""
 
-    def __init__(self, client: Any, tracker: Any) -> None:  # the Tracker whose offline_until it keeps
+    def __init__(self, client: MlflowClient, tracker: Tracker) -> None:  # the Tracker whose offline_until it keeps
         self._inner, self._tracker = client, tracker
 
     def __getattr__(self, name: str) -> Any:
@@ -88,7 +93,7 @@ def _check_migrated(database: Path) -> None:
                     f"_alembic_tmp_ tables and run `mlflow db upgrade sqlite:///{database}`")
 
 
-def connect(tracker: Any) -> _Guarded:
+def connect(tracker: Tracker) -> _Guarded:
     """The MlflowClient of a Tracker (its ``uri``), behind the breaker that sets its ``offline_until``.
 
     Making it creates a local store's database, or migrates an older one."""

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mnistlab.core.checkpoint_files import KEPT, SHARED
+from mnistlab.core.metrics import EpochMetrics, Result
 from mnistlab.tracking.provenance import environment
 from mnistlab.tracking.tracker import Tracker
 from mnistlab.util.jsonfile import read_note, write_json
@@ -37,6 +38,11 @@ from mnistlab.util.keys import (
     TRIAL_TAG,
 )
 
+if TYPE_CHECKING:
+    import optuna
+
+    from mnistlab.core.config import ExperimentConfig
+
 
 def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"model": {"dropout": 0.05}}`` -> ``{"model.dropout": 0.05}``."""
@@ -59,7 +65,7 @@ class RunLog:
         self.share_failed = False
 
     @classmethod
-    def start(cls, tracker: Tracker, experiment_id: str, name: str, cfg: Any, n_params: int, device: str,
+    def start(cls, tracker: Tracker, experiment_id: str, name: str, cfg: ExperimentConfig, n_params: int, device: str,
               checkpoint_dir: Path, tags: dict[str, str], params: dict[str, Any] | None = None,
               parent: str | None = None, files: dict[str, Path] | None = None) -> RunLog:
         """Create the run and log its params: every config field by its dotted name."""
@@ -78,7 +84,7 @@ class RunLog:
                           f"{str(exc)[:200]}); checkpoints stay in {checkpoint_dir}", stacklevel=2)
         return cls(tracker, run_id, checkpoint_dir, files or {})
 
-    def epoch(self, m: Any) -> None:
+    def epoch(self, m: EpochMetrics) -> None:
         self.tracker.log_epoch(self.run_id, m)
         self.logged.add(m.epoch)
 
@@ -101,7 +107,7 @@ class RunLog:
                 return
             self.shared[name] = stamp
 
-    def log_missing(self, history: list[Any]) -> None:
+    def log_missing(self, history: list[EpochMetrics]) -> None:
         """Log the epochs of ``history`` this run has not logged: those restored from a checkpoint
         ran before the run existed."""
         for m in history:
@@ -126,7 +132,7 @@ class RunLog:
                 missing.append(str(path))
         return {MISSING_ARTIFACTS_TAG: ",".join(missing)[:5000]} if missing else {}
 
-    def complete(self, result: Any) -> None:
+    def complete(self, result: Result) -> None:
         """FINISHED, with the test figures and the checkpoints."""
         self.log_missing(result.history)
         final = {"test_acc": result.test_acc, "test_loss": result.test_loss, **_score_metrics(result.history)}
@@ -136,7 +142,7 @@ class RunLog:
                                  step=result.epochs_run)
         self._close("FINISHED", {EPOCHS_RUN_TAG: result.epochs_run, **self._artifacts()})
 
-    def end(self, exc: BaseException, history: list[Any]) -> None:
+    def end(self, exc: BaseException, history: list[EpochMetrics]) -> None:
         """KILLED for a pruned or interrupted trial, FAILED with the reason otherwise."""
         self.log_missing(history)
         if type(exc).__name__ == "TrialPruned":
@@ -175,7 +181,7 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
-def _score_metrics(history: list[Any]) -> dict[str, float]:
+def _score_metrics(history: list[EpochMetrics]) -> dict[str, float]:
     """The trial's ranking score and its standard error (see mnistlab.core.trials), for the run's page."""
     from mnistlab.core.trials import binomial_se, trial_score
 
@@ -201,7 +207,8 @@ class StudyRecorder:
         self.marked: dict[str, str] = {}  # run id -> its mnistlab.rank tag as last set by this process
         self.tags = {STUDY_TAG: study, **({STUDY_ID_TAG: study_id} if study_id else {})}
 
-    def start(self, trial: Any, cfg: Any, n_params: int, checkpoint_dir: Path, device: str) -> RunLog:
+    def start(self, trial: optuna.Trial | optuna.trial.FrozenTrial, cfg: ExperimentConfig, n_params: int,
+              checkpoint_dir: Path, device: str) -> RunLog:
         from mnistlab.core import trials as tr
 
         tags = {**self.tags, TRIAL_TAG: str(trial.number)}
@@ -222,7 +229,7 @@ class StudyRecorder:
         trial.set_user_attr(tr.MLFLOW_RUN_ID, run.run_id)
         return run
 
-    def start_refit(self, trial: int, cfg: Any, n_params: int, folder: Path, device: str,
+    def start_refit(self, trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, device: str,
                     retry_of: list[str] | None = None) -> RunLog:
         """The run of one refit seed, under the parent, tagged with the trial it refits (and the
         runs of earlier attempts whose process died, ``retry_of``)."""
@@ -250,11 +257,10 @@ class StudyRecorder:
             ended.append(r.info.run_id)
         return ended
 
-    def backfill(self, trial: Any, cfg: Any, history: list[Any], checkpoint_dir: Path) -> str:
+    def backfill(self, trial: optuna.trial.FrozenTrial, cfg: ExperimentConfig, history: list[EpochMetrics],
+                 checkpoint_dir: Path) -> str:
         """The run of a trial that trained while MLflow was unreachable, made afterwards from its
         checkpoint (``mnistlab study check --repair``); returns the new run id."""
-        import types
-
         from mnistlab.core import trials as tr
 
         a = trial.user_attrs
@@ -265,16 +271,16 @@ class StudyRecorder:
         for m in history:
             run.epoch(m)
         if trial.state.name == "COMPLETE":
-            run.complete(types.SimpleNamespace(
-                history=history, test_acc=a.get(tr.TEST_ACC), test_loss=None, best_val_acc=a.get(tr.BEST_VAL_ACC),
-                best_epoch=a.get(tr.BEST_EPOCH), epochs_run=a.get(tr.EPOCHS_RUN, len(history))))
+            run.complete(Result(params=a[tr.PARAM_COUNT], device=a.get(tr.DEVICE, "cpu"), history=history,
+                                best_epoch=a.get(tr.BEST_EPOCH) or 0, best_val_acc=a.get(tr.BEST_VAL_ACC) or 0.0,
+                                test_loss=None, test_acc=a.get(tr.TEST_ACC)))
         else:
             from optuna import TrialPruned
 
             run.end(TrialPruned(), history)
         return run.run_id
 
-    def summary(self, study: Any, trials: list[Any]) -> None:
+    def summary(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
         """Counts by state and the best trial so far, on the parent run (step = trials finished)."""
         from mnistlab.core import trials as tr
         from mnistlab.core.trials import best_of, groups, state_label, tied_numbers

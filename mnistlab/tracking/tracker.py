@@ -14,7 +14,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from mnistlab.tracking.client import connect
@@ -23,13 +23,16 @@ from mnistlab.util.errors import UserError
 from mnistlab.util.jsonfile import read_json, read_note, write_json
 from mnistlab.util.keys import PARENT_TAG, STORAGE_TAG, STUDY_ID_TAG, STUDY_TAG
 
+if TYPE_CHECKING:
+    from mnistlab.core.metrics import EpochMetrics
+
 # MLflow 3's UI reads this experiment tag to tell model training from GenAI work (values in its UI bundle:
 # genai_development, custom_model_development, ...); mnistlab's experiments are model training.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_s")
 
 
-def epoch_values(metrics: Any) -> dict[str, float]:
+def epoch_values(metrics: EpochMetrics) -> dict[str, float]:
     """One epoch's figures under their MLflow names. A full-train run (no validation split) evaluates
     the test set each epoch: those figures are logged as ``test_loss``/``test_acc``, never as
     validation. A refit's epochs measure nothing held out: their NaN figures are not logged."""
@@ -230,7 +233,7 @@ class Tracker:
         self.pending.append((run_id, [Metric(k, float(v), now, step) for k, v in values.items()]))
         self.flush()
 
-    def log_epoch(self, run_id: str, metrics: Any) -> None:
+    def log_epoch(self, run_id: str, metrics: EpochMetrics) -> None:
         """One epoch's metrics with ``step=epoch``."""
         self.log_metrics(run_id, epoch_values(metrics), step=metrics.epoch)
 
