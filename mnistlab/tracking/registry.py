@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -21,8 +22,11 @@ def register_model(tracker: Tracker, name: str, run_id: str | None, experiment_i
     ``@best`` when it already is this very model (the same run, the same tags: the ONNX file's SHA-256
     among them), so that running the same `best --export` again registers nothing twice.
     """
-    import mlflow
+    import logging
+
+    import mlflow.pyfunc
     import numpy as np
+    from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -31,32 +35,43 @@ def register_model(tracker: Tracker, name: str, run_id: str | None, experiment_i
         return same
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
                                outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]))
-    import logging
-
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # mnistlab prints the outcome itself
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracker.uri)
-    mlflow.set_registry_uri(tracker.uri)
+    # What MLflow's fluent Model.log does, through this tracker's client: no global tracking or
+    # registry URI is set, so nothing else in the process logs to the wrong store.
+    client = tracker.client
+    if experiment_id is None and run_id:
+        experiment_id = client.get_run(run_id).info.experiment_id
+    params = {k: str(v) for k, v in client.get_run(run_id).data.params.items()} if run_id else {}
+    logged = client.create_logged_model(experiment_id or "0", name="model", source_run_id=run_id, params=params)
     try:
-        if experiment_id:
-            mlflow.set_experiment(experiment_id=experiment_id)
-        with warnings.catch_warnings():
+        if run_id:
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # MLflow's advice on pinning requirements: they are pinned here
-            info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
-                             python_model=str(Path(__file__).with_name("serving.py")),
-                             artifacts={"onnx": str(onnx_file)}, signature=signature, input_example=example,
-                             pip_requirements=[f"mlflow=={metadata.version('mlflow')}",
-                                               f"onnxruntime=={metadata.version('onnxruntime')}",
-                                               f"numpy=={metadata.version('numpy')}"],
-                             registered_model_name=name, await_registration_for=60)
-        version = int(info.registered_model_version)
-        tracker.client.set_registered_model_alias(name, REGISTRY_ALIAS, str(version))
-        for key, value in tags.items():
-            tracker.client.set_model_version_tag(name, str(version), key, str(value))
-        return version
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                path=str(local), python_model=str(Path(__file__).with_name("serving.py")),
+                artifacts={"onnx": str(onnx_file)}, signature=signature, input_example=example,
+                pip_requirements=[f"mlflow=={metadata.version('mlflow')}",
+                                  f"onnxruntime=={metadata.version('onnxruntime')}",
+                                  f"numpy=={metadata.version('numpy')}"],
+                mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
+                                   run_id=run_id, model_id=logged.model_id))
+            client.log_model_artifacts(logged.model_id, str(local))
+        client.finalize_logged_model(logged.model_id, "READY")
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    try:
+        client.create_registered_model(name)
+    except Exception:  # it exists already (MLflow raises its own error type)
+        client.get_registered_model(name)  # anything else (a server down, no access) is raised from here
+    version = client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id,
+                                          model_id=logged.model_id, await_creation_for=60).version
+    client.set_registered_model_alias(name, REGISTRY_ALIAS, str(version))
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+    return int(version)
 
 
 def _registered(tracker: Tracker, name: str, run_id: str | None, tags: dict[str, Any]) -> int | None:
