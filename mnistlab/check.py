@@ -23,7 +23,7 @@ import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
@@ -53,7 +53,7 @@ from mnistlab.util.keys import (
 )
 
 if TYPE_CHECKING:
-    from mnistlab.tracking.tracker import Tracker
+    from mnistlab.tracking.tracker import RunRecord, Tracker
 
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
 CHECKPOINT_FILES = files.KEPT
@@ -193,29 +193,29 @@ class Checker:
             query += f" AND tags.`{STUDY_ID_TAG}` = '{uid}'"
         runs = self.tracker.search_all_runs(experiment, query)
         if not uid:  # a study made before ids: runs of a newer same-named study are not its own
-            runs = [r for r in runs if STUDY_ID_TAG not in r.data.tags]
-        by_trial: dict[int, list[Any]] = collections.defaultdict(list)
+            runs = [r for r in runs if STUDY_ID_TAG not in r.tags]
+        by_trial: dict[int, list[RunRecord]] = collections.defaultdict(list)
         state = {t.number: t for t in trials}
         for r in runs:
-            if r.data.tags.get(PARENT_TAG) == "true":
+            if r.tags.get(PARENT_TAG) == "true":
                 continue
-            if r.data.tags.get(REFIT_TAG) == "true":
+            if r.tags.get(REFIT_TAG) == "true":
                 self.check_refit_run(r, state)
                 continue
-            by_trial[int(r.data.tags.get(TRIAL_TAG, -1))].append(r)
+            by_trial[int(r.tags.get(TRIAL_TAG, -1))].append(r)
         for number, found in sorted(by_trial.items()):
             for r in found:
-                if r.info.status == "RUNNING" and (number not in state or state[number].state != TrialState.RUNNING):
+                if r.status == "RUNNING" and (number not in state or state[number].state != TrialState.RUNNING):
                     self._stuck_run(r, number)
-                if r.data.tags.get("mlflow.parentRunId") != parent_id:
-                    self.note(f"run {r.info.run_id}", f"trial {number}'s run is not under the study's parent run")
+                if r.tags.get("mlflow.parentRunId") != parent_id:
+                    self.note(f"run {r.run_id}", f"trial {number}'s run is not under the study's parent run")
         for t in trials:
             if t.state in RUN_STATUS and trained(t):
                 self.check_trial_run(t, by_trial.get(t.number, []))
         self.check_kind(experiment)
         any_running = any(t.state == TrialState.RUNNING for t in self.study.get_trials(deepcopy=False))
         parent = self.tracker.get_run(parent_id)
-        if parent.info.status == "RUNNING" and not any_running:
+        if parent.status == "RUNNING" and not any_running:
             if self.repair:
                 self.tracker.finish(parent_id, "FINISHED")
                 self.note(f"parent run {parent_id}", "RUNNING with no trial running: ended FINISHED", fixed=True)
@@ -230,16 +230,16 @@ class Checker:
         if self.repair and experiment and self.tracker.mark_training(experiment):
             self.note(f"experiment {experiment}", f"no {KIND_TAG} tag: set to {KIND}", fixed=True)
 
-    def check_refit_run(self, r: Any, state: dict[int, optuna.trial.FrozenTrial]) -> None:
+    def check_refit_run(self, r: RunRecord, state: dict[int, optuna.trial.FrozenTrial]) -> None:
         """A refit seed's run is RUNNING only while a process holds that seed's lock (best/refit.py)."""
         from mnistlab.best.refit import LOCK, folder_for
         from mnistlab.util.locks import held
 
-        if r.info.status != "RUNNING":
+        if r.status != "RUNNING":
             return
-        tags = r.data.tags
+        tags = r.tags
         seed, of = tags.get(SEED_TAG), tags.get(REFIT_OF_TAG)
-        where = f"run {r.info.run_id} (refit seed {seed} of trial {of})"
+        where = f"run {r.run_id} (refit seed {seed} of trial {of})"
         trial = state.get(int(of)) if str(of).isdigit() else None
         lock = None
         if trial is not None and str(seed).isdigit():  # the seed's folder as the refit spells it
@@ -249,27 +249,27 @@ class Checker:
         if lock is not None and held(lock):
             return  # a refit trains it now
         if self.repair:
-            self.tracker.finish(r.info.run_id, "KILLED",
+            self.tracker.finish(r.run_id, "KILLED",
                                 {INTERRUPTED_TAG: "its process died; ended by mnistlab study check"})
             self.note(where, "RUNNING but no process trains it: ended KILLED", fixed=True)
         else:
             self.note(where, "RUNNING but no process trains it")
 
-    def _stuck_run(self, r: Any, number: int) -> None:
-        where = f"run {r.info.run_id} (trial {number})"
+    def _stuck_run(self, r: RunRecord, number: int) -> None:
+        where = f"run {r.run_id} (trial {number})"
         if self.repair:
-            self.tracker.finish(r.info.run_id, "FAILED",
+            self.tracker.finish(r.run_id, "FAILED",
                                 {FAIL_REASON_TAG: "its worker stopped; ended by mnistlab study check"})
             self.note(where, "RUNNING after its trial ended: marked FAILED", fixed=True)
         else:
             self.note(where, "RUNNING although its trial is not")
 
-    def check_trial_run(self, t: optuna.trial.FrozenTrial, found: list[Any]) -> None:
+    def check_trial_run(self, t: optuna.trial.FrozenTrial, found: list[RunRecord]) -> None:
         where = f"trial {t.number}"
         if not found and self.repair:
             made = self.backfill(t)
             if made is not None:
-                self.note(where, f"no MLflow run (MLflow was down when it started): created {made.info.run_id} "
+                self.note(where, f"no MLflow run (MLflow was down when it started): created {made.run_id} "
                                  "from its checkpoint", fixed=True)
                 found = [made]
         if len(found) != 1:
@@ -278,15 +278,15 @@ class Checker:
                 return
         run = found[-1]
         expected = RUN_STATUS[t.state]
-        if run.info.status != expected and run.info.status != "RUNNING":
-            self.note(where, f"MLflow run {run.info.run_id} is {run.info.status}, expected {expected}")
+        if run.status != expected and run.status != "RUNNING":
+            self.note(where, f"MLflow run {run.run_id} is {run.status}, expected {expected}")
         epochs = t.user_attrs.get(tr.EPOCHS_RUN) or t.user_attrs.get(tr.PRUNED_AT_EPOCH)
-        steps = [step for step, _ in self.tracker.metric_history(run.info.run_id, "val_acc")]
+        steps = [step for step, _ in self.tracker.metric_history(run.run_id, "val_acc")]
         if epochs is not None and sorted(steps) != list(range(1, int(epochs) + 1)):
             dupes = sorted(s for s, n in collections.Counter(steps).items() if n > 1)
-            logged = self.log_epochs(t, run.info.run_id, int(epochs)) if self.repair and not dupes else []
+            logged = self.log_epochs(t, run.run_id, int(epochs)) if self.repair and not dupes else []
             if logged:
-                self.note(where, f"MLflow run {run.info.run_id} lacked some epochs' metrics: logged epochs {logged} "
+                self.note(where, f"MLflow run {run.run_id} lacked some epochs' metrics: logged epochs {logged} "
                                  "from its checkpoint", fixed=True)
             else:
                 detail = f"duplicate steps {dupes}" if dupes else f"steps {sorted(steps)}"
@@ -303,7 +303,7 @@ class Checker:
             return []
         return self.tracker.log_missing_epochs(run_id, history)
 
-    def backfill(self, t: optuna.trial.FrozenTrial) -> Any:
+    def backfill(self, t: optuna.trial.FrozenTrial) -> RunRecord | None:
         """Make the missing run of a trial from its local checkpoint; None if that is gone too."""
         from mnistlab.core.checkpoint import load_latest
         from mnistlab.core.config import from_dict
@@ -322,11 +322,11 @@ class Checker:
         run_id = recorder.backfill(t, from_dict(state["config"], str(last)), history[:epochs], folder)
         return self.tracker.get_run(run_id)
 
-    def check_checkpoint(self, t: optuna.trial.FrozenTrial, run: Any) -> None:
+    def check_checkpoint(self, t: optuna.trial.FrozenTrial, run: RunRecord) -> None:
         where = f"trial {t.number}"
-        listed = self.tracker.checkpoint_names(run.info.run_id)
+        listed = self.tracker.checkpoint_names(run.run_id)
         # files the run's end could not send: MLflow may hold an older epoch's copy of them
-        unsent = {Path(p).name for p in run.data.tags.get(MISSING_ARTIFACTS_TAG, "").split(",") if p}
+        unsent = {Path(p).name for p in run.tags.get(MISSING_ARTIFACTS_TAG, "").split(",") if p}
         missing = [n for n in CHECKPOINT_FILES
                    if n in unsent or (n in (files.BEST, files.BEST_META) and n not in listed)]
         if missing and self.repair:
@@ -334,17 +334,17 @@ class Checker:
             if all((folder / n).is_file() for n in missing):
                 for name in CHECKPOINT_FILES:
                     if (folder / name).is_file() and (name not in listed or name in unsent):
-                        self.tracker.log_artifact(run.info.run_id, folder / name, "checkpoints")
-                if run.data.tags.get(MISSING_ARTIFACTS_TAG):
-                    self.tracker.delete_tag(run.info.run_id, MISSING_ARTIFACTS_TAG)
+                        self.tracker.log_artifact(run.run_id, folder / name, "checkpoints")
+                if run.tags.get(MISSING_ARTIFACTS_TAG):
+                    self.tracker.delete_tag(run.run_id, MISSING_ARTIFACTS_TAG)
                 self.note(where, f"uploaded {', '.join(missing)} from {folder}", fixed=True)
                 missing = []
         if missing:
-            self.note(where, f"MLflow run {run.info.run_id} lacks checkpoints/{', checkpoints/'.join(missing)}")
+            self.note(where, f"MLflow run {run.run_id} lacks checkpoints/{', checkpoints/'.join(missing)}")
             return
         with tempfile.TemporaryDirectory() as tmp:
-            got = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{files.BEST_META}", Path(tmp))
-            weights = self.tracker.download_artifact(run.info.run_id, f"checkpoints/{files.BEST}", Path(tmp))
+            got = self.tracker.download_artifact(run.run_id, f"checkpoints/{files.BEST_META}", Path(tmp))
+            weights = self.tracker.download_artifact(run.run_id, f"checkpoints/{files.BEST}", Path(tmp))
             try:
                 recorded = files.read_meta(got).get("sha256")
             except UserError:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from mnistlab.core.checkpoint_files import KEPT, SHARED
 from mnistlab.core.metrics import EpochMetrics, Result
 from mnistlab.tracking.provenance import environment
-from mnistlab.tracking.tracker import Tracker
+from mnistlab.tracking.tracker import RunRecord, Tracker
 from mnistlab.util.jsonfile import read_note, write_json
 from mnistlab.util.keys import (
     BACKFILLED_TAG,
@@ -241,11 +241,11 @@ class StudyRecorder:
                             device, folder, tags, parent=self.parent_id,
                             files={"study": self.study_file} if self.study_file.is_file() else {})
 
-    def refit_runs(self, trial: int, seed: int, status: str = "RUNNING") -> list[Any]:
+    def refit_runs(self, trial: int, seed: int, status: str = "RUNNING") -> list[RunRecord]:
         """This study's runs of refit seed ``seed`` of ``trial`` with ``status``."""
         query = " AND ".join([*(f"tags.`{k}` = '{v}'" for k, v in self.tags.items()),
-                              "tags.`mnistlab.refit` = 'true'", f"tags.`mnistlab.refit_of_trial` = '{int(trial)}'",
-                              f"tags.`mnistlab.seed` = '{int(seed)}'", f"attributes.status = '{status}'"])
+                              f"tags.`{REFIT_TAG}` = 'true'", f"tags.`{REFIT_OF_TAG}` = '{int(trial)}'",
+                              f"tags.`{SEED_TAG}` = '{int(seed)}'", f"attributes.status = '{status}'"])
         return self.tracker.search_all_runs(self.experiment_id, query)
 
     def end_dead_refits(self, trial: int, seed: int) -> list[str]:
@@ -253,8 +253,8 @@ class StudyRecorder:
         seed's lock): those of attempts killed before they could end their run. Returns their ids."""
         ended = []
         for r in self.refit_runs(trial, seed):
-            self.tracker.finish(r.info.run_id, "KILLED", {INTERRUPTED_TAG: "its process died"})
-            ended.append(r.info.run_id)
+            self.tracker.finish(r.run_id, "KILLED", {INTERRUPTED_TAG: "its process died"})
+            ended.append(r.run_id)
         return ended
 
     def backfill(self, trial: optuna.trial.FrozenTrial, cfg: ExperimentConfig, history: list[EpochMetrics],

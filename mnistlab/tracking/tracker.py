@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -68,6 +69,20 @@ def describe_error(exc: BaseException) -> str:
     code = getattr(exc, "get_http_status_code", lambda: None)()
     first = (text.splitlines() or [type(exc).__name__])[0][:200]
     return f"HTTP {code}: {first}" if code and code != 500 else first
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What mnistlab reads of an MLflow run: the commands above the adapter see this, never
+    MLflow's own run objects."""
+
+    run_id: str
+    status: str  # RUNNING, FINISHED, FAILED or KILLED
+    tags: dict[str, str]
+
+    @classmethod
+    def of(cls, run: Any) -> RunRecord:
+        return cls(run.info.run_id, run.info.status, dict(run.data.tags))
 
 
 class Tracker:
@@ -288,15 +303,16 @@ class Tracker:
         """(step, value) pairs of one metric of a run."""
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
-    def get_run(self, run_id: str) -> Any:
-        return self.client.get_run(run_id)
+    def get_run(self, run_id: str) -> RunRecord:
+        return RunRecord.of(self.client.get_run(run_id))
 
-    def search_all_runs(self, experiment_id: str | None, query: str) -> list[Any]:
+    def search_all_runs(self, experiment_id: str | None, query: str) -> list[RunRecord]:
         """Every run of the experiment matching ``query``, page by page."""
-        runs, token = [], None
+        runs: list[RunRecord] = []
+        token = None
         while True:
             page = self.client.search_runs([experiment_id], query, max_results=1000, page_token=token)
-            runs.extend(page)
+            runs.extend(map(RunRecord.of, page))
             token = page.token
             if not token:
                 return runs

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab.tracking.tracker import KIND, KIND_TAG
-from mnistlab.util.keys import COLUMNS_TAG
+from mnistlab.util.keys import COLUMNS_TAG, RANK_TAG
 
 WORKFLOW_KEY = "mlflow.workflowType_v1"
 TRAINING = "machine_learning"
@@ -37,7 +37,7 @@ TRIALS_VIEW = {"orderByKey": "metrics.`val_acc`", "orderByAsc": False}  # also t
 SEEDED = 1000  # experiments given the trials view per page load, newest first
 # The runs table's first columns: the score, its standard error, the parameter count and the rank,
 # then the study's searched hyperparameters (the experiment tag COLUMNS_TAG, set by `study run`).
-SCORE_COLUMNS = ["metrics.`val_score`", "metrics.`val_se`", "params.`param_count`", "tags.`mnistlab.rank`"]
+SCORE_COLUMNS = ["metrics.`val_score`", "metrics.`val_se`", "params.`param_count`", f"tags.`{RANK_TAG}`"]
 # MLflow's Assistant opens itself on a browser's first visit to a local server, over a third of the
 # page: marked as done, it stays closed until the user opens it.
 ASSISTANT_KEY = "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1"
