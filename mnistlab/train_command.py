@@ -14,16 +14,16 @@ from mnistlab.core import data as data_mod
 from mnistlab.core.config import ExperimentConfig
 from mnistlab.core.metrics import EpochMetrics, Result
 from mnistlab.core.model import count_params, summary
-from mnistlab.core.train import Diverged, refuse_unproven, resolve_device, restored_history, train
+from mnistlab.core.tracked import tracked_train
+from mnistlab.core.train import Diverged, resolve_device
 from mnistlab.tracking.recorder import RunLog
 from mnistlab.tracking.tracker import Tracker
 from mnistlab.tracking.uri import check_reachable, mask
-from mnistlab.util import interrupts
 from mnistlab.util.errors import UserError
 from mnistlab.util.keys import OUTPUT_TAG, RUN_KIND_TAG
 
 if TYPE_CHECKING:
-    from mnistlab.core.data import MnistData
+    pass
 
 METRIC_FIELDS = [f for f in EpochMetrics.__dataclass_fields__]
 
@@ -53,35 +53,6 @@ def result_summary(cfg: ExperimentConfig, result: Result, wall_seconds: float) -
         "seconds_per_epoch": round(result.seconds_per_epoch, 3),
         "wall_seconds": round(wall_seconds, 1),
     }
-
-
-def tracked_train(cfg: ExperimentConfig, data: MnistData, run: RunLog | None, checkpoint_dir: Path, *, resume: bool,
-                  verbose: bool, test_once: bool = False) -> Result:
-    """``train()`` with its MLflow run kept whole: the epochs a resume takes over from the checkpoint
-    are logged first (they ran before this run existed), each new epoch as it ends, and the run is
-    ended (KILLED, FAILED) with its whole history whatever stops the training."""
-    if resume:  # what the checkpoint claims is measured before anything is taken from it
-        refuse_unproven(cfg, data, checkpoint_dir)
-    history = restored_history(checkpoint_dir) if resume else []
-    if run is not None:
-        run.log_missing(history)
-
-    def on_epoch(m: EpochMetrics) -> None:
-        # Whole or not at all: a signal that lands inside the MLflow write is raised when the write
-        # returns; raised there, before the run noted the epoch as logged, run.end logged it again.
-        with interrupts.shielded():
-            history.append(m)
-            if run is not None:
-                run.epoch(m)
-        interrupts.point("train.epoch")
-
-    try:
-        return train(cfg, data, on_epoch, checkpoint_dir=checkpoint_dir, resume=resume, verbose=verbose,
-                     test_once=test_once)
-    except BaseException as exc:
-        if run is not None:
-            run.end(exc, history)
-        raise
 
 
 def run_experiment(

@@ -100,15 +100,15 @@ def test_a_signal_landing_inside_optuna_writes_leaves_the_storage_writable(tmp_p
 
 def test_a_signal_inside_an_epoch_s_mlflow_write_logs_that_epoch_once(tmp_path: Path, handlers: None,
                                                                        data_dir: Path) -> None:
-    """The refit and `train` path (train_command.tracked_train): a SIGTERM that lands inside the MLflow
+    """The refit and `train` path (core/tracked.py): a SIGTERM that lands inside the MLflow
     write of epoch 1's metrics is raised when the write returns. Raised before the run had noted epoch 1
     as logged, the run's end logged it a second time (a KILLED refit run with epoch 1 twice, seen under
     load in tests/test_picks.py's interrupted refit, whose SIGTERM comes right after epoch 1's checkpoint)."""
     from mnistlab.core import data as data_mod
     from mnistlab.core.config import from_dict
+    from mnistlab.core.tracked import tracked_train
     from mnistlab.core.train import resolve_device
     from mnistlab.tracking.recorder import RunLog
-    from mnistlab.train_command import tracked_train
 
     cfg = from_dict({"train": {"epochs": 3, "batch_size": 64, "device": "cpu"},
                      "data": {"limit_train": 256, "limit_eval": 128}})

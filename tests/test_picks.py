@@ -132,13 +132,13 @@ def test_a_trial_that_ran_every_epoch_is_never_pruned() -> None:
     s = optuna.create_study(pruner=_AlwaysPrune())
     early = s.ask()
     with pytest.raises(optuna.TrialPruned):
-        objective_mod._Reporter(early, None, multi=False, epochs=2)(_epoch(1))
+        objective_mod._Reporter(early, None, multi=False, epochs=2).record(_epoch(1))
     assert early.user_attrs["val_score"] == 97.0 and early.user_attrs["val_se"] > 0
     last = s.ask()
-    objective_mod._Reporter(last, None, multi=False, epochs=2)(_epoch(2))  # the last epoch: it competes
+    objective_mod._Reporter(last, None, multi=False, epochs=2).record(_epoch(2))  # the last epoch: it competes
     repeat = s.ask()
     repeat.set_user_attr(tr.REPEAT_OF, 0)
-    objective_mod._Reporter(repeat, None, multi=False, epochs=5)(_epoch(1))  # a seed repeat never is
+    objective_mod._Reporter(repeat, None, multi=False, epochs=5).record(_epoch(1))  # a seed repeat never is
 
 
 # -- the confirm block ------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_objective_through_a_fixed_trial(data_dir: Path, tmp_path: Path) -> None
 
 def test_over_budget_configs_never_reach_the_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[object] = []
-    monkeypatch.setattr(objective_mod, "train", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(objective_mod, "tracked_train", lambda *a, **k: calls.append(a))
     monkeypatch.setattr(objective_mod.Objective, "data_for", lambda self, cfg: calls.append(cfg))
     cfg = load_study(study_file(tmp_path, """
 max_params: 9000

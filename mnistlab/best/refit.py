@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import optuna
 
     from mnistlab.best.picks import Choice
+    from mnistlab.core.data import MnistData
     from mnistlab.core.metrics import Result
     from mnistlab.tracking.recorder import StudyRecorder
     from mnistlab.tracking.tracker import Tracker
@@ -152,9 +153,8 @@ def run(trial: optuna.trial.FrozenTrial, trial_cfg: ExperimentConfig, n_seeds: i
     return Refit(trial.number, configs[0], results)
 
 
-def _train_seed(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, loaded: optuna.Study,
-                recorder: StudyRecorder | None,
-                verbose: bool) -> SeedResult:
+def _train_seed(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, loaded: MnistData,
+                recorder: StudyRecorder | None, verbose: bool) -> SeedResult:
     """Train one refit seed (resuming from its checkpoint if it was interrupted), record it. The
     seed's lock is held throughout: a second refit of the same seed is refused, not run beside it."""
     with locks.claimed(folder / LOCK, f"refit seed {cfg.train.seed} of trial {trial}"):
@@ -162,11 +162,10 @@ def _train_seed(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, 
         return done if done is not None else _train_locked(trial, cfg, n_params, folder, loaded, recorder, verbose)
 
 
-def _train_locked(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, loaded: optuna.Study,
-                recorder: StudyRecorder | None,
-                  verbose: bool) -> SeedResult:
+def _train_locked(trial: int, cfg: ExperimentConfig, n_params: int, folder: Path, loaded: MnistData,
+                  recorder: StudyRecorder | None, verbose: bool) -> SeedResult:
+    from mnistlab.core.tracked import tracked_train
     from mnistlab.core.train import resolve_device
-    from mnistlab.train_command import tracked_train
 
     good = checkpoint.latest_good(folder)
     resume = good is not None

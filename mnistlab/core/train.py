@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,39 @@ MATCH_IMAGES = 2  # validation images by which a re-measured checkpoint may diff
 
 class Diverged(Exception):
     """The training loss became NaN or infinite: the run cannot recover (too high a learning rate)."""
+
+
+@dataclass
+class Restored:
+    """The checkpoint a resume takes over, read and verified once (``restore``): its path (None when
+    there is nothing to take over), its state, what was passed over, and its epochs."""
+
+    path: Path | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    passed_over: str = ""  # unusable checkpoints skipped on the way, "" if none
+
+    @property
+    def history(self) -> list[EpochMetrics]:
+        return [EpochMetrics(**m) for m in self.state.get("history", [])]
+
+
+def restore(cfg: ExperimentConfig, data: MnistData, checkpoint_dir: Path) -> Restored:
+    """What a resume of ``cfg`` takes over from ``checkpoint_dir``, the newest usable checkpoint read
+    once (checksum, a weights-only load, every field) and measured before anything is believed
+    (``unproven``): one not believed is set aside (``refused/``) with a warning line and the
+    resume starts from epoch 0. UserError for a checkpoint of another config."""
+    if not checkpoint_dir.is_dir():
+        return Restored()
+    good, state, passed_over = checkpoint.load_latest(checkpoint_dir, map_location=data.train.x.device)
+    if good is None:
+        return Restored(passed_over=passed_over)
+    if state["config"] != cfg.to_dict():
+        raise UserError(f"{good}: checkpoint of a different config; not resuming from it")
+    why = _unproven(cfg, data, checkpoint_dir, good, state)
+    if why:
+        _set_aside(checkpoint_dir, why)
+        return Restored()
+    return Restored(good, state, passed_over)
 
 
 def restored_history(checkpoint_dir: Path) -> list[EpochMetrics]:
@@ -178,14 +211,15 @@ def train(
     on_epoch: OnEpoch | None = None,
     *,
     checkpoint_dir: Path | None = None,
-    resume: bool = False,
+    resume: bool | Restored = False,
     verbose: bool = True,
     test_once: bool = False,
 ) -> Result:
     """Train ``cfg`` on ``data``; checkpoint each epoch; evaluate the best weights on test.
 
-    With ``resume``, continue from the newest intact checkpoint in ``checkpoint_dir``; on the
-    CPU the final weights equal those of an uninterrupted run. With ``test_once`` and no
+    With ``resume``, continue from the newest intact checkpoint in ``checkpoint_dir`` (or from the
+    ``Restored`` checkpoint given, which ``restore`` has read and measured already); on the CPU the
+    final weights equal those of an uninterrupted run. With ``test_once`` and no
     validation split (``data.full_train``), the epochs measure nothing held out and the test
     set is read once, after the last epoch (a refit); otherwise such a run shows the test
     accuracy of every epoch, as the original exercise's log did.
@@ -195,8 +229,8 @@ def train(
         torch.set_num_threads(t.threads)
     device = data.train.x.device
     run = _Run(cfg, data, device)
-    if resume and checkpoint_dir is not None:
-        _resume(run, checkpoint_dir, verbose)
+    if resume is not False and checkpoint_dir is not None:
+        _resume(run, resume if isinstance(resume, Restored) else _read(checkpoint_dir, run.device), verbose)
     result = Result(params=count_params(cfg.model), device=str(device),
                     checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
     best_state = _best_from_history(run.history, result)
@@ -236,12 +270,17 @@ def train(
     return result
 
 
-def _resume(run: _Run, checkpoint_dir: Path, verbose: bool) -> None:
-    """Restore the newest usable checkpoint; one warning line when there are checkpoints but none usable."""
-    good, state, passed_over = checkpoint.load_latest(checkpoint_dir, map_location=run.device)
+def _read(checkpoint_dir: Path, device: torch.device) -> Restored:
+    good, state, passed_over = checkpoint.load_latest(checkpoint_dir, map_location=device)
+    return Restored(good, state, passed_over)
+
+
+def _resume(run: _Run, restored: Restored, verbose: bool) -> None:
+    """Restore a checkpoint; one warning line when there were checkpoints but none usable."""
+    good, state = restored.path, restored.state
     if good is None:
-        if passed_over:
-            print(f"warning: no usable checkpoint ({passed_over}); training starts again from epoch 0",
+        if restored.passed_over:
+            print(f"warning: no usable checkpoint ({restored.passed_over}); training starts again from epoch 0",
                   file=sys.stderr, flush=True)
         return
     if state["config"] != run.cfg.to_dict():
@@ -263,6 +302,11 @@ def unproven(cfg: ExperimentConfig, data: MnistData, checkpoint_dir: Path) -> st
     weights of another configuration, passes it. The checks cost one evaluation each (about a
     second) and leave every random generator as it was."""
     good, state, _ = checkpoint.load_latest(checkpoint_dir, config=cfg.to_dict())
+    return _unproven(cfg, data, checkpoint_dir, good, state)
+
+
+def _unproven(cfg: ExperimentConfig, data: MnistData, checkpoint_dir: Path, good: Path | None,
+              state: dict[str, Any]) -> str:
     if good is None or data.val is None:
         return ""  # nothing to resume, or nothing to measure on (a refit: its test is read at the end)
     history = [EpochMetrics(**m) for m in state["history"]]
@@ -300,8 +344,11 @@ def refuse_unproven(cfg: ExperimentConfig, data: MnistData, checkpoint_dir: Path
     """Set aside (into ``refused/`` inside the folder) a checkpoint that ``unproven`` does not believe,
     with one warning line: the training starts again from epoch 0, as from a corrupt checkpoint."""
     why = unproven(cfg, data, checkpoint_dir)
-    if not why:
-        return
+    if why:
+        _set_aside(checkpoint_dir, why)
+
+
+def _set_aside(checkpoint_dir: Path, why: str) -> None:
     aside = checkpoint_dir / "refused"
     aside.mkdir(exist_ok=True)
     for name in (LAST, PREV, BEST, BEST_META):

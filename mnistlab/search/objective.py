@@ -20,7 +20,8 @@ from mnistlab.core import trials as tr
 from mnistlab.core.config import ExperimentConfig
 from mnistlab.core.metrics import EpochMetrics, Result
 from mnistlab.core.model import count_params
-from mnistlab.core.train import Diverged, refuse_unproven, resolve_device, restored_history, train
+from mnistlab.core.tracked import EpochLog, tracked_train
+from mnistlab.core.train import Diverged, resolve_device
 from mnistlab.search import stop as stop_mod
 from mnistlab.search import workers
 from mnistlab.search.screen import promotion_key
@@ -97,18 +98,11 @@ class Objective:
         resume = root != trial.number
         if resume and earlier_run and self.recorder is not None:
             self._fetch(earlier_run, ckpt, cfg)
-        if resume:  # what the checkpoint claims is measured before anything is taken from it
-            refuse_unproven(cfg, self.data_for(cfg), ckpt)
-        restored = restored_history(ckpt) if resume else []  # the epochs train() takes over
-        life.history = list(restored)
-        if life.run is not None:
-            life.run.log_missing(restored)  # they ran before this run existed; a pruned or failed end needs them too
-        on_epoch = _Reporter(trial, life.run, multi=len(self.study.objectives) > 1, epochs=cfg.train.epochs,
-                             history=restored)
-        life.history = on_epoch.history  # the same list: the epochs as they are recorded
-        with interrupts.shielded():
-            on_epoch.replay()
-        result = train(cfg, self.data_for(cfg), on_epoch, checkpoint_dir=ckpt, resume=resume, verbose=self.verbose)
+        reporter = _Reporter(trial, life.run, multi=len(self.study.objectives) > 1, epochs=cfg.train.epochs)
+        life.history = reporter.history  # the same list: the epochs as they are recorded, restored ones first
+        # the trial's run is ended by __call__ (pruned, failed or interrupted), with Optuna's state
+        result = tracked_train(cfg, self.data_for(cfg), life.run, ckpt, resume=resume, verbose=self.verbose,
+                               epochs=reporter, instant="trial.epoch", end_run=False)
         interrupts.point("trial.trained")
         _record(trial, result)
         if life.run is not None:
@@ -343,37 +337,31 @@ def _once(trial: optuna.Trial, study: optuna.Study, same: Callable[[FrozenTrial]
         _decline(trial, why)
 
 
-class _Reporter:
-    """The trainer's epoch callback: log to MLflow, report to Optuna, prune."""
+class _Reporter(EpochLog):
+    """A trial's epochs: logged to MLflow with the checkpoint shared, reported to Optuna, pruned."""
 
-    def __init__(self, trial: optuna.Trial, run: RunLog | None, multi: bool, epochs: int,
-                 history: list[EpochMetrics] | None = None) -> None:
+    def __init__(self, trial: optuna.Trial, run: RunLog | None, multi: bool, epochs: int) -> None:
+        super().__init__(run)
         # a seed repeat is never pruned: it measures a configuration, it does not search; a screen is
         # neither reported nor pruned: its short schedule's epochs are not comparable with the full one's
         self.trial, self.run = trial, run
         self.multi = multi or tr.REPEAT_OF in trial.user_attrs or tr.SCREEN in trial.user_attrs
         self.epochs = epochs
-        self.history: list[EpochMetrics] = list(history or [])  # from the first epoch, restored ones included
 
-    def __call__(self, m: EpochMetrics) -> None:
-        with interrupts.shielded():  # the epoch's records are written whole (a signal waits for them)
-            self._record(m)
-        interrupts.point("trial.epoch")
-
-    def replay(self) -> None:
-        """Report the epochs a resumed trial takes over from its checkpoint, and let the pruner judge
-        the last of them as it would have then: a trial stopped while it was being pruned ends
-        pruned, as it would have uninterrupted, instead of training on."""
+    def restored(self, history: list[EpochMetrics]) -> None:
+        """The epochs a resumed trial takes over from its checkpoint are logged and reported, and the
+        pruner judges the last of them as it would have then: a trial stopped while it was being
+        pruned ends pruned, as it would have uninterrupted, instead of training on."""
+        super().restored(history)
         if self.multi or not self.history:
             return
         for m in self.history:
             self.trial.report(m.val_acc, m.epoch)
         self._judge(self.history[-1])
 
-    def _record(self, m: EpochMetrics) -> None:
-        self.history.append(m)
+    def record(self, m: EpochMetrics) -> None:
+        super().record(m)
         if self.run is not None:
-            self.run.epoch(m)
             self.run.share_checkpoint()
         if self.multi:
             return  # Optuna cannot prune multi-objective studies
