@@ -13,6 +13,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -107,18 +108,38 @@ def start_mlflow_server(backend: str, artifacts: Path, port: int | None = None, 
     # processes and about 1.5 GB, which slowed every test beside a server on a 2-core machine)
     quiet = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **quiet, **(env or {})})
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited: {(artifacts.parent / f'mlflow-server-{port}.log').read_text()}")
+        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+            return resp.status == 200
+
+    wait_until(f"the mlflow server on port {port} healthy", healthy, 90, proc, poll=0.5, ignore=(OSError,))
+    return proc, url
+
+
+def wait_until(what: str, found: Callable[[], Any], timeout: float = 300, proc: subprocess.Popen | None = None,
+               poll: float = 0.05, ignore: tuple[type[BaseException], ...] = ()) -> Any:
+    """The first truthy value of ``found()``, polled every ``poll`` seconds; the test fails naming
+    ``what`` after ``timeout`` seconds, or at once when ``proc`` exits first (with its output). An
+    exception of a type in ``ignore`` counts as "not yet" (a server still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("mlflow server did not become healthy in 90 s")
+            value = found()
+        except ignore:
+            value = None
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out = proc.communicate() if proc.stdout or proc.stderr else ""
+            pytest.fail(f"{what}: the process exited {proc.returncode} first {out}")
+        if time.monotonic() > deadline:
+            if proc is not None:
+                proc.kill()
+            pytest.fail(f"{what}: not within {timeout:.0f} s")
+        time.sleep(poll)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, cli, one_line_error, run_cli
+from conftest import ROOT, cli, one_line_error, run_cli, wait_until
 from mnistlab.best import export, picks
 from mnistlab.core import data
 from mnistlab.search.storage import load, open_storage
@@ -414,14 +413,9 @@ def start_export(finished: dict, out: Path) -> tuple[subprocess.Popen, Path]:
     proc = subprocess.Popen([sys.executable, "-m", "mnistlab", "best", str(SMOKE), "--export", str(out),
                              "--no-register"], env={**os.environ, **env_of(finished)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        partial = sorted(out.parent.glob(f".{out.name}.*.partial"))
-        if partial:
-            return proc, partial[0]
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"no temporary folder appeared: {proc.communicate()}")
+    partial = wait_until("the export's temporary folder", lambda: sorted(out.parent.glob(f".{out.name}.*.partial")),
+                         120, proc)
+    return proc, partial[0]
 
 
 @pytest.mark.slow

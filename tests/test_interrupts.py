@@ -24,8 +24,8 @@ def handlers() -> None:
 
 def test_a_signal_outside_a_shielded_block_raises_at_once(handlers: None) -> None:
     with pytest.raises(Interrupted) as caught:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler interrupts the sleep
+        signal.raise_signal(signal.SIGTERM)  # its handler runs before raise_signal returns
+        pytest.fail("not raised")
     assert caught.value.signame == "SIGTERM"
 
 
@@ -33,8 +33,7 @@ def test_a_signal_inside_a_shielded_block_waits_for_its_end(handlers: None) -> N
     finished = []
     with pytest.raises(Interrupted) as caught, interrupts.shielded():
         with interrupts.shielded():  # nested: held until the outermost block ends
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
+            signal.raise_signal(signal.SIGINT)  # handled (and held) before raise_signal returns
             finished.append("inner")
         finished.append("outer")
     assert finished == ["inner", "outer"] and caught.value.signame == "SIGINT"
@@ -44,10 +43,8 @@ def test_a_signal_inside_a_shielded_block_waits_for_its_end(handlers: None) -> N
 
 def test_later_signals_are_ignored_while_the_first_is_handled(handlers: None) -> None:
     with pytest.raises(Interrupted):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
-    os.kill(os.getpid(), signal.SIGTERM)  # the process records what it was doing, undisturbed
-    time.sleep(0.05)
+        signal.raise_signal(signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)  # handled at once, and ignored: the process records what it was doing
 
 
 def test_a_signal_landing_inside_mlflow_writes_leaves_the_store_writable(tmp_path: Path, handlers: None) -> None:
@@ -120,8 +117,7 @@ def test_a_signal_inside_an_epoch_s_mlflow_write_logs_that_epoch_once(tmp_path: 
     def write_then_signal(run_id: str, values: dict, step: int = 0) -> None:
         with interrupts.shielded():  # as inside the client: the signal lands during the write
             if step == 1 and "train_loss" in values:
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.05)
+                signal.raise_signal(signal.SIGTERM)  # handled, and held, before it returns
             real(run_id, values, step=step)
 
     tracker.log_metrics = write_then_signal

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import ROOT, cli, run_cli
+from conftest import ROOT, cli, run_cli, wait_until
 from mnistlab.best import picks
 from mnistlab.core import trials as tr
 from mnistlab.core.train import EpochMetrics
@@ -238,17 +237,13 @@ def test_two_workers_and_a_kill_mid_confirmation_train_each_repeat_once(pg_url: 
     worker = subprocess.Popen([sys.executable, "-m", "mnistlab", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     storage = open_storage(pg_url, heartbeat=None)
-    deadline = time.monotonic() + 600
-    victim = None
-    while victim is None and time.monotonic() < deadline and worker.poll() is None:
-        time.sleep(0.2)
-        try:
-            trials = load("p", storage).get_trials()
-        except UserError:
-            continue
-        victim = next((t for t in trials if tr.is_repeat(t) and t.state == TrialState.RUNNING
-                       and Path(t.user_attrs.get("checkpoint_dir", "/nonexistent"), "last.pt").exists()), None)
-    assert victim is not None, worker.communicate()[0]
+
+    def training_a_repeat() -> optuna.trial.FrozenTrial | None:  # with its first checkpoint on disk
+        return next((t for t in load("p", storage).get_trials() if tr.is_repeat(t) and t.state == TrialState.RUNNING
+                     and Path(t.user_attrs.get("checkpoint_dir", "/nonexistent"), "last.pt").exists()), None)
+
+    victim = wait_until("a seed repeat past its first epoch", training_a_repeat, 600, worker, poll=0.2,
+                        ignore=(UserError,))
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     proc = run_cli(*args, "--workers", "2")
@@ -400,10 +395,7 @@ def test_an_interrupted_refit_resumes_to_the_same_weights(tmp_path: Path, data_d
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     trial = load("p", open_storage(None, heartbeat=None)).trials[0]
     last = Path(trial.user_attrs["checkpoint_dir"]).parent / "refit-0" / "seed-1" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert last.exists(), proc.communicate()
+    wait_until("refit seed 1's first checkpoint", last.exists, 300, proc, poll=0.1)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "resumes from its last checkpoint" in err, err

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop, trial_dir
+from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop, trial_dir, wait_until
 from mnistlab.core import checkpoint
 from mnistlab.core.checkpoint_files import KEPT
 from mnistlab.core.trials import trained
@@ -38,10 +38,7 @@ def start_worker(*extra: str, env: dict[str, str] | None = None, cwd: Path | Non
 
 def wait_for(path: Callable[[], Path], proc: subprocess.Popen, timeout: float = 300) -> None:
     """Until the file ``path()`` names exists (its folder is known only once the study is)."""
-    deadline = time.monotonic() + timeout
-    while not path().exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert path().exists(), proc.communicate()
+    wait_until(f"{path().name} written", lambda: path().exists(), timeout, proc)
 
 
 def last_checkpoint(number: int = 0, artifacts: Path = Path("mnistlab-artifacts")) -> Callable[[], Path]:
@@ -69,23 +66,20 @@ def wait_until_into_epoch_2(storage_url: str, proc: subprocess.Popen, timeout: f
     its MLflow run, which happens before the report), epoch 2 has begun."""
     wait_for(last_checkpoint(artifacts=artifacts), proc, timeout)  # the study and trial 0 exist from here on
     s = load("smoke", open_storage(storage_url, heartbeat=None))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def in_epoch_2() -> bool:
         trial = s.get_trials(deepcopy=False)[0]
-        if trial.state == TrialState.RUNNING and 1 in trial.intermediate_values:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"trial 0 never reached epoch 2 (worker exit code {proc.poll()}): {proc.communicate()}")
+        return trial.state == TrialState.RUNNING and 1 in trial.intermediate_values
+
+    wait_until("trial 0 in epoch 2", in_epoch_2, timeout, proc)
 
 
 def wait_until_stale(storage_url: str, timeout: float = 60) -> None:
     """Until the storage counts trial 0 as stale: no heartbeat for the grace period (3 heartbeats of 1 s)."""
     storage = open_storage(storage_url, heartbeat=1)
     study_id = storage.get_study_id_from_name("smoke")
-    deadline = time.monotonic() + timeout
-    while not storage._get_stale_trial_ids(study_id):  # what fail_stale_trials reads, without failing anything
-        assert time.monotonic() < deadline, "trial 0's heartbeat never went stale"
-        time.sleep(0.2)
+    # what fail_stale_trials reads, without failing anything
+    wait_until("trial 0's heartbeat stale", lambda: storage._get_stale_trial_ids(study_id), timeout, poll=0.2)
 
 
 @pytest.mark.parametrize(("backend", "recovery"), [("sqlite", "repair"), ("postgresql", "repair"),

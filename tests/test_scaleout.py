@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop
+from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop, wait_until
 from mnistlab.core.trials import trained
 from mnistlab.search.storage import load, open_storage
 
@@ -240,15 +239,12 @@ def dashboard_lists(storage_url: str, name: str) -> bool:
                             env={**os.environ, "MNISTLAB_STORAGE": storage_url, "DASHBOARD_PORT": str(port)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as resp:
-                    return name in [s["study_name"] for s in json.load(resp)["study_summaries"]]
-            except OSError:
-                assert proc.poll() is None, "the dashboard exited"
-                time.sleep(0.5)
-        pytest.fail("the dashboard did not answer in 60 s")
+
+        def studies() -> list[str]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as resp:
+                return [s["study_name"] for s in json.load(resp)["study_summaries"]] or ["(none)"]
+
+        return name in wait_until("the dashboard's study list", studies, 60, proc, poll=0.5, ignore=(OSError,))
     finally:
         stop(proc)
 
@@ -410,11 +406,8 @@ def test_a_worker_waits_for_a_database_that_is_not_up_yet(tmp_path: Path, pg_url
                                   stdout=subprocess.PIPE, stderr=err_file, text=True)
     try:
         # The database is "down" until the worker says it waits for it, however long its start takes.
-        deadline = time.monotonic() + 180
-        while "waiting for the storage" not in errors.read_text():
-            assert worker.poll() is None, errors.read_text()
-            assert time.monotonic() < deadline, "the worker never said it was waiting for the storage"
-            time.sleep(0.1)
+        waits = lambda: "waiting for the storage" in errors.read_text()  # noqa: E731
+        wait_until("the worker saying it waits for the storage", waits, 180, worker, poll=0.1)
         assert worker.poll() is None
         proxy.start()
         out, _ = worker.communicate(timeout=300)

@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, wait_until
 from mnistlab.core import trials as tr
 from mnistlab.search.screen import finished_at, winners
 from mnistlab.search.storage import load, open_storage
@@ -54,17 +53,13 @@ def test_a_screened_study_with_two_workers_on_postgresql_survives_a_sigkill_mid_
     path = write(tmp_path, "scr", "n_trials: 6\nscreen: {epochs: 1, limit_train: 300, promote: 0.5}\n")
     env = {"MNISTLAB_STORAGE": pg_url, "MLFLOW_TRACKING_URI": mlflow_db}
     a, b = worker(path, env=env), worker(path, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # until a screen is training
-        try:
-            trials = load("scr", open_storage(pg_url, heartbeat=None, create=False)).get_trials(deepcopy=False)
-        except Exception:
-            trials = []
-        screening = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get(tr.TRAINED)
-                     and tr.is_screen(t) and t.user_attrs.get(tr.WORKER)]
-        if screening:
-            break
-        time.sleep(0.05)
+
+    def screening() -> list[FrozenTrial]:
+        trials = load("scr", open_storage(pg_url, heartbeat=None, create=False)).get_trials(deepcopy=False)
+        return [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get(tr.TRAINED)
+                and tr.is_screen(t) and t.user_attrs.get(tr.WORKER)]
+
+    screening = wait_until("a screen training", screening, 300, ignore=(Exception,))  # the study may not exist yet
     pid = int(screening[0].user_attrs[tr.WORKER].split("|")[3])  # the worker training that screen
     if pid == b.pid:
         a, b = b, a

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, start_mlflow_server, stop
+from conftest import ROOT, run_cli, start_mlflow_server, stop, wait_until
 from mnistlab.core import config, data
 from mnistlab.core.model import build_model
 from mnistlab.core.train import evaluate
@@ -225,13 +224,9 @@ def test_ui_serves_the_store_on_loopback(mlflow_db: str) -> None:
     try:
         first = ui.stdout.readline()
         assert first.startswith(f"MLflow UI: http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                names = [e.name for e in MlflowClient(f"http://127.0.0.1:{port}").search_experiments()]
-                break
-            except Exception:
-                time.sleep(1)
+        names = wait_until("the UI's server answering", lambda: [
+            e.name for e in MlflowClient(f"http://127.0.0.1:{port}").search_experiments()], 90, ui, poll=1,
+            ignore=(Exception,))
         assert "Default" in names  # the same store, served over HTTP
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as resp:
             page = resp.read().decode()
@@ -277,14 +272,12 @@ def test_ui_keeps_the_store_password_off_every_command_line(pg_url: str) -> None
         first = ui.stdout.readline()
         assert first.startswith(f"MLflow UI: http://127.0.0.1:{port}") and secret not in first, first
         seen: list[str] = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            seen += _command_lines(ui.pid)
-            try:
-                names = [e.name for e in MlflowClient(f"http://127.0.0.1:{port}").search_experiments()]
-                break
-            except Exception:
-                time.sleep(1)
+
+        def experiments() -> list[str]:
+            seen.extend(_command_lines(ui.pid))
+            return [e.name for e in MlflowClient(f"http://127.0.0.1:{port}").search_experiments()]
+
+        names = wait_until("the UI's server answering", experiments, 120, ui, poll=1, ignore=(Exception,))
         assert "Default" in names  # the server found its PostgreSQL store through the environment
         seen += _command_lines(ui.pid)
         assert any("mlflow" in line and "server" in line for line in seen), seen

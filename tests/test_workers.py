@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, run_cli, trial_dir
+from conftest import ROOT, run_cli, trial_dir, wait_until
 from mnistlab.core import trials as tr
 from mnistlab.search.storage import load, open_storage
 from mnistlab.search.workers import dead_here, fail_dead_here, identity
@@ -78,10 +78,7 @@ def test_sigkill_then_the_same_command_at_once_resumes_without_waiting(tmp_path:
     worker = subprocess.Popen([sys.executable, "-m", "mnistlab", "study", "run", *args], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = lambda: trial_dir(tmp_path / "mnistlab-artifacts", 0) / "last.pt"  # noqa: E731
-    deadline = time.monotonic() + 300
-    while not last().exists() and time.monotonic() < deadline and worker.poll() is None:
-        time.sleep(0.05)
-    assert last().exists(), worker.communicate()
+    wait_until("trial 0's first checkpoint", lambda: last().exists(), 300, worker)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     started = time.monotonic()
