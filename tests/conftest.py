@@ -119,6 +119,33 @@ def start_mlflow_server(backend: str, artifacts: Path, port: int | None = None, 
     return proc, url
 
 
+def pruning_study(tmp_path: Path, storage: str | None = None, *, name: str = "track", warmup: int = 0,
+                  overrides: str = "{train.epochs: 2, train.batch_size: 64, data.limit_train: 1500, "
+                                   "data.limit_eval: 500}") -> Path:
+    """A created two-trial study: trial 0 learns (train.lr 0.1), trial 1 is hopeless (1e-5), so the
+    median pruner prunes it after epoch ``warmup + 1``, deterministically. Returns its study file."""
+    from mnistlab.search import study_file
+    from mnistlab.search.storage import create, open_storage
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"""
+name: {name}
+base: {ROOT / 'experiments' / 'eva4-s4.yaml'}
+overrides: {overrides}
+max_params: 20000
+pruner: {{name: median, n_startup_trials: 1, n_warmup_steps: {warmup}}}
+sampler: {{name: random, seed: 3}}
+n_trials: 2
+enqueue_base: false
+space:
+  train.lr: {{type: float, low: 0.00001, high: 0.2, log: true}}
+""")
+    s = create(study_file.load_study(path), open_storage(storage, heartbeat=None))
+    s.enqueue_trial({"train.lr": 0.1})
+    s.enqueue_trial({"train.lr": 0.00001})
+    return path
+
+
 def wait_until(what: str, found: Callable[[], Any], timeout: float = 300, proc: subprocess.Popen | None = None,
                poll: float = 0.05, ignore: tuple[type[BaseException], ...] = ()) -> Any:
     """The first truthy value of ``found()``, polled every ``poll`` seconds; the test fails naming

@@ -18,11 +18,11 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, run_cli, start_mlflow_server, stop, trial_dir, wait_until
+from conftest import ROOT, free_port, pruning_study, run_cli, start_mlflow_server, stop, trial_dir, wait_until
 from mnistlab.core import checkpoint
 from mnistlab.core.checkpoint_files import KEPT
 from mnistlab.core.trials import trained
-from mnistlab.search.storage import create, load, open_storage
+from mnistlab.search.storage import load, open_storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data_dir")]
 
@@ -425,23 +425,7 @@ def test_a_resumed_trial_that_is_pruned_logs_its_restored_epochs_and_repair_back
         tmp_path: Path, mlflow_db: str) -> None:
     """Trial 1 (hopeless) is interrupted after epoch 1, resumed, and pruned at epoch 2: its run holds
     both epochs. A run that lacks the restored epoch (as older versions left it) is mended by --repair."""
-
-    from mnistlab.search import study_file
-
-    path = tmp_path / "prune.yaml"
-    path.write_text(f"""
-name: smoke
-base: {ROOT / 'experiments' / 'eva4-s4.yaml'}
-max_params: 20000
-pruner: {{name: median, n_startup_trials: 1, n_warmup_steps: 2}}
-sampler: {{name: random, seed: 3}}
-enqueue_base: false
-space:
-  train.lr: {{type: float, low: 0.00001, high: 0.2, log: true}}
-""")
-    s = create(study_file.load_study(path), open_storage(None, heartbeat=None))
-    s.enqueue_trial({"train.lr": 0.1})
-    s.enqueue_trial({"train.lr": 0.00001})
+    path = pruning_study(tmp_path, name="smoke", warmup=2, overrides="{}")  # the flags below set the schedule
     cmd = [sys.executable, "-m", "mnistlab", "study", "run", str(path), *SLOW, "--n-trials", "2"]
     worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(last_checkpoint(1), worker)

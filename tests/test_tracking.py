@@ -13,37 +13,14 @@ from mlflow import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, start_mlflow_server, stop, wait_until
+from conftest import ROOT, pruning_study, run_cli, start_mlflow_server, stop, wait_until
 from mnistlab.core import config, data
 from mnistlab.core.model import build_model
 from mnistlab.core.train import evaluate
-from mnistlab.search import study_file
-from mnistlab.search.storage import create, open_storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data_dir")]
 
 EXP = ROOT / "experiments" / "eva4-s4.yaml"
-
-
-def pruning_study(tmp_path: Path, storage: str) -> Path:
-    """A study whose trial 1 is hopeless (tiny lr) and so is pruned at epoch 1, deterministically."""
-    path = tmp_path / "track.yaml"
-    path.write_text(f"""
-name: track
-base: {EXP}
-overrides: {{train.epochs: 2, train.batch_size: 64, data.limit_train: 1500, data.limit_eval: 500}}
-max_params: 20000
-pruner: {{name: median, n_startup_trials: 1, n_warmup_steps: 0}}
-sampler: {{name: random, seed: 3}}
-n_trials: 2
-enqueue_base: false
-space:
-  train.lr: {{type: float, low: 0.00001, high: 0.2, log: true}}
-""")
-    s = create(study_file.load_study(path), open_storage(storage, heartbeat=None))
-    s.enqueue_trial({"train.lr": 0.1})
-    s.enqueue_trial({"train.lr": 0.00001})
-    return path
 
 
 def check_study_runs(client: MlflowClient, data_dir: Path, tmp_path: Path) -> None:
