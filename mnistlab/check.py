@@ -32,6 +32,7 @@ from mnistlab.core import checkpoint_files as files
 from mnistlab.core import trials as tr
 from mnistlab.core.trials import trained
 from mnistlab.search.workers import dead_here
+from mnistlab.tracking.tracker import RunRecord
 from mnistlab.util.errors import UserError
 from mnistlab.util.files import sha256
 from mnistlab.util.jsonfile import read_json, write_json
@@ -53,7 +54,7 @@ from mnistlab.util.keys import (
 )
 
 if TYPE_CHECKING:
-    from mnistlab.tracking.tracker import RunRecord, Tracker
+    from mnistlab.tracking.tracker import Tracker
 
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
 CHECKPOINT_FILES = files.KEPT
@@ -204,9 +205,9 @@ class Checker:
                 continue
             by_trial[int(r.tags.get(TRIAL_TAG, -1))].append(r)
         for number, found in sorted(by_trial.items()):
-            for r in found:
+            for i, r in enumerate(found):
                 if r.status == "RUNNING" and (number not in state or state[number].state != TrialState.RUNNING):
-                    self._stuck_run(r, number)
+                    found[i] = r = self._stuck_run(r, number, state.get(number))
                 if r.tags.get("mlflow.parentRunId") != parent_id:
                     self.note(f"run {r.run_id}", f"trial {number}'s run is not under the study's parent run")
         for t in trials:
@@ -255,14 +256,18 @@ class Checker:
         else:
             self.note(where, "RUNNING but no process trains it")
 
-    def _stuck_run(self, r: RunRecord, number: int) -> None:
+    def _stuck_run(self, r: RunRecord, number: int, trial: optuna.trial.FrozenTrial | None) -> RunRecord:
+        """A run left RUNNING after its trial ended (its worker died between the two records): ended
+        as its trial ended (FINISHED, KILLED for a pruned one), FAILED when the trial failed or is gone."""
         where = f"run {r.run_id} (trial {number})"
-        if self.repair:
-            self.tracker.finish(r.run_id, "FAILED",
-                                {FAIL_REASON_TAG: "its worker stopped; ended by mnistlab study check"})
-            self.note(where, "RUNNING after its trial ended: marked FAILED", fixed=True)
-        else:
+        if not self.repair:
             self.note(where, "RUNNING although its trial is not")
+            return r
+        status = RUN_STATUS.get(trial.state, "FAILED") if trial is not None else "FAILED"
+        tags = {} if status != "FAILED" else {FAIL_REASON_TAG: "its worker stopped; ended by mnistlab study check"}
+        self.tracker.finish(r.run_id, status, tags)
+        self.note(where, f"RUNNING after its trial ended: ended {status}", fixed=True)
+        return RunRecord(r.run_id, status, r.tags)
 
     def check_trial_run(self, t: optuna.trial.FrozenTrial, found: list[RunRecord]) -> None:
         where = f"trial {t.number}"
