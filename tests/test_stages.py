@@ -16,10 +16,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from conftest import ROOT, run_cli, wait_until
 from mnistlab.core import trials as tr
+from mnistlab.core.trials import WARM_FROM
 from mnistlab.search.screen import finished_at, winners
 from mnistlab.search.storage import load, open_storage
 from mnistlab.search.study_file import Rung, Screen
-from mnistlab.search.warm import WARM_FROM
 from mnistlab.util.keys import STOP_ATTR
 
 pytestmark = pytest.mark.slow

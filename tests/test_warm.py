@@ -14,8 +14,9 @@ import pytest
 
 from conftest import ROOT, cli, one_line_error
 from mnistlab.core import trials as tr
+from mnistlab.core.trials import WARM_FROM
 from mnistlab.search.study_file import load_study
-from mnistlab.search.warm import WARM_FROM, configurations
+from mnistlab.search.warm import configurations
 from mnistlab.util.errors import UserError
 
 SPACE = """

@@ -58,6 +58,7 @@ ROOT_TRIAL = "root_trial"  # the trial whose checkpoint folder a retry resumes (
 RETRY_OF_TRIAL = "retry_of_trial"  # a retry: the number of the failed trial it repeats
 RETRIED = "retried"  # the failed trial was queued again for a retry
 BASE = "base"  # the study's first trial: the base config's own values, a yardstick
+WARM_FROM = "warm_from"  # a warm-started configuration: where it came from (search/warm.py)
 
 Z = 1.96  # two scores closer than Z standard errors of their difference are tied (95%)
 MEAN_DIGITS = 6  # scores are hundredths of a percent; a mean of a few seeds is exact far above 1e-6

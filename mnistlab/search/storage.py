@@ -268,10 +268,8 @@ def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage,
         from mnistlab.core.config import get_path
 
         study.enqueue_trial({p.name: get_path(cfg.base, p.name) for p in cfg.space}, user_attrs={tr.BASE: True})
-    from mnistlab.search.warm import WARM_FROM
-
     for label, values in warm or []:
-        study.enqueue_trial(values, user_attrs={WARM_FROM: label}, skip_if_exists=False)
+        study.enqueue_trial(values, user_attrs={tr.WARM_FROM: label}, skip_if_exists=False)
     study.set_user_attr(READY_ATTR, True)
     return study
 

@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from mnistlab.core import config as config_mod
 from mnistlab.core.config import NAME_RULE, ExperimentConfig, safe_name, shown
-from mnistlab.search.warm import Source
-from mnistlab.search.warm import parse as parse_warm
 from mnistlab.util.errors import UserError, clip
 
 if TYPE_CHECKING:  # Optuna (and torch, behind core.model) load where used: a bad study file is answered at once
@@ -146,6 +144,51 @@ class Stop:
 # is read, so that the storage can set them without importing the stop's logic.
 
 
+MAX_SOURCES = 20  # warm_start: sources
+MAX_TOP = 100  # a source study's best configurations
+
+
+@dataclass(frozen=True)
+class Source:
+    """One warm-start source: an earlier study (``study``, ``storage``) or an export's config.json."""
+
+    study: str | None = None
+    storage: str | None = None  # None: this study's own storage
+    export: Path | None = None
+    top: int = 3  # a study's best configurations to take
+
+
+def _warm_start(raw: Any, where: str, folder: Path) -> tuple[Source, ...]:
+    """``warm_start:``: a list of sources; UserError naming the culprit."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_SOURCES:
+        raise UserError(f"{where}: warm_start must be a list of 1 to {MAX_SOURCES} sources ({{study: NAME}} or "
+                        "{export: PATH})")
+    out = []
+    for i, item in enumerate(raw):
+        here = f"{where}: warm_start[{i}]"
+        if not isinstance(item, dict) or len({"study", "export"} & set(item)) != 1:
+            raise UserError(f"{here}: expected {{study: NAME}} or {{export: PATH}}; got {shown(item)}")
+        unknown = sorted(set(item) - ({"study", "storage", "top"} if "study" in item else {"export"}))
+        if unknown:
+            raise UserError(f"{here}: unknown key {shown(unknown[0])}")
+        if "export" in item:
+            if not isinstance(item["export"], str) or not item["export"]:
+                raise UserError(f"{here}: export must be the path of an export's config.json")
+            out.append(Source(export=(folder / item["export"]).resolve()))
+            continue
+        name = check_name(item["study"], here)
+        storage = item.get("storage")
+        if storage is not None and (not isinstance(storage, str) or not storage):
+            raise UserError(f"{here}: storage must be a storage URL")
+        top = item.get("top", Source.top)
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= MAX_TOP:
+            raise UserError(f"{here}: top must be an integer from 1 to {MAX_TOP}; got {shown(top)}")
+        out.append(Source(study=name, storage=storage, top=top))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """A parsed study file."""
@@ -242,7 +285,7 @@ def load_study(path: str | Path) -> StudyConfig:
         confirm=_confirm(raw.get("confirm"), where),
         screen=_screen(raw.get("screen"), base, len(objectives) > 1, where),
         stop=_stop(raw.get("stop"), where),
-        warm_start=parse_warm(raw.get("warm_start"), where, p.parent),
+        warm_start=_warm_start(raw.get("warm_start"), where, p.parent),
     )
     if study.sampler.name not in SAMPLERS:
         raise UserError(f"{where}: unknown sampler {shown(study.sampler.name)}; choose from {', '.join(SAMPLERS)}")

@@ -18,62 +18,13 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mnistlab.core import config as config_mod
-from mnistlab.core.config import shown
 from mnistlab.util.errors import UserError, clip
 
 if TYPE_CHECKING:
-    from mnistlab.search.study_file import Param, StudyConfig
-
-WARM_FROM = "warm_from"  # trial user attribute: the source of a warm-started configuration
-MAX_SOURCES = 20
-MAX_TOP = 100
-
-
-@dataclass(frozen=True)
-class Source:
-    """One warm-start source: an earlier study (``study``, ``storage``) or an export's config.json."""
-
-    study: str | None = None
-    storage: str | None = None  # None: this study's own storage
-    export: Path | None = None
-    top: int = 3  # a study's best configurations to take
-
-
-def parse(raw: Any, where: str, folder: Path) -> tuple[Source, ...]:
-    """``warm_start:``: a list of sources; UserError naming the culprit."""
-    if raw is None:
-        return ()
-    if not isinstance(raw, list) or not raw or len(raw) > MAX_SOURCES:
-        raise UserError(f"{where}: warm_start must be a list of 1 to {MAX_SOURCES} sources ({{study: NAME}} or "
-                        "{export: PATH})")
-    out = []
-    for i, item in enumerate(raw):
-        here = f"{where}: warm_start[{i}]"
-        if not isinstance(item, dict) or len({"study", "export"} & set(item)) != 1:
-            raise UserError(f"{here}: expected {{study: NAME}} or {{export: PATH}}; got {shown(item)}")
-        unknown = sorted(set(item) - ({"study", "storage", "top"} if "study" in item else {"export"}))
-        if unknown:
-            raise UserError(f"{here}: unknown key {shown(unknown[0])}")
-        if "export" in item:
-            if not isinstance(item["export"], str) or not item["export"]:
-                raise UserError(f"{here}: export must be the path of an export's config.json")
-            out.append(Source(export=(folder / item["export"]).resolve()))
-            continue
-        from mnistlab.search.study_file import check_name
-
-        name = check_name(item["study"], here)
-        storage = item.get("storage")
-        if storage is not None and (not isinstance(storage, str) or not storage):
-            raise UserError(f"{here}: storage must be a storage URL")
-        top = item.get("top", Source.top)
-        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= MAX_TOP:
-            raise UserError(f"{here}: top must be an integer from 1 to {MAX_TOP}; got {shown(top)}")
-        out.append(Source(study=name, storage=storage, top=top))
-    return tuple(out)
+    from mnistlab.search.study_file import Param, Source, StudyConfig
 
 
 def fits(p: Param, value: Any) -> str | None:

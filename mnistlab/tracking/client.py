@@ -12,7 +12,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mnistlab.tracking.uri import mask, sqlite_file
 from mnistlab.util import interrupts
@@ -22,7 +22,6 @@ from mnistlab.util.locks import creating
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from mnistlab.tracking.tracker import Tracker
 
 # MLflow's HTTP retries, unless the user set them: about 15 s of retrying (4 retries, backoff
 # 1, 2, 4, 8 s) rides out a server restart; a longer outage is queued locally instead of
@@ -30,6 +29,14 @@ if TYPE_CHECKING:
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 OFFLINE_SECONDS = 30.0  # after a failed call, calls fail at once for this long (then one tries again)
+
+
+class Breaker(Protocol):
+    """What the client reads and sets of the Tracker it serves (tracker.py), typed here so that the
+    client does not import the tracker that imports it."""
+
+    uri: str
+    offline_until: float  # monotonic time before which calls fail at once
 
 
 class Unreachable(OSError):
@@ -40,7 +47,7 @@ class _Guarded:
     """MlflowClient with a circuit breaker: while the server is known to be down, calls fail at
     once instead of each waiting out MLflow's retries."""
 
-    def __init__(self, client: MlflowClient, tracker: Tracker) -> None:  # the Tracker whose offline_until it keeps
+    def __init__(self, client: MlflowClient, tracker: Breaker) -> None:  # the Tracker whose offline_until it keeps
         self._inner, self._tracker = client, tracker
 
     def __getattr__(self, name: str) -> Any:
@@ -93,7 +100,7 @@ def _check_migrated(database: Path) -> None:
                     f"_alembic_tmp_ tables and run `mlflow db upgrade sqlite:///{database}`")
 
 
-def connect(tracker: Tracker) -> _Guarded:
+def connect(tracker: Breaker) -> _Guarded:
     """The MlflowClient of a Tracker (its ``uri``), behind the breaker that sets its ``offline_until``.
 
     Making it creates a local store's database, or migrates an older one."""
