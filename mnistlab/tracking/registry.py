@@ -39,9 +39,10 @@ def register_model(tracker: Tracker, name: str, run_id: str | None, experiment_i
     # What MLflow's fluent Model.log does, through this tracker's client: no global tracking or
     # registry URI is set, so nothing else in the process logs to the wrong store.
     client = tracker.client
-    if experiment_id is None and run_id:
-        experiment_id = client.get_run(run_id).info.experiment_id
-    params = {k: str(v) for k, v in client.get_run(run_id).data.params.items()} if run_id else {}
+    run = client.get_run(run_id) if run_id else None
+    if run is not None:
+        experiment_id = experiment_id or run.info.experiment_id
+    params = {k: str(v) for k, v in run.data.params.items()} if run is not None else {}
     logged = client.create_logged_model(experiment_id or "0", name="model", source_run_id=run_id, params=params)
     try:
         if run_id:
