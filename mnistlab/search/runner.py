@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     from mnistlab.tracking.tracker import Tracker
 
 
-
 @dataclass(frozen=True)
 class RunOptions:
     """What `mnistlab study run` was asked beyond the study file."""

@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-
 def storage_url(url: str | None) -> str:
     """``--storage``, else ``$MNISTLAB_STORAGE``, else ``optuna.db`` in the working folder."""
     url = url or os.environ.get("MNISTLAB_STORAGE") or f"sqlite:///{Path('optuna.db').resolve()}"
@@ -234,8 +233,6 @@ class _StaleTrial:
                 warnings.warn(f"could not mark MLflow run {run_id} FAILED ({type(exc).__name__})", stacklevel=2)
 
 
-
-
 def create(cfg: StudyConfig, storage: optuna.storages.BaseStorage,
            warm: list[tuple[str, dict[str, Any]]] | None = None, space_change: bool = False) -> optuna.Study:
     """Create the study, or load it if it exists (the same command continues it). An existing study
@@ -302,7 +299,6 @@ def _wait_ready(study: optuna.Study, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             return  # a study made by plain Optuna, without mnistlab's attributes: use it as it is
         time.sleep(0.2)
-
 
 
 def _id_in(storage: optuna.storages.BaseStorage, name: str) -> str | None:

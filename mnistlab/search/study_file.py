@@ -28,7 +28,6 @@ SAMPLERS = ("tpe", "random", "nsga2")
 PRUNERS = ("median", "hyperband", "threshold", "none")
 
 
-
 def check_name(name: Any, where: str) -> str:
     """``name`` if it is a safe study name; else UserError saying the rule (for study files,
     ``--name`` and names found in a storage alike)."""
