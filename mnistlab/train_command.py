@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mnistlab.core import config as config_mod
 from mnistlab.core import data as data_mod
@@ -21,9 +21,6 @@ from mnistlab.tracking.tracker import Tracker
 from mnistlab.tracking.uri import check_reachable, mask
 from mnistlab.util.errors import UserError
 from mnistlab.util.keys import OUTPUT_TAG, RUN_KIND_TAG
-
-if TYPE_CHECKING:
-    pass
 
 METRIC_FIELDS = [f for f in EpochMetrics.__dataclass_fields__]
 

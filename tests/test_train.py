@@ -321,7 +321,7 @@ def test_a_checkpoint_whose_claims_its_weights_do_not_reproduce_is_set_aside(
     from safetensors.torch import load_file, save_file
 
     from mnistlab.core.model import build_model
-    from mnistlab.core.train import refuse_unproven, unproven
+    from mnistlab.core.train import Restored, restore, unproven
 
     cfg = small("train.epochs=2", "data.limit_train=300", "data.limit_eval=500")
     d = data.load(cfg.data, "cpu", data_dir)
@@ -346,7 +346,7 @@ def test_a_checkpoint_whose_claims_its_weights_do_not_reproduce_is_set_aside(
     assert why and ("validation" in why or "does not fit" in why or "model weight" in why), why
     rng = torch.get_rng_state()
     capsys.readouterr()
-    refuse_unproven(cfg, d, tmp_path)
+    assert restore(cfg, d, tmp_path) == Restored()  # nothing is taken over: it starts from epoch 0
     assert torch.equal(rng, torch.get_rng_state())  # measuring drew nothing from the generator
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: checkpoint not believed (") and "epoch 0" in lines[0]

@@ -33,7 +33,7 @@ from mnistlab.core.model import build_model, count_params
 from mnistlab.util import interrupts, locks
 from mnistlab.util.errors import UserError
 from mnistlab.util.jsonfile import read_json
-from mnistlab.util.keys import ID_ATTR, STUDY_FILE_ATTR
+from mnistlab.util.keys import EXPERIMENT_ATTR, ID_ATTR, PARENT_ATTR, STUDY_FILE_ATTR
 
 if TYPE_CHECKING:
     import optuna
@@ -239,7 +239,6 @@ def for_choice(choice: Choice, study: optuna.Study, max_params: int, n_seeds: in
     """`mnistlab best --refit`: refit the picked configuration, log each seed under the study's
     parent run, keep the figures in the study's attributes (``refit:T``)."""
     from mnistlab.best.weights import trial_weights
-    from mnistlab.search import runner as st
     from mnistlab.tracking.recorder import StudyRecorder
 
     check_seeds(n_seeds)
@@ -248,8 +247,8 @@ def for_choice(choice: Choice, study: optuna.Study, max_params: int, n_seeds: in
         cfg, _, _ = trial_weights(trial, tracker, Path(scratch))
     attrs = study.user_attrs
     recorder = None
-    if tracker is not None and attrs.get(st.PARENT_ATTR) and attrs.get(st.EXPERIMENT_ATTR):
-        recorder = StudyRecorder(tracker, study.study_name, attrs[st.EXPERIMENT_ATTR], attrs[st.PARENT_ATTR],
+    if tracker is not None and attrs.get(PARENT_ATTR) and attrs.get(EXPERIMENT_ATTR):
+        recorder = StudyRecorder(tracker, study.study_name, attrs[EXPERIMENT_ATTR], attrs[PARENT_ATTR],
                                  Path(str(attrs.get(STUDY_FILE_ATTR, ""))), attrs.get(ID_ATTR))
     previous = interrupts.stop_on_signals()
     try:

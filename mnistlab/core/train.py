@@ -340,15 +340,9 @@ def _unproven(cfg: ExperimentConfig, data: MnistData, checkpoint_dir: Path, good
     return ""
 
 
-def refuse_unproven(cfg: ExperimentConfig, data: MnistData, checkpoint_dir: Path) -> None:
+def _set_aside(checkpoint_dir: Path, why: str) -> None:
     """Set aside (into ``refused/`` inside the folder) a checkpoint that ``unproven`` does not believe,
     with one warning line: the training starts again from epoch 0, as from a corrupt checkpoint."""
-    why = unproven(cfg, data, checkpoint_dir)
-    if why:
-        _set_aside(checkpoint_dir, why)
-
-
-def _set_aside(checkpoint_dir: Path, why: str) -> None:
     aside = checkpoint_dir / "refused"
     aside.mkdir(exist_ok=True)
     for name in (LAST, PREV, BEST, BEST_META):
