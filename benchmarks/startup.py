@@ -42,6 +42,10 @@ def main() -> None:
     parser.add_argument("--against", type=Path, help="another mnistlab checkout to time alongside")
     parser.add_argument("--repeats", type=int, default=5)
     opts = parser.parse_args()
+    if not 1 <= opts.repeats <= 100:
+        parser.error(f"--repeats {opts.repeats}: expected 1 to 100")
+    if opts.against is not None and not (opts.against / "mnistlab" / "__init__.py").is_file():
+        parser.error(f"--against {opts.against}: not a checkout of mnistlab (no mnistlab/__init__.py)")
     trees = {"this": ROOT} | ({"against": opts.against.resolve()} if opts.against else {})
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(tmp)
