@@ -4,7 +4,8 @@ Starts `mnistlab ui` on a free loopback port and opens, in Debian's `chromium --
 experiment page, the runs link `mnistlab ui` prints for it, its parent run and one trial's metric charts;
 saves a screenshot of each (small PNGs) and checks the rendered pages: the plain experiment address (where a
 click in MLflow's list goes) and the study's link must open the runs table listing every trial, not MLflow's
-GenAI overview. Exit code 1 names what is wrong.
+GenAI overview, and the trial's charts must start with val_acc and the losses. Exit code 1 names what is
+wrong.
 
     python docs/screenshots.py --tracking-uri sqlite:///mlflow.db --study smoke --out docs/img
 """
@@ -95,8 +96,21 @@ def shoot(url: str, png: Path, work: Path, drawn: str | None = None) -> str:
     return text
 
 
+# The trial's charts: the score and the losses first, where MLflow alone sorts them by name (best_epoch first).
+ORDERED = {"ui-trial-metrics.png"}
+CHARTS = ["Model metrics (", "val_acc", "val_loss", "train_loss", "best_epoch"]
+
+
+def in_order(text: str, words: list[str]) -> bool:
+    """Whether, after the first word, each of the others first appears after the one before it."""
+    _, found, rest = text.partition(words[0])
+    at = [rest.find(w) for w in words[1:]]
+    return bool(found) and -1 not in at and at == sorted(at)
+
+
 def pages(client: MlflowClient, study: str, link: str) -> dict[str, tuple[str, list[str], str | None]]:
-    """file name -> (url, words the rendered page must show, a word its drawn charts show) for each page."""
+    """file name -> (url, words the rendered page must show, in this order where ORDERED names the page,
+    a word its drawn charts show) for each page."""
     exp = client.get_experiment_by_name(study)
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("mnistlab.parent") == "true")
@@ -119,7 +133,7 @@ def pages(client: MlflowClient, study: str, link: str) -> dict[str, tuple[str, l
         # On a busy machine the charts may not draw within the render budget of any attempt: this page must
         # show its run and metrics section; its charts are retried (see shoot) but not required.
         "ui-trial-metrics.png": (f"{base}/{trials[0].info.run_id}/model-metrics{mode}",
-                                 [trials[0].info.run_name, "Model metrics"], f"{trials[0].info.run_name} (train_loss)"),
+                                 [trials[0].info.run_name, *CHARTS], f"{trials[0].info.run_name} (train_loss)"),
     }
 
 
@@ -140,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, (url, wanted, drawn) in pages(MlflowClient(args.tracking_uri), args.study, link).items():
                 text = shoot(url, args.out / name, Path(work), drawn)
                 missing = [w for w in wanted if w not in text]
+                if name in ORDERED and not missing and not in_order(text, wanted[1:]):
+                    missing = [f"{' < '.join(wanted[1:])} in this order"]
                 if missing or "Traces 0" in text:  # the GenAI overview of an experiment with no traces
                     problems.append(f"{name}: {url} shows {text[:300]!r}; missing {missing}")
                 print(f"wrote {args.out / name} ({(args.out / name).stat().st_size // 1024} KB): {url}")

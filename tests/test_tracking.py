@@ -211,6 +211,8 @@ def test_ui_serves_the_store_on_loopback(mlflow_db: str) -> None:
         keys = [json.dumps(state_key(i)) for i in (study, plain)]  # as the script's JSON spells them
         assert WORKFLOW_KEY in head and keys[0] in head and keys[1] not in head
         assert ASSISTANT_KEY in head  # MLflow's Assistant does not open itself over the table
+        # the runs whose charts start with the score and the losses: those of the study's experiment only
+        assert f'"experiments":["{study}"]' in head and "RunPage-" in head
         view = head.split(keys[0], 1)[1].split("]", 1)[0]  # the study's table state, as the script spells it
         for column in ("val_score", "val_se", "param_count", "mnistlab.rank", "model.dropout", "model.widths"):
             assert f"`{column}`" in view, (column, view)

@@ -14,15 +14,21 @@ starts with a short script that, in a browser that has not chosen yet,
   ``mnistlab.rank`` tag, then the study's searched hyperparameters (the experiment tag
   ``mnistlab.columns`` that `study run` sets);
 - marks MLflow's Assistant as already opened once, so that it does not open itself over a third of
-  the page on the first visit (a click on its button still opens it).
+  the page on the first visit (a click on its button still opens it);
+- starts a run's "Model metrics" tab, the first time it opens in this browser, with the charts of the
+  score and the losses (``val_acc``, ``val_loss``, ``train_loss``, ``train_acc``; ``test_*`` for a run
+  without validation) instead of MLflow's order by name; the run's metrics are read through MLflow's own
+  API, as the page reads them.
 
-What a user then chooses in the UI is kept by the browser and never overwritten. The keys are MLflow's
-UI internals: ``docs/screenshots.py`` (run by a test) opens the plain experiment address in a fresh
-headless Chromium and fails when a new MLflow UI no longer reads them.
+The script is ``first_visit.js`` beside this file. What a user then chooses in the UI is kept by the
+browser and never overwritten. The keys and the chart cards' fields are MLflow's UI internals:
+``docs/screenshots.py`` (run by a test) opens the plain experiment address and a trial's charts in a
+fresh headless Chromium and fails when a new MLflow UI no longer reads them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -69,16 +75,18 @@ def table_view(columns: list[str] | None) -> dict[str, Any]:
 
 
 def first_visit_script(experiments: list[tuple[str, list[str] | None]]) -> str:
-    """The script put in front of MLflow's page: defaults for what a browser has not chosen.
-    ``experiments``: (id, searched columns) of each model-training experiment."""
+    """The script put in front of MLflow's page (first_visit.js with its data): defaults for what a browser
+    has not chosen. ``experiments``: (id, searched columns) of each model-training experiment."""
     data = {"workflow": [WORKFLOW_KEY, json.dumps(TRAINING)], "assistant": ASSISTANT_KEY,
-            "states": [[state_key(i), json.dumps(table_view(columns))] for i, columns in experiments]}
+            "states": [[state_key(i), json.dumps(table_view(columns))] for i, columns in experiments],
+            "experiments": [i for i, _ in experiments]}
     text = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")  # nothing closes the script tag
-    return ("<script>(function(d){try{var s=window.localStorage;"
-            "if(s.getItem(d.workflow[0])===null)s.setItem(d.workflow[0],d.workflow[1]);"
-            "if(s.getItem(d.assistant)===null)s.setItem(d.assistant,'true');"
-            "d.states.forEach(function(k){if(s.getItem(k[0])===null)s.setItem(k[0],k[1])})}catch(e){}})"
-            f"({text});</script>")
+    return f"<script>{_script()}({text});</script>"
+
+
+@functools.cache
+def _script() -> str:
+    return (Path(__file__).with_name("first_visit.js")).read_text(encoding="utf-8").strip()
 
 
 def study_experiments(store: Any) -> list[tuple[str, list[str] | None]]:
