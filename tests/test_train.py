@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,8 @@ import torch
 from conftest import ROOT, cli
 from mnistlab.core import checkpoint, config, data
 from mnistlab.core.train import EpochMetrics, train
-from mnistlab.util.errors import UserError
+from mnistlab.util import interrupts
+from mnistlab.util.errors import Interrupted, UserError
 
 EXP = ROOT / "experiments" / "eva4-s4.yaml"
 
@@ -96,6 +100,67 @@ def test_full_train_reports_the_test_set_and_selects_nothing(data_dir: Path, cap
     assert result.history[0].eval_split == "test"
     assert result.best_epoch == 0  # no validation set, nothing chosen on test
     assert "Test: Average loss:" in capsys.readouterr().out
+
+
+class _Killed(BaseException):
+    """A process killed at this instant: nothing after it runs."""
+
+
+def _checkpoints(directory: Path, epochs: range) -> None:
+    for epoch in epochs:
+        checkpoint.save_state(directory, {"epoch": epoch})
+
+
+def test_a_kill_at_any_step_of_a_checkpoint_write_leaves_the_newest_whole_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Epoch 3's checkpoint is cut after each of its renames in turn (the sidecar's own write included):
+    the folder then always holds a whole checkpoint, epoch 2's until epoch 3's file is in place."""
+    real = os.replace
+    for cut in range(6):
+        folder = tmp_path / f"cut-{cut}"
+        _checkpoints(folder, range(1, 3))
+        calls: list[object] = []
+
+        def replace(src: object, dst: object, cut: int = cut, calls: list[object] = calls) -> None:
+            calls.append(dst)
+            if len(calls) > cut:
+                raise _Killed
+            real(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        with contextlib.suppress(_Killed):
+            checkpoint.save_state(folder, {"epoch": 3})
+        monkeypatch.setattr(os, "replace", real)
+        good = checkpoint.latest_good(folder)
+        assert good is not None, (cut, sorted(p.name for p in folder.iterdir()))
+        done = len(calls) <= cut  # not cut: epoch 3's file was renamed in, the last step (the commit)
+        assert checkpoint.load_state(good)["epoch"] == (3 if done else 2), (cut, calls)
+    assert len(calls) == 4  # the last cut came after every step: two sidecar/file moves, the sidecar, the file
+
+
+def test_a_signal_inside_a_checkpoint_write_waits_until_it_is_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM landing between the renames of an epoch's checkpoint (found by a test that stopped a trial
+    as soon as last.pt appeared, before its sidecar): raised once the checkpoint is whole."""
+    _checkpoints(tmp_path, range(1, 3))
+    real = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        real(src, dst)
+        if Path(str(dst)).name == "prev.pt":
+            signal.raise_signal(signal.SIGTERM)  # handled (and held) before raise_signal returns
+
+    previous = interrupts.stop_on_signals()
+    try:
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(Interrupted):
+            checkpoint.save_state(tmp_path, {"epoch": 3})
+    finally:
+        monkeypatch.setattr(os, "replace", real)
+        interrupts.restore(previous)
+    assert checkpoint.latest_good(tmp_path) == tmp_path / "last.pt"
+    assert checkpoint.load_state(tmp_path / "last.pt")["epoch"] == 3
+    assert checkpoint.load_state(tmp_path / "prev.pt")["epoch"] == 2
 
 
 class _Payload:

@@ -23,6 +23,7 @@ from mnistlab.core.checkpoint_files import BEST, BEST_META, LAST, PREV, SUM, rea
 from mnistlab.core.config import from_dict
 from mnistlab.core.metrics import EpochMetrics
 from mnistlab.core.model import build_model
+from mnistlab.util import interrupts
 from mnistlab.util.errors import UserError, clip
 from mnistlab.util.files import sha256, write_atomic, write_temp
 
@@ -40,8 +41,9 @@ def _write_new(path: Path, data: bytes) -> tuple[Path, str]:
 def _atomic(path: Path, data: bytes) -> str:
     """Replace ``path`` by ``data`` all at once (temporary file, fsync, rename); returns sha256."""
     tmp, digest = _write_new(path, data)
-    os.replace(tmp, path)
-    _write_text(path.with_name(path.name + SUM), digest + "\n")
+    with interrupts.shielded():  # a SIGTERM or SIGINT waits for the file and its sidecar
+        os.replace(tmp, path)
+        _write_text(path.with_name(path.name + SUM), digest + "\n")
     return digest
 
 
@@ -57,26 +59,38 @@ def save_state(directory: Path, state: dict[str, Any]) -> Path:
 
 
 def _install(directory: Path, data: bytes) -> Path:
-    """``data`` becomes ``last.pt`` (with its sidecar); the one before it becomes ``prev.pt``."""
+    """``data`` becomes ``last.pt`` (with its sidecar); the one before it becomes ``prev.pt``.
+
+    A SIGTERM or SIGINT waits until the files are in place. A SIGKILL at any step leaves the newest
+    whole checkpoint usable: the sidecars move before their files and the new file's sidecar is
+    written before the file, whose rename is the commit, so each file on disk matches one of the
+    two sidecars (``verified``).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     last = directory / LAST
     tmp, digest = _write_new(last, data)
-    if last.exists():
-        os.replace(last, directory / PREV)
-        sidecar = directory / (LAST + SUM)
-        if sidecar.exists():
-            os.replace(sidecar, directory / (PREV + SUM))
-    os.replace(tmp, last)
-    _write_text(directory / (LAST + SUM), digest + "\n")
+    with interrupts.shielded():
+        if last.exists():
+            sidecar = directory / (LAST + SUM)
+            if sidecar.exists():
+                os.replace(sidecar, directory / (PREV + SUM))
+            os.replace(last, directory / PREV)
+        _write_text(directory / (LAST + SUM), digest + "\n")
+        os.replace(tmp, last)
     return last
 
 
 def verified(path: Path) -> bool:
-    """True when ``path`` exists and matches its recorded checksum."""
-    sidecar = path.with_name(path.name + SUM)
-    if not path.is_file() or not sidecar.is_file():
+    """True when ``path`` (``last.pt`` or ``prev.pt``) exists and its checksum is one of the two
+    recorded beside it: its own sidecar, or, for a kill inside ``_install``, the other file's."""
+    if not path.is_file():
         return False
-    return sidecar.read_text().strip() == sha256(path)
+    recorded = set()
+    for name in (path.name, PREV if path.name == LAST else LAST if path.name == PREV else path.name):
+        sidecar = path.with_name(name + SUM)
+        if sidecar.is_file():
+            recorded.add(sidecar.read_text(errors="replace").strip())
+    return bool(recorded) and sha256(path) in recorded
 
 
 def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -201,8 +215,9 @@ def save_best(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> 
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = directory / BEST
-    digest = _atomic(path, save(weights))
-    _write_text(directory / BEST_META, json.dumps({**meta, "sha256": digest}, indent=2) + "\n")
+    with interrupts.shielded():  # the weights and the meta that vouches for them, together
+        digest = _atomic(path, save(weights))
+        _write_text(directory / BEST_META, json.dumps({**meta, "sha256": digest}, indent=2) + "\n")
     return path
 
 
