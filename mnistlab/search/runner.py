@@ -48,6 +48,8 @@ from mnistlab.util.keys import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from mnistlab.tracking.recorder import StudyRecorder
     from mnistlab.tracking.tracker import Tracker
 
@@ -192,10 +194,11 @@ class Promoter:
         enqueue_due(study, self.screen, self.multi)
 
 
-def _promotions(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objective: Objective,
-                progress: Progress) -> None:
-    """The screened configurations still due a promotion, trained once the search samples no more."""
-    assert cfg.screen is not None
+def _stage_hooks(study: optuna.Study, opts: RunOptions, objective: Objective,
+                 progress: Progress) -> tuple[Callable[[], None], Callable[[], None]]:
+    """What a stage after the search needs of this worker: run one trial of the study (Optuna pops
+    the queue first), and fail dead workers' trials (when heartbeats are on) so that their retries
+    are queued."""
 
     def run_one() -> None:
         study.optimize(objective, n_trials=1, catch=CAUGHT, callbacks=[progress])
@@ -204,6 +207,14 @@ def _promotions(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objecti
         if opts.heartbeat:
             _fail_dead(study)
 
+    return run_one, stale
+
+
+def _promotions(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objective: Objective,
+                progress: Progress) -> None:
+    """The screened configurations still due a promotion, trained once the search samples no more."""
+    assert cfg.screen is not None
+    run_one, stale = _stage_hooks(study, opts, objective, progress)
     ran = screen_stage(study, cfg.screen, len(cfg.objectives) > 1, run_one, lambda: progress.stopped(study),
                        stale=stale)
     if ran:
@@ -215,13 +226,7 @@ def _confirmation(study: optuna.Study, cfg: StudyConfig, opts: RunOptions, objec
     """Seed repeats of the finalists, shared with the other workers like any trials."""
     from mnistlab.search import confirm
 
-    def run_one() -> None:
-        study.optimize(objective, n_trials=1, catch=CAUGHT, callbacks=[progress])
-
-    def stale() -> None:
-        if opts.heartbeat:
-            _fail_dead(study)
-
+    run_one, stale = _stage_hooks(study, opts, objective, progress)
     base_seed = cfg.trial_config({}, opts.extra()).train.seed
     ran = confirm.run_stage(study, cfg.confirm, base_seed, run_one, stale=stale)
     if ran:
