@@ -31,7 +31,7 @@ from PIL import Image
 
 WINDOW = "1280,800"
 TALL = "1280,1200"
-ATTEMPTS = 4
+ATTEMPTS = 6
 RENDER_MS = 40_000  # virtual time for the UI's JavaScript to fetch and draw (charts load last), not wall time
 
 
@@ -131,7 +131,8 @@ def pages(client: MlflowClient, study: str, link: str) -> dict[str, tuple[str, l
         "ui-runs.png": (link, ["Runs", *names, *columns], None),
         "ui-parent-run.png": (f"{base}/{parent.info.run_id}{mode}", [parent.info.run_name, "Child runs"], None),
         # On a busy machine the charts may not draw within the render budget of any attempt: this page must
-        # show its run and metrics section; its charts are retried (see shoot) but not required.
+        # show its run and metrics section; its charts are retried (see shoot), and their order is checked
+        # whenever their cards rendered (ORDERED).
         "ui-trial-metrics.png": (f"{base}/{trials[0].info.run_id}/model-metrics{mode}",
                                  [trials[0].info.run_name, *CHARTS], f"{trials[0].info.run_name} (train_loss)"),
     }
@@ -153,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="mnistlab-shots-") as work:
             for name, (url, wanted, drawn) in pages(MlflowClient(args.tracking_uri), args.study, link).items():
                 text = shoot(url, args.out / name, Path(work), drawn)
+                if name in ORDERED and not any(w in text for w in wanted[2:]):
+                    # no chart card rendered in any page load (seen once on a loaded machine): nothing to order
+                    print(f"warning: {name}: no chart rendered; their order is not checked", file=sys.stderr)
+                    wanted = wanted[:2]
                 missing = [w for w in wanted if w not in text]
-                if name in ORDERED and not missing and not in_order(text, wanted[1:]):
+                if name in ORDERED and not missing and len(wanted) > 2 and not in_order(text, wanted[1:]):
                     missing = [f"{' < '.join(wanted[1:])} in this order"]
                 if missing or "Traces 0" in text:  # the GenAI overview of an experiment with no traces
                     problems.append(f"{name}: {url} shows {text[:300]!r}; missing {missing}")
