@@ -38,13 +38,15 @@ def _write_new(path: Path, data: bytes) -> tuple[Path, str]:
     return write_temp(path, data), hashlib.sha256(data).hexdigest()
 
 
-def _atomic(path: Path, data: bytes) -> str:
-    """Replace ``path`` by ``data`` all at once (temporary file, fsync, rename); returns sha256."""
+def _install_best(directory: Path, data: bytes, meta: dict[str, Any]) -> None:
+    """``data`` becomes ``best.safetensors`` (temporary file, fsync, rename), with its sidecar and the
+    ``best.json`` that vouches for it (``meta`` with its sha256); a SIGTERM or SIGINT waits for all three."""
+    path = directory / BEST
     tmp, digest = _write_new(path, data)
-    with interrupts.shielded():  # a SIGTERM or SIGINT waits for the file and its sidecar
+    with interrupts.shielded():
         os.replace(tmp, path)
         _write_text(path.with_name(path.name + SUM), digest + "\n")
-    return digest
+        _write_text(directory / BEST_META, json.dumps({**meta, "sha256": digest}, indent=2) + "\n")
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -86,7 +88,7 @@ def verified(path: Path) -> bool:
     if not path.is_file():
         return False
     recorded = set()
-    for name in (path.name, PREV if path.name == LAST else LAST if path.name == PREV else path.name):
+    for name in (LAST, PREV) if path.name in (LAST, PREV) else (path.name,):
         sidecar = path.with_name(name + SUM)
         if sidecar.is_file():
             recorded.add(sidecar.read_text(errors="replace").strip())
@@ -214,11 +216,8 @@ def save_best(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> 
     """Best-epoch weights as safetensors plus a JSON with the config that rebuilds them."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path = directory / BEST
-    with interrupts.shielded():  # the weights and the meta that vouches for them, together
-        digest = _atomic(path, save(weights))
-        _write_text(directory / BEST_META, json.dumps({**meta, "sha256": digest}, indent=2) + "\n")
-    return path
+    _install_best(directory, save(weights), meta)
+    return directory / BEST
 
 
 def load_best(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -257,7 +256,6 @@ def adopt(downloaded: Path, directory: Path, config: dict[str, Any]) -> str:
     except UserError as exc:
         return f"MLflow's checkpoint (epoch {state['epoch']}) not taken: {exc}"
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic(directory / BEST, (downloaded / BEST).read_bytes())
-    _write_text(directory / BEST_META, json.dumps(meta, indent=2) + "\n")
+    _install_best(directory, (downloaded / BEST).read_bytes(), meta)
     _install(directory, remote.read_bytes())
     return f"{TOOK} after epoch {state['epoch']} from MLflow{note}"
