@@ -86,7 +86,7 @@ def first_visit_script(experiments: list[tuple[str, list[str] | None]]) -> str:
 
 @functools.cache
 def _script() -> str:
-    return (Path(__file__).with_name("first_visit.js")).read_text(encoding="utf-8").strip()
+    return Path(__file__).with_name("first_visit.js").read_text(encoding="utf-8").strip()
 
 
 def study_experiments(store: Any) -> list[tuple[str, list[str] | None]]:
